@@ -1,0 +1,188 @@
+//! `vconvert info`: qemu-img's human and JSON output.
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+use vconvert_core::{Error, Format, ImageInfo, Result};
+use vconvert_engine::OpenOptions;
+
+/// qemu's `size_to_str`: three significant digits and a binary unit, switching to the
+/// next unit when the integer part reaches 1000.
+pub fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let x = val as f64 / (1000.0 / 1024.0);
+    // frexp's exponent: x = m * 2^e with m in [0.5, 1).
+    let e = if x == 0.0 {
+        0
+    } else {
+        ((x.to_bits() >> 52) & 0x7ff) as i32 - 1022
+    };
+    let i = ((e - 1) / 10).clamp(0, 6) as usize;
+    let v = val as f64 / (1u64 << (i * 10)) as f64;
+    format!("{} {}B", g3(v), SUFFIXES[i])
+}
+
+/// printf's `%0.3g` for values below 10^4.
+fn g3(v: f64) -> String {
+    let magnitude = if v > 0.0 { v.log10().floor() as i32 } else { 0 };
+    let decimals = (2 - magnitude).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// The `children` node qemu shows for the protocol layer (the plain file).
+fn file_node(path: &Path) -> Value {
+    let meta = std::fs::metadata(path).ok();
+    let len = meta.as_ref().map_or(0, |m| m.len());
+    let actual = meta.as_ref().map_or(0, |m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    });
+    json!({
+        "children": [],
+        "virtual-size": len.div_ceil(512) * 512,
+        "filename": path.display().to_string(),
+        "format": "file",
+        "actual-size": actual,
+        "format-specific": {"type": "file", "data": {}},
+        "dirty-flag": false,
+    })
+}
+
+/// `info --output=json` of one image, keys as qemu-img prints them.
+pub fn info_json(path: &Path, info: &ImageInfo) -> Value {
+    let mut m = Map::new();
+    m.insert(
+        "children".into(),
+        json!([{"name": "file", "info": file_node(path)}]),
+    );
+    m.insert("virtual-size".into(), json!(info.virtual_size));
+    m.insert("filename".into(), json!(path.display().to_string()));
+    if let Some(c) = info.cluster_size {
+        m.insert("cluster-size".into(), json!(c));
+    }
+    m.insert("format".into(), json!(info.format.name()));
+    m.insert("actual-size".into(), json!(info.actual_size.unwrap_or(0)));
+    if let Some(b) = &info.backing_file {
+        m.insert("backing-filename".into(), json!(b));
+        if let Some(full) = &info.full_backing_file {
+            m.insert("full-backing-filename".into(), json!(full));
+        }
+        if let Some(f) = &info.backing_format {
+            m.insert("backing-filename-format".into(), json!(f));
+        }
+    }
+    if let Some(fs) = &info.format_specific {
+        m.insert("format-specific".into(), fs.clone());
+    }
+    m.insert("dirty-flag".into(), json!(info.dirty));
+    Value::Object(m)
+}
+
+/// qemu-img's human-readable info.
+pub fn info_human(path: &Path, info: &ImageInfo) -> String {
+    let mut s = format!(
+        "image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\ndisk size: {}\n",
+        path.display(),
+        info.format,
+        size_to_str(info.virtual_size),
+        info.virtual_size,
+        size_to_str(info.actual_size.unwrap_or(0))
+    );
+    if let Some(c) = info.cluster_size {
+        s += &format!("cluster_size: {c}\n");
+    }
+    if let Some(b) = &info.backing_file {
+        s += &format!("backing file: {b}");
+        if let Some(full) = info.full_backing_file.as_ref().filter(|f| *f != b) {
+            s += &format!(" (actual path: {full})");
+        }
+        s += "\n";
+        if let Some(f) = &info.backing_format {
+            s += &format!("backing file format: {f}\n");
+        }
+    }
+    if let Some(Value::Object(fs)) = &info.format_specific {
+        if let Some(Value::Object(data)) = fs.get("data") {
+            if !data.is_empty() {
+                s += "Format specific information:\n";
+                for (k, v) in data {
+                    s += &human_value(k, v, 1);
+                }
+            }
+        }
+    }
+    let file = file_node(path);
+    s += &format!(
+        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",
+        path.display(),
+        size_to_str(file["virtual-size"].as_u64().unwrap_or(0)),
+        std::fs::metadata(path).map_or(0, |m| m.len()),
+        size_to_str(file["actual-size"].as_u64().unwrap_or(0)),
+    );
+    s
+}
+
+fn human_value(key: &str, v: &Value, depth: usize) -> String {
+    let pad = "    ".repeat(depth);
+    match v {
+        Value::Object(m) => {
+            let mut s = format!("{pad}{key}:\n");
+            for (k, v) in m {
+                s += &human_value(k, v, depth + 1);
+            }
+            s
+        }
+        Value::Array(a) => {
+            let mut s = format!("{pad}{key}:\n");
+            for (i, v) in a.iter().enumerate() {
+                s += &human_value(&format!("[{i}]"), v, depth + 1);
+            }
+            s
+        }
+        Value::String(t) => format!("{pad}{key}: {t}\n"),
+        other => format!("{pad}{key}: {other}\n"),
+    }
+}
+
+/// Runs `info` on `path`.
+pub fn info(path: &Path, format: Option<Format>, output: &str) -> Result<()> {
+    let img = vconvert_engine::open(
+        path,
+        format,
+        &OpenOptions {
+            allow_external_files: true,
+        },
+    )?;
+    let info = img.info()?;
+    if output == "json" {
+        let text = serde_json::to_string_pretty(&info_json(path, &info))
+            .map_err(|e| Error::invalid(format!("cannot format JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        print!("{}", info_human(path, &info));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_print_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(999), "999 B");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(1024), "1 KiB");
+        assert_eq!(size_to_str(12288), "12 KiB");
+        assert_eq!(size_to_str(10 << 20), "10 MiB");
+        assert_eq!(size_to_str(10_514_432), "10 MiB");
+        assert_eq!(size_to_str(3 << 29), "1.5 GiB");
+    }
+}

@@ -1,0 +1,246 @@
+//! `vconvert`: a thin command-line layer over the vconvert engine, compatible with
+//! `qemu-img` for the commands it implements.
+
+mod info;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use vconvert_core::{parse_size, Error, Format, Options, Result};
+use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions};
+
+/// Convert virtual disk images between raw, qcow2, vdi, vmdk and vpc (VHD).
+///
+/// Command-line compatible with qemu-img: scripts that call `qemu-img convert` or
+/// `qemu-img info` work with `vconvert` instead.
+#[derive(Parser, Debug)]
+#[command(name = "vconvert", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Convert an image to another format (or copy it sparsely).
+    Convert(ConvertArgs),
+    /// Show an image's format, sizes and format-specific details.
+    Info(InfoArgs),
+    /// Create a new empty image.
+    Create(CreateArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// Source format (raw, qcow2, vdi, vmdk, vpc); probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    source_format: Option<String>,
+    /// Output format (raw, qcow2, vdi, vmdk, vpc).
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    output_format: String,
+    /// Output creation options, `key=value,...` (`-o help` is not needed: a wrong key
+    /// lists the valid ones).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Compress the output (qcow2, vmdk).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Show a progress bar.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet: no progress bar.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Consecutive zero bytes that become a hole in the output (default 4k); 0 turns zero
+    /// detection off and makes the output fully allocated.
+    #[arg(short = 'S', value_name = "SIZE", default_value = "4k")]
+    sparse_size: String,
+    /// Worker threads (default: every core).
+    #[arg(short = 'm', long = "threads", value_name = "N")]
+    threads: Option<usize>,
+    /// Do not create the target: write into an existing image of the right size.
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// With -n: the existing target already reads as zeros, so zeros are not written.
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Accepted for qemu-img compatibility: vconvert always writes in parallel with a
+    /// deterministic layout.
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Accepted for qemu-img compatibility: target cache mode (ignored).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Accepted for qemu-img compatibility: source cache mode (ignored).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Source image.
+    source: PathBuf,
+    /// Target image.
+    target: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct InfoArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: human or json (qemu-img's JSON schema).
+    #[arg(long = "output", value_name = "FMT", default_value = "human", value_parser = ["human", "json"])]
+    output: String,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Image format (raw, qcow2, vdi, vmdk, vpc).
+    #[arg(short = 'f', value_name = "FMT", default_value = "raw")]
+    format: String,
+    /// Creation options, `key=value,...`.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image file.
+    file: PathBuf,
+    /// Virtual size, e.g. 10G.
+    size: String,
+}
+
+fn parse_format(s: &str) -> Result<Format> {
+    s.parse()
+}
+
+fn parse_options(list: &[String]) -> Result<Options> {
+    Options::parse(&list.join(","))
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let source_format = args
+        .source_format
+        .as_deref()
+        .map(parse_format)
+        .transpose()?;
+    let output_format = parse_format(&args.output_format)?;
+    let options = parse_options(&args.options)?;
+    let sparse_size = parse_size(&args.sparse_size)?;
+    if sparse_size % 512 != 0 || sparse_size > 16 << 20 {
+        return Err(Error::invalid(format!(
+            "invalid -S {}: it must be a multiple of 512 and at most 16M",
+            args.sparse_size
+        )));
+    }
+    if args.target_is_zero && !args.no_create {
+        return Err(Error::invalid("--target-is-zero requires -n"));
+    }
+    let threads = match args.threads {
+        Some(0) => return Err(Error::invalid("-m must be at least 1")),
+        Some(n) => n,
+        None => 0,
+    };
+    let _ = (
+        args.out_of_order,
+        args.force_share,
+        args.cache,
+        args.src_cache,
+    );
+
+    let src = vconvert_engine::open(
+        &args.source,
+        source_format,
+        &OpenOptions {
+            allow_external_files: true,
+        },
+    )?;
+    let cancel = CancelToken::new();
+    {
+        let cancel = cancel.clone();
+        // A second Ctrl-C while cleaning up falls back to the default (ignored error:
+        // a handler may already be set when embedded).
+        let _ = ctrlc::set_handler(move || cancel.cancel());
+    }
+    let bar = (args.progress && !args.quiet).then(|| {
+        let bar = ProgressBar::new(src.virtual_size());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{wide_bar}] {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let progress = |done: u64, _total: u64| {
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    };
+    let opts = ConvertOptions {
+        threads,
+        sparse_size,
+        existing: args.no_create,
+        target_is_zero: args.target_is_zero,
+        compress: args.compress,
+        cancel,
+        progress: Some(&progress),
+        ..ConvertOptions::default()
+    };
+    let result =
+        vconvert_engine::convert(src.as_ref(), &args.target, output_format, options, &opts);
+    if let Some(b) = bar {
+        if result.is_ok() {
+            b.finish();
+        } else {
+            b.abandon();
+        }
+    }
+    result
+}
+
+fn create(args: CreateArgs) -> Result<()> {
+    let format = parse_format(&args.format)?;
+    let size = parse_size(&args.size)?;
+    let options = parse_options(&args.options)?;
+    if !args.quiet {
+        println!(
+            "Formatting '{}', fmt={} size={}",
+            args.file.display(),
+            format,
+            size
+        );
+    }
+    vconvert_engine::create(&args.file, format, size, options)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert(a) => convert(a),
+        Command::Info(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = a.force_share;
+            info::info(&a.file, format, &a.output)
+        }
+        Command::Create(a) => create(a),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vconvert: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The `vconvert` binary against the qemu-img oracle on raw images.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use vconvert_testkit::{allocated_bytes, dir_entries, qemu, tempdir, Layout};
+
+fn vconvert(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vconvert"))
+        .args(args)
+        .output()
+        .expect("run vconvert")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = vconvert(args);
+    assert!(
+        out.status.success(),
+        "vconvert {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn raw_to_raw_is_identical_and_sparse() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    // 10 MiB + 3.5 KiB (not a multiple of 4 KiB), and a 2 GiB+ sparse disk with data
+    // beyond the 2 GiB mark.
+    let mut big = Layout::random((2 << 30) + (320 << 10), 6, 11);
+    big.ops.push(vconvert_testkit::Op::Data {
+        offset: (2 << 30) + 4608,
+        len: 300 << 10,
+        seed: 99,
+    });
+    for (name, layout) in [
+        ("small", Layout::random((10 << 20) + 3584, 30, 5)),
+        ("big", big),
+    ] {
+        let src = dir.path().join(format!("{name}.raw"));
+        q.build(&layout, "raw", "", &src);
+        let out = dir.path().join(format!("{name}.out.raw"));
+        ok(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "-m",
+            "2",
+            s(&src),
+            s(&out),
+        ]);
+        q.assert_same("raw", &src, "raw", &out);
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), layout.size);
+        // Sparse: no more allocated than the source (zero detection may free more).
+        let (a_src, a_out) = (allocated_bytes(&src), allocated_bytes(&out));
+        assert!(
+            a_out <= a_src + (64 << 10),
+            "{name}: output allocates {a_out}, source {a_src}"
+        );
+        assert!(
+            a_out <= layout.data_bytes() + (1 << 20),
+            "{name}: output allocates {a_out}"
+        );
+    }
+}
+
+#[test]
+fn output_is_byte_identical_for_one_and_eight_threads() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    q.build(&Layout::random(24 << 20, 40, 3), "raw", "", &src);
+    let a = dir.path().join("m1.raw");
+    let b = dir.path().join("m8.raw");
+    ok(&["convert", "-O", "raw", "-m", "1", s(&src), s(&a)]);
+    ok(&["convert", "-O", "raw", "-m", "8", s(&src), s(&b)]);
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+    q.assert_same("raw", &src, "raw", &a);
+}
+
+#[test]
+fn info_json_matches_qemu_img() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    for (name, size) in [("a.raw", 10u64 << 20), ("odd.raw", 10001)] {
+        let src = dir.path().join(name);
+        q.build(&Layout::random(size, 5, 8), "raw", "", &src);
+        let ours: serde_json::Value =
+            serde_json::from_slice(&ok(&["info", "--output=json", s(&src)]).stdout).unwrap();
+        let theirs = q.info_json(None, &src);
+        assert_eq!(ours, theirs, "info --output=json of {name}");
+        let human = String::from_utf8(ok(&["info", s(&src)]).stdout).unwrap();
+        let qh = String::from_utf8(q.img(&["info", s(&src)]).stdout).unwrap();
+        assert_eq!(human, qh, "human info of {name}");
+    }
+}
+
+#[test]
+fn progress_and_options() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    q.build(&Layout::random(8 << 20, 10, 4), "raw", "", &src);
+    let full = dir.path().join("full.raw");
+    ok(&[
+        "convert",
+        "-p",
+        "-O",
+        "raw",
+        "-o",
+        "preallocation=full",
+        s(&src),
+        s(&full),
+    ]);
+    q.assert_same("raw", &src, "raw", &full);
+    assert!(allocated_bytes(&full) >= 8 << 20);
+    let unsparse = dir.path().join("s0.raw");
+    ok(&["convert", "-S", "0", s(&src), s(&unsparse)]);
+    assert!(allocated_bytes(&unsparse) >= 8 << 20);
+    q.assert_same("raw", &src, "raw", &unsparse);
+    // -n writes into an existing image, zeroing what the source does not hold.
+    std::fs::write(&unsparse, vec![0xeeu8; 8 << 20]).unwrap();
+    ok(&["convert", "-n", "-O", "raw", s(&src), s(&unsparse)]);
+    q.assert_same("raw", &src, "raw", &unsparse);
+}
+
+#[test]
+fn errors_are_clear_and_leave_nothing() {
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, vec![1u8; 1 << 20]).unwrap();
+
+    let out = vconvert(&["convert", "-O", "vhdx", s(&src), s(&dir.path().join("x"))]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("vconvert: ") && err.contains("raw, qcow2, vdi, vmdk, vpc"),
+        "{err}"
+    );
+
+    let out = vconvert(&[
+        "convert",
+        "-o",
+        "bogus=1",
+        s(&src),
+        s(&dir.path().join("x")),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("bogus") && err.contains("preallocation"),
+        "{err}"
+    );
+
+    let out = vconvert(&["convert", "-S", "1000", s(&src), s(&dir.path().join("x"))]);
+    assert_eq!(out.status.code(), Some(1));
+
+    let missing = dir.path().join("missing.raw");
+    let out = vconvert(&["convert", s(&missing), s(&dir.path().join("x"))]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.raw"));
+
+    // A target whose directory cannot be written.
+    let ro = dir.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let mut perm = std::fs::metadata(&ro).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o555);
+    std::fs::set_permissions(&ro, perm).unwrap();
+    let root_bypasses = std::fs::File::create(ro.join("probe")).is_ok();
+    let _ = std::fs::remove_file(ro.join("probe"));
+    if !root_bypasses {
+        let out = vconvert(&["convert", s(&src), s(&ro.join("out.raw"))]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(dir_entries(&ro).is_empty());
+    }
+    // A target path through a regular file fails the same way for any user.
+    let out = vconvert(&["convert", s(&src), s(&src.join("out.raw"))]);
+    assert_eq!(out.status.code(), Some(1));
+    let names: Vec<_> = dir_entries(dir.path())
+        .into_iter()
+        .map(|p| p.file_name().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, vec!["ro", "src.raw"], "nothing else was left behind");
+}
+
+#[test]
+fn create_makes_a_sparse_raw_image() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let img = dir.path().join("new.raw");
+    ok(&["create", "-f", "raw", s(&img), "1G"]);
+    assert_eq!(q.info_json(Some("raw"), &img)["virtual-size"], 1u64 << 30);
+    assert!(allocated_bytes(&img) < 1 << 20);
+}

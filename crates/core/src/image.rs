@@ -1,0 +1,164 @@
+//! The contract between the engine and a format: [`ImageReader`] for sources and
+//! [`ImageWriter`] for targets.
+
+use std::ops::Range;
+
+use crate::{BlockMap, Format, Result};
+
+/// What `info` shows of an image, in qemu-img's terms.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageInfo {
+    /// The image's format.
+    pub format: Format,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Bytes the image's files occupy on disk, if known.
+    pub actual_size: Option<u64>,
+    /// Cluster, grain or block size, where the format has one.
+    pub cluster_size: Option<u64>,
+    /// qemu-img's `dirty-flag`.
+    pub dirty: bool,
+    /// Backing file name as stored in the image.
+    pub backing_file: Option<String>,
+    /// Backing file format as stored in the image.
+    pub backing_format: Option<String>,
+    /// The backing file name resolved against the image's directory.
+    pub full_backing_file: Option<String>,
+    /// qemu-img's `format-specific` object (`{"type": ..., "data": {...}}`), if any.
+    pub format_specific: Option<serde_json::Value>,
+}
+
+impl ImageInfo {
+    /// Info with only the format and size set.
+    pub fn new(format: Format, virtual_size: u64) -> Self {
+        ImageInfo {
+            format,
+            virtual_size,
+            actual_size: None,
+            cluster_size: None,
+            dirty: false,
+            backing_file: None,
+            backing_format: None,
+            full_backing_file: None,
+            format_specific: None,
+        }
+    }
+}
+
+/// A readable disk image.
+///
+/// Reads are positional and take `&self`, so many threads read one image at once.
+pub trait ImageReader: Send + Sync {
+    /// The image's format.
+    fn format(&self) -> Format;
+
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// The block map of `range`, which must lie within `[0, virtual_size)`.
+    fn block_map(&self, range: Range<u64>) -> Result<BlockMap>;
+
+    /// Fills `buf` with the guest bytes at `offset` (`offset + buf.len()` must not exceed
+    /// the virtual size). Unallocated ranges read as zeros or from the backing image.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// What `info` shows.
+    fn info(&self) -> Result<ImageInfo>;
+}
+
+/// How a writer is asked to create its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateParams {
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// The target exists and is written in place (qemu-img's `-n`).
+    pub existing: bool,
+    /// The target already reads as zeros (a fresh file, or `--target-is-zero`): zero and
+    /// unallocated ranges need not be written.
+    pub target_is_zero: bool,
+    /// Compress data (qemu-img's `-c`).
+    pub compress: bool,
+}
+
+/// What a range of a [`Chunk`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    /// Bytes in the chunk's buffer.
+    Data,
+    /// Zeros: allocated as zeros in the source, or data found to be all zero.
+    Zero,
+    /// Unallocated in the source.
+    Unallocated,
+}
+
+/// A guest range inside a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Guest byte offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// What it is.
+    pub kind: RunKind,
+}
+
+/// A piece of the source handed to a writer: `len` guest bytes from `offset`, covered by
+/// coalesced `runs`. `offset` is a multiple of the writer's chunk size and `len` equals
+/// it, except for the last chunk of the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Guest byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Ordered runs covering `[offset, offset + len)`.
+    pub runs: Vec<Run>,
+    /// `len` bytes when any run is data (zeros outside data runs), else empty.
+    pub data: Vec<u8>,
+}
+
+impl Chunk {
+    /// True when any run is data.
+    pub fn has_data(&self) -> bool {
+        self.runs.iter().any(|r| r.kind == RunKind::Data)
+    }
+
+    /// The bytes of `[start, start + len)` (guest offsets inside the chunk); `None` when
+    /// the chunk carries no data buffer (all zero).
+    pub fn bytes(&self, start: u64, len: u64) -> Option<&[u8]> {
+        if self.data.is_empty() {
+            return None;
+        }
+        let s = (start - self.offset) as usize;
+        Some(&self.data[s..s + len as usize])
+    }
+}
+
+/// A writable target format.
+///
+/// The engine drives a writer in two phases per batch of chunks: [`encode`] runs in
+/// parallel on many chunks (compression, zero checks), then [`place`] runs once per
+/// chunk **in guest order**, so placement, and hence the output, is the same whatever
+/// the thread count. [`finish`] writes remaining metadata and flushes; the engine then
+/// syncs and renames the files of the [`crate::Output`].
+///
+/// [`encode`]: ImageWriter::encode
+/// [`place`]: ImageWriter::place
+/// [`finish`]: ImageWriter::finish
+pub trait ImageWriter: Send + Sync {
+    /// What [`ImageWriter::encode`] produces.
+    type Encoded: Send;
+
+    /// The chunk size the writer wants (a multiple of its cluster, grain or block size).
+    fn chunk_size(&self) -> u64;
+
+    /// Prepares one chunk; runs in parallel with other chunks.
+    fn encode(&self, chunk: Chunk) -> Result<Self::Encoded>;
+
+    /// Writes one encoded chunk; called in guest order. Chunks with no data may be
+    /// skipped by the engine when the target already reads as zeros.
+    fn place(&mut self, encoded: Self::Encoded) -> Result<()>;
+
+    /// Completes the image (metadata, footers) and flushes it.
+    fn finish(self) -> Result<()>;
+}

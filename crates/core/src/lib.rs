@@ -1,0 +1,28 @@
+//! Shared abstractions of vconvert.
+//!
+//! This crate owns what every format crate and the engine agree on:
+//! - [`BlockMap`]: the sparse map of a guest range (data, zero, unallocated extents);
+//! - [`ImageReader`] and [`ImageWriter`]: the contract a format implements;
+//! - [`ImageFile`] and [`Storage`]: bounds-checked positional reads of an image file
+//!   (a real file or bytes in memory, for fuzzing);
+//! - [`Output`]: the temporary files a conversion writes and renames into place;
+//! - [`Error`]: the one error type, naming file, structure and offset;
+//! - [`Options`]: `-o key=value` creation options and qemu-style sizes.
+
+mod blockmap;
+mod error;
+mod format;
+mod image;
+mod options;
+mod output;
+mod storage;
+mod zero;
+
+pub use blockmap::{BlockMap, Extent, ExtentKind, Location};
+pub use error::{Error, Result};
+pub use format::Format;
+pub use image::{Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind};
+pub use options::{parse_size, Options};
+pub use output::Output;
+pub use storage::{FileStorage, ImageFile, MemStorage, Storage};
+pub use zero::{is_zero, zero_runs};

@@ -1,0 +1,201 @@
+//! The files a conversion writes.
+//!
+//! New files are created as temporaries beside their final names; [`Output::commit`]
+//! syncs them, renames them into place and syncs the directory. Dropping an uncommitted
+//! `Output` removes the temporaries, so a failed or cancelled conversion leaves nothing.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::{Error, Result};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug)]
+struct OutputFile {
+    final_path: PathBuf,
+    /// `None` when the file is written in place (an existing target).
+    temp_path: Option<PathBuf>,
+    file: Arc<File>,
+}
+
+/// The set of files one conversion writes (one, or several for multi-file formats).
+#[derive(Debug)]
+pub struct Output {
+    target: PathBuf,
+    existing: bool,
+    files: Vec<OutputFile>,
+    committed: bool,
+}
+
+impl Output {
+    /// Output whose main file is `target`. With `existing`, files that already exist are
+    /// opened and written in place (qemu-img's `-n`).
+    pub fn new(target: &Path, existing: bool) -> Self {
+        Output {
+            target: target.to_path_buf(),
+            existing,
+            files: Vec::new(),
+            committed: false,
+        }
+    }
+
+    /// The main target path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Whether the target is written in place.
+    pub fn existing(&self) -> bool {
+        self.existing
+    }
+
+    /// Creates (or, in place, opens) the file that will be `path` once committed.
+    pub fn create_file(&mut self, path: &Path) -> Result<Arc<File>> {
+        let name = path.display().to_string();
+        if self.existing {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| Error::io(&name, "cannot open existing target (-n)", e))?;
+            let file = Arc::new(file);
+            self.files.push(OutputFile {
+                final_path: path.to_path_buf(),
+                temp_path: None,
+                file: file.clone(),
+            });
+            return Ok(file);
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let base = path
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("'{name}' is not a file name")))?
+            .to_string_lossy()
+            .into_owned();
+        let temp = dir.join(format!(
+            ".{base}.vconvert-{}-{}.tmp",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| {
+                Error::io(
+                    &name,
+                    format!("cannot create temporary file in '{}'", dir.display()),
+                    e,
+                )
+            })?;
+        let file = Arc::new(file);
+        self.files.push(OutputFile {
+            final_path: path.to_path_buf(),
+            temp_path: Some(temp),
+            file: file.clone(),
+        });
+        Ok(file)
+    }
+
+    /// Syncs every file, renames the temporaries to their final names and syncs their
+    /// directories.
+    pub fn commit(mut self) -> Result<()> {
+        for f in &self.files {
+            f.file
+                .sync_all()
+                .map_err(|e| Error::io(f.final_path.display().to_string(), "cannot sync", e))?;
+        }
+        for f in &self.files {
+            if let Some(temp) = &f.temp_path {
+                std::fs::rename(temp, &f.final_path).map_err(|e| {
+                    Error::io(
+                        f.final_path.display().to_string(),
+                        "cannot rename temporary file into place",
+                        e,
+                    )
+                })?;
+            }
+        }
+        for f in &self.files {
+            if let Some(dir) = f.final_path.parent() {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                // Best effort: some filesystems refuse fsync on directories.
+                if let Ok(d) = File::open(dir) {
+                    let _ = d.sync_all();
+                }
+            }
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for f in &self.files {
+            if let Some(temp) = &f.temp_path {
+                let _ = std::fs::remove_file(temp);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn commit_renames_and_drop_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.img");
+        {
+            let mut out = Output::new(&target, false);
+            let f = out.create_file(&target).unwrap();
+            f.write_all_at(b"abc", 0).unwrap();
+            assert!(!target.exists());
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "dropped output leaves nothing"
+        );
+
+        let mut out = Output::new(&target, false);
+        let f = out.create_file(&target).unwrap();
+        f.write_all_at(b"abc", 0).unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"abc");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn existing_target_is_written_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.img");
+        assert!(Output::new(&target, true).create_file(&target).is_err());
+        std::fs::write(&target, b"xxxxx").unwrap();
+        let mut out = Output::new(&target, true);
+        out.create_file(&target)
+            .unwrap()
+            .write_all_at(b"ab", 1)
+            .unwrap();
+        drop(out);
+        assert_eq!(std::fs::read(&target).unwrap(), b"xabxx");
+    }
+}

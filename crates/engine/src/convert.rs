@@ -1,0 +1,294 @@
+//! The parallel sparse copy from any [`ImageReader`] to any [`ImageWriter`].
+//!
+//! The disk is walked in windows whose block map is fetched lazily. Chunks of the
+//! writer's chunk size that hold data are read, zero-scanned and encoded in parallel
+//! (rayon), then placed by the writer one by one in guest order, so the output is the
+//! same at any thread count. At most one batch of chunks is in memory at a time.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use vconvert_core::{
+    zero_runs, BlockMap, Chunk, CreateParams, Error, ExtentKind, Format, ImageReader, ImageWriter,
+    Options, Output, Result, Run, RunKind,
+};
+
+use crate::registry::{with_writer, WriterJob};
+
+/// Largest window of the source's block map fetched at once while it holds no data.
+const MAX_WINDOW: u64 = 1 << 30;
+
+/// A shared flag that cancels a running conversion; the target is then removed.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        CancelToken::default()
+    }
+
+    /// Asks the conversion to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Progress of a conversion: guest bytes done out of the virtual size.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// How to convert.
+#[derive(Clone)]
+pub struct ConvertOptions<'a> {
+    /// Worker threads (`-m`); 0 means every core.
+    pub threads: usize,
+    /// Zero detection granularity in bytes (`-S`, default 4 KiB); 0 disables detection
+    /// and makes the output fully allocated, as qemu-img does.
+    pub sparse_size: u64,
+    /// Bound on in-flight buffers per thread, in bytes.
+    pub mem_per_thread: u64,
+    /// Write into an existing target (`-n`).
+    pub existing: bool,
+    /// The existing target already reads as zeros (`--target-is-zero`).
+    pub target_is_zero: bool,
+    /// Compress (`-c`).
+    pub compress: bool,
+    /// Stops the conversion when cancelled.
+    pub cancel: CancelToken,
+    /// Called after every batch with (bytes done, total).
+    pub progress: Option<Progress<'a>>,
+}
+
+impl Default for ConvertOptions<'_> {
+    fn default() -> Self {
+        ConvertOptions {
+            threads: 0,
+            sparse_size: 4096,
+            mem_per_thread: 64 << 20,
+            existing: false,
+            target_is_zero: false,
+            compress: false,
+            cancel: CancelToken::new(),
+            progress: None,
+        }
+    }
+}
+
+/// Converts `src` into a new `format` image at `target` with creation `options`.
+///
+/// The target is written as a temporary file beside it and renamed into place once
+/// complete and synced; on any error or cancellation no target file remains (with
+/// `existing`, the target is written in place, as qemu-img `-n` does).
+pub fn convert(
+    src: &dyn ImageReader,
+    target: &Path,
+    format: Format,
+    options: Options,
+    opts: &ConvertOptions<'_>,
+) -> Result<()> {
+    let mut output = Output::new(target, opts.existing);
+    let params = CreateParams {
+        virtual_size: src.virtual_size(),
+        existing: opts.existing,
+        target_is_zero: !opts.existing || opts.target_is_zero,
+        compress: opts.compress,
+    };
+    with_writer(
+        format,
+        &mut output,
+        &params,
+        options,
+        CopyJob {
+            src,
+            opts,
+            params: &params,
+        },
+    )?;
+    opts.cancel.check()?;
+    output.commit()
+}
+
+struct CopyJob<'a, 'b> {
+    src: &'a dyn ImageReader,
+    opts: &'a ConvertOptions<'b>,
+    params: &'a CreateParams,
+}
+
+impl WriterJob for CopyJob<'_, '_> {
+    fn run<W: ImageWriter>(self, mut writer: W) -> Result<()> {
+        copy_image(self.src, &mut writer, self.params, self.opts)?;
+        writer.finish()
+    }
+}
+
+/// Streams every chunk of `src` that the target needs through `writer` (without
+/// calling [`ImageWriter::finish`]).
+pub fn copy_image<W: ImageWriter>(
+    src: &dyn ImageReader,
+    writer: &mut W,
+    params: &CreateParams,
+    opts: &ConvertOptions<'_>,
+) -> Result<()> {
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("vconvert-{i}"))
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot start {threads} worker threads: {e}")))?;
+
+    let size = src.virtual_size();
+    let chunk_size = writer.chunk_size().max(512);
+    // Each chunk in flight holds its source bytes and, at most, an encoded copy.
+    let batch = (opts.mem_per_thread.saturating_mul(threads as u64) / (2 * chunk_size))
+        .clamp(1, 4096) as usize;
+    let fully_allocated = opts.sparse_size == 0;
+    let every_chunk = fully_allocated || !params.target_is_zero;
+    let base_window = batch as u64 * chunk_size;
+    let mut window = base_window;
+    let mut pos = 0u64;
+    let report = |done: u64| {
+        if let Some(p) = opts.progress {
+            p(done, size);
+        }
+    };
+    report(0);
+    while pos < size {
+        opts.cancel.check()?;
+        let end = size.min(pos.saturating_add(window));
+        let map = src.block_map(pos..end)?;
+        if map.start() != pos || map.end() != end {
+            return Err(Error::invalid(format!(
+                "reader returned a block map of {:#x}..{:#x} for {pos:#x}..{end:#x}",
+                map.start(),
+                map.end()
+            )));
+        }
+        let chunks = chunks_to_copy(&map, chunk_size, every_chunk);
+        window = if chunks.is_empty() {
+            (window * 2).min(MAX_WINDOW.max(base_window))
+        } else {
+            base_window
+        };
+        for group in chunks.chunks(batch) {
+            opts.cancel.check()?;
+            let encoded: Vec<Result<W::Encoded>> = pool.install(|| {
+                group
+                    .par_iter()
+                    .map(|range| {
+                        let chunk = read_chunk(
+                            src,
+                            &map.clip(range.clone()),
+                            opts.sparse_size,
+                            fully_allocated,
+                        )?;
+                        writer.encode(chunk)
+                    })
+                    .collect()
+            });
+            for unit in encoded {
+                writer.place(unit?)?;
+            }
+            if let Some(last) = group.last() {
+                report(last.end);
+            }
+        }
+        pos = end;
+        report(pos);
+    }
+    Ok(())
+}
+
+/// The chunk ranges of `map` to copy: those touching data, or all of them.
+fn chunks_to_copy(map: &BlockMap, chunk_size: u64, every_chunk: bool) -> Vec<std::ops::Range<u64>> {
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for e in map.extents() {
+        if !(every_chunk || e.kind.is_data()) {
+            continue;
+        }
+        let first = e.start / chunk_size;
+        let last = (e.end() - 1) / chunk_size;
+        for c in first..=last {
+            let start = (c * chunk_size).max(map.start());
+            if out.last().is_some_and(|r| r.start == start) {
+                continue;
+            }
+            out.push(start..(start + chunk_size).min(map.end()));
+        }
+    }
+    out
+}
+
+/// Reads the data of one chunk and splits it into runs, turning all-zero blocks of
+/// `sparse_size` bytes into zero runs.
+fn read_chunk(
+    src: &dyn ImageReader,
+    map: &BlockMap,
+    sparse_size: u64,
+    fully_allocated: bool,
+) -> Result<Chunk> {
+    let offset = map.start();
+    let len = map.end() - offset;
+    let mut runs: Vec<Run> = Vec::new();
+    let mut push = |start: u64, len: u64, kind: RunKind| {
+        if len == 0 {
+            return;
+        }
+        match runs.last_mut() {
+            Some(r) if r.kind == kind && r.start + r.len == start => r.len += len,
+            _ => runs.push(Run { start, len, kind }),
+        }
+    };
+    let mut data = Vec::new();
+    if fully_allocated || map.data_bytes() > 0 {
+        data = vec![0u8; len as usize];
+    }
+    for e in map.extents() {
+        let rel = (e.start - offset) as usize..(e.end() - offset) as usize;
+        match e.kind {
+            ExtentKind::Data(_) => {
+                let buf = &mut data[rel.clone()];
+                src.read_at(buf, e.start)?;
+                let mut p = 0usize;
+                if !fully_allocated {
+                    for z in zero_runs(buf, e.start, sparse_size) {
+                        push(e.start + p as u64, (z.start - p) as u64, RunKind::Data);
+                        push(e.start + z.start as u64, z.len() as u64, RunKind::Zero);
+                        p = z.end;
+                    }
+                }
+                push(e.start + p as u64, (buf.len() - p) as u64, RunKind::Data);
+            }
+            _ if fully_allocated => push(e.start, e.len, RunKind::Data),
+            ExtentKind::Zero => push(e.start, e.len, RunKind::Zero),
+            ExtentKind::Unallocated => push(e.start, e.len, RunKind::Unallocated),
+        }
+    }
+    if !runs.iter().any(|r| r.kind == RunKind::Data) {
+        data = Vec::new();
+    }
+    Ok(Chunk {
+        offset,
+        len,
+        runs,
+        data,
+    })
+}

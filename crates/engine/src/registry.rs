@@ -1,0 +1,143 @@
+//! Which crate reads and writes which format, and format probing.
+
+use std::path::Path;
+
+use vconvert_core::{
+    CreateParams, Error, Format, ImageFile, ImageReader, ImageWriter, Options, Output, Result,
+};
+use vconvert_raw::{RawReader, RawWriter};
+
+/// How images are opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Allow the image to make us open other files (backing files, extent files, data
+    /// files). The CLI allows it like qemu-img; an import service must not.
+    pub allow_external_files: bool,
+}
+
+/// Guesses the format of `file` from its magic numbers; anything unrecognised is raw.
+pub fn probe(file: &ImageFile) -> Result<Format> {
+    let mut head = vec![0u8; file.len().min(512) as usize];
+    file.read_exact_at(&mut head, 0, "image header")?;
+    if head.starts_with(b"QFI\xfb") {
+        return Ok(Format::Qcow2);
+    }
+    if head.len() >= 0x44 && head[0x40..0x44] == 0xbeda_107fu32.to_le_bytes() {
+        return Ok(Format::Vdi);
+    }
+    if head.starts_with(b"KDMV")
+        || head.starts_with(b"COWD")
+        || head.starts_with(b"# Disk DescriptorFile")
+    {
+        return Ok(Format::Vmdk);
+    }
+    if head.starts_with(b"conectix") {
+        return Ok(Format::Vpc);
+    }
+    // A fixed VHD has its footer only at the end (qemu's probe misses it; ours does not).
+    if file.len() >= 1024 && file.len() % 512 == 0 {
+        let mut foot = [0u8; 8];
+        file.read_exact_at(&mut foot, file.len() - 512, "VHD footer")?;
+        if &foot == b"conectix" {
+            return Ok(Format::Vpc);
+        }
+    }
+    Ok(Format::Raw)
+}
+
+/// Opens the image at `path` as `format`, or as what [`probe`] finds.
+pub fn open(
+    path: &Path,
+    format: Option<Format>,
+    options: &OpenOptions,
+) -> Result<Box<dyn ImageReader>> {
+    open_file(ImageFile::open(path)?, format, options)
+}
+
+/// Opens an already opened (or in-memory) image file.
+pub fn open_file(
+    file: ImageFile,
+    format: Option<Format>,
+    _options: &OpenOptions,
+) -> Result<Box<dyn ImageReader>> {
+    let format = match format {
+        Some(f) => f,
+        None => probe(&file)?,
+    };
+    match format {
+        Format::Raw => Ok(Box::new(RawReader::new(file))),
+        f => Err(Error::unsupported(
+            file.name(),
+            format!("reading {f} images (not implemented yet)"),
+        )),
+    }
+}
+
+/// Something to do with a freshly created writer of any format.
+pub(crate) trait WriterJob {
+    fn run<W: ImageWriter>(self, writer: W) -> Result<()>;
+}
+
+/// Creates the writer for `format` in `output` and hands it to `job`.
+pub(crate) fn with_writer<J: WriterJob>(
+    format: Format,
+    output: &mut Output,
+    params: &CreateParams,
+    options: Options,
+    job: J,
+) -> Result<()> {
+    match format {
+        Format::Raw => job.run(RawWriter::create(output, params, options)?),
+        f => Err(Error::unsupported(
+            output.target().display().to_string(),
+            format!("writing {f} images (not implemented yet)"),
+        )),
+    }
+}
+
+struct FinishOnly;
+
+impl WriterJob for FinishOnly {
+    fn run<W: ImageWriter>(self, writer: W) -> Result<()> {
+        writer.finish()
+    }
+}
+
+/// Creates an empty image of `size` bytes at `path` (qemu-img `create`).
+pub fn create(path: &Path, format: Format, size: u64, options: Options) -> Result<()> {
+    let mut output = Output::new(path, false);
+    let params = CreateParams {
+        virtual_size: size,
+        existing: false,
+        target_is_zero: true,
+        compress: false,
+    };
+    with_writer(format, &mut output, &params, options, FinishOnly)?;
+    output.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_magic_numbers() {
+        let mut q = b"QFI\xfb".to_vec();
+        q.resize(1024, 0);
+        let probe_bytes = |b: Vec<u8>| probe(&ImageFile::from_bytes("x", b)).unwrap();
+        assert_eq!(probe_bytes(q), Format::Qcow2);
+        let mut v = vec![0u8; 512];
+        v[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        assert_eq!(probe_bytes(v), Format::Vdi);
+        assert_eq!(probe_bytes(b"KDMV\x01\0\0\0".to_vec()), Format::Vmdk);
+        assert_eq!(
+            probe_bytes(b"# Disk DescriptorFile\n".to_vec()),
+            Format::Vmdk
+        );
+        let mut fixed = vec![0u8; 4096];
+        fixed[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
+        assert_eq!(probe_bytes(fixed), Format::Vpc);
+        assert_eq!(probe_bytes(vec![0u8; 10]), Format::Raw);
+        assert_eq!(probe_bytes(Vec::new()), Format::Raw);
+    }
+}
