@@ -5,6 +5,7 @@
 //! - [`ImageReader`] and [`ImageWriter`]: the contract a format implements;
 //! - [`ImageFile`] and [`Storage`]: bounds-checked positional reads of an image file
 //!   (a real file or bytes in memory, for fuzzing);
+//! - [`Resolver`]: how a reader opens backing and extent files under the caller's policy;
 //! - [`Output`]: the temporary files a conversion writes and renames into place;
 //! - [`Error`]: the one error type, naming file, structure and offset;
 //! - [`Options`]: `-o key=value` creation options and qemu-style sizes.
@@ -15,6 +16,7 @@ mod format;
 mod image;
 mod options;
 mod output;
+mod resolve;
 mod storage;
 mod zero;
 
@@ -24,5 +26,6 @@ pub use format::Format;
 pub use image::{Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind};
 pub use options::{parse_size, Options};
 pub use output::Output;
+pub use resolve::{overlay_block_map, read_backing, relative_to, NoReferences, Resolver};
 pub use storage::{FileStorage, ImageFile, MemStorage, Storage};
 pub use zero::{is_zero, zero_runs};

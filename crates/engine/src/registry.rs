@@ -1,11 +1,15 @@
 //! Which crate reads and writes which format, and format probing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vconvert_core::{
-    CreateParams, Error, Format, ImageFile, ImageReader, ImageWriter, Options, Output, Result,
+    CreateParams, Error, Format, ImageFile, ImageReader, ImageWriter, Options, Output, Resolver,
+    Result,
 };
 use vconvert_raw::{RawReader, RawWriter};
+
+/// How deep a chain of backing images may be.
+pub const MAX_CHAIN_DEPTH: usize = 16;
 
 /// How images are opened.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,6 +17,77 @@ pub struct OpenOptions {
     /// Allow the image to make us open other files (backing files, extent files, data
     /// files). The CLI allows it like qemu-img; an import service must not.
     pub allow_external_files: bool,
+}
+
+/// The engine's [`Resolver`]: applies [`OpenOptions`], limits chain depth to
+/// [`MAX_CHAIN_DEPTH`] and refuses loops.
+#[derive(Debug)]
+struct ChainResolver {
+    options: OpenOptions,
+    /// Canonical paths of the images above (the referrers), outermost first.
+    chain: Vec<PathBuf>,
+}
+
+impl ChainResolver {
+    fn refuse(&self, referrer: &ImageFile, what: &str, path: &Path) -> Error {
+        Error::Refused {
+            file: referrer.name().to_string(),
+            reason: format!(
+                "it refers to {what} '{}'; opening other files is not allowed here",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl Resolver for ChainResolver {
+    fn open_image(
+        &self,
+        referrer: &ImageFile,
+        path: &Path,
+        format: Option<Format>,
+    ) -> Result<Box<dyn ImageReader>> {
+        if !self.options.allow_external_files {
+            return Err(self.refuse(referrer, "backing image", path));
+        }
+        let canon = std::fs::canonicalize(path).map_err(|e| {
+            Error::io(
+                referrer.name(),
+                format!("cannot open backing image '{}'", path.display()),
+                e,
+            )
+        })?;
+        if self.chain.contains(&canon) {
+            return Err(Error::corrupt(
+                referrer.name(),
+                "backing chain",
+                0,
+                format!("loop: '{}' is already in the chain", path.display()),
+            ));
+        }
+        if self.chain.len() >= MAX_CHAIN_DEPTH {
+            return Err(Error::corrupt(
+                referrer.name(),
+                "backing chain",
+                0,
+                format!("chain is deeper than {MAX_CHAIN_DEPTH} images"),
+            ));
+        }
+        let mut chain = self.chain.clone();
+        chain.push(canon);
+        let inner = ChainResolver {
+            options: self.options.clone(),
+            chain,
+        };
+        open_with(ImageFile::open(path)?, format, &inner)
+    }
+
+    fn open_file(&self, referrer: &ImageFile, path: &Path) -> Result<ImageFile> {
+        if !self.options.allow_external_files {
+            return Err(self.refuse(referrer, "file", path));
+        }
+        ImageFile::open(path)
+    }
 }
 
 /// Guesses the format of `file` from its magic numbers; anything unrecognised is raw.
@@ -58,7 +133,21 @@ pub fn open(
 pub fn open_file(
     file: ImageFile,
     format: Option<Format>,
-    _options: &OpenOptions,
+    options: &OpenOptions,
+) -> Result<Box<dyn ImageReader>> {
+    let chain = std::fs::canonicalize(file.path()).into_iter().collect();
+    let resolver = ChainResolver {
+        options: options.clone(),
+        chain,
+    };
+    open_with(file, format, &resolver)
+}
+
+/// Opens `file` with its format's reader; references go through `resolver`.
+fn open_with(
+    file: ImageFile,
+    format: Option<Format>,
+    _resolver: &dyn Resolver,
 ) -> Result<Box<dyn ImageReader>> {
     let format = match format {
         Some(f) => f,
