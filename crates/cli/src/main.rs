@@ -121,6 +121,19 @@ fn parse_format(s: &str) -> Result<Format> {
     s.parse()
 }
 
+/// `VCONVERT_IDENTITY_SEED`: makes stored identifiers (UUIDs, CIDs, timestamps)
+/// reproducible, for tests and reproducible builds.
+fn identity_seed() -> Result<Option<u64>> {
+    match std::env::var("VCONVERT_IDENTITY_SEED") {
+        Ok(v) => v.parse().map(Some).map_err(|_| {
+            Error::invalid(format!(
+                "VCONVERT_IDENTITY_SEED must be a number, not '{v}'"
+            ))
+        }),
+        Err(_) => Ok(None),
+    }
+}
+
 fn parse_options(list: &[String]) -> Result<Options> {
     Options::parse(&list.join(","))
 }
@@ -193,6 +206,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         compress: args.compress,
         cancel,
         progress: Some(&progress),
+        identity_seed: identity_seed()?,
         ..ConvertOptions::default()
     };
     let result =
@@ -219,7 +233,7 @@ fn create(args: CreateArgs) -> Result<()> {
             size
         );
     }
-    vconvert_engine::create(&args.file, format, size, options)
+    vconvert_engine::create(&args.file, format, size, options, identity_seed()?)
 }
 
 fn run(cli: Cli) -> Result<()> {

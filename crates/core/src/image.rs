@@ -78,6 +78,10 @@ pub struct CreateParams {
     pub target_is_zero: bool,
     /// Compress data (qemu-img's `-c`).
     pub compress: bool,
+    /// Seed for the identifiers a format stores (UUIDs, CIDs, unique ids, timestamps):
+    /// `None` for fresh random ones, `Some` for reproducible output (tests, builds).
+    /// Writers get them from [`crate::Identity`].
+    pub identity_seed: Option<u64>,
 }
 
 /// What a range of a [`Chunk`] is.

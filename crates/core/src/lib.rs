@@ -13,6 +13,7 @@
 mod blockmap;
 mod error;
 mod format;
+mod identity;
 mod image;
 mod options;
 mod output;
@@ -23,6 +24,7 @@ mod zero;
 pub use blockmap::{BlockMap, Extent, ExtentKind, Location};
 pub use error::{Error, Result};
 pub use format::Format;
+pub use identity::Identity;
 pub use image::{Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind};
 pub use options::{parse_size, Options};
 pub use output::Output;

@@ -72,6 +72,8 @@ pub struct ConvertOptions<'a> {
     pub cancel: CancelToken,
     /// Called after every batch with (bytes done, total).
     pub progress: Option<Progress<'a>>,
+    /// Seed for stored identifiers (see [`CreateParams::identity_seed`]).
+    pub identity_seed: Option<u64>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -85,6 +87,7 @@ impl Default for ConvertOptions<'_> {
             compress: false,
             cancel: CancelToken::new(),
             progress: None,
+            identity_seed: None,
         }
     }
 }
@@ -107,6 +110,7 @@ pub fn convert(
         existing: opts.existing,
         target_is_zero: !opts.existing || opts.target_is_zero,
         compress: opts.compress,
+        identity_seed: opts.identity_seed,
     };
     with_writer(
         format,

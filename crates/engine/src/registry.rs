@@ -192,14 +192,22 @@ impl WriterJob for FinishOnly {
     }
 }
 
-/// Creates an empty image of `size` bytes at `path` (qemu-img `create`).
-pub fn create(path: &Path, format: Format, size: u64, options: Options) -> Result<()> {
+/// Creates an empty image of `size` bytes at `path` (qemu-img `create`), with stored
+/// identifiers from `identity_seed` (random when `None`).
+pub fn create(
+    path: &Path,
+    format: Format,
+    size: u64,
+    options: Options,
+    identity_seed: Option<u64>,
+) -> Result<()> {
     let mut output = Output::new(path, false);
     let params = CreateParams {
         virtual_size: size,
         existing: false,
         target_is_zero: true,
         compress: false,
+        identity_seed,
     };
     with_writer(format, &mut output, &params, options, FinishOnly)?;
     output.commit()
