@@ -30,6 +30,8 @@ enum Command {
     Info(InfoArgs),
     /// Create a new empty image.
     Create(CreateArgs),
+    /// Compare the contents of two images (exit 0 identical, 1 different, 2 error).
+    Compare(CompareArgs),
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +117,91 @@ struct CreateArgs {
     file: PathBuf,
     /// Virtual size, e.g. 10G.
     size: String,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Format of the first image; probed when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format_a: Option<String>,
+    /// Format of the second image; probed when omitted.
+    #[arg(short = 'F', value_name = "FMT")]
+    format_b: Option<String>,
+    /// Strict: also fail on different sizes or allocation status.
+    #[arg(short = 's')]
+    strict: bool,
+    /// Quiet: print nothing, only set the exit status.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility (the comparison is fast enough to need none).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Accepted for qemu-img compatibility: source cache mode (ignored).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Worker threads (default: every core).
+    #[arg(short = 'm', long = "threads", value_name = "N")]
+    threads: Option<usize>,
+    /// First image.
+    a: PathBuf,
+    /// Second image.
+    b: PathBuf,
+}
+
+/// `compare`: qemu-img's messages and exit codes (0 identical, 1 different, 2 error).
+fn compare(args: CompareArgs) -> Result<u8> {
+    use vconvert_engine::Comparison;
+    let _ = (args.progress, args.force_share, args.src_cache);
+    let trusted = OpenOptions {
+        allow_external_files: true,
+    };
+    let fa = args.format_a.as_deref().map(parse_format).transpose()?;
+    let fb = args.format_b.as_deref().map(parse_format).transpose()?;
+    let a = vconvert_engine::open(&args.a, fa, &trusted)?;
+    let b = vconvert_engine::open(&args.b, fb, &trusted)?;
+    let opts = vconvert_engine::CompareOptions {
+        strict: args.strict,
+        threads: args.threads.unwrap_or(0),
+    };
+    let result = vconvert_engine::compare(a.as_ref(), b.as_ref(), &opts)?;
+    let say = |s: &str| {
+        if !args.quiet {
+            println!("{s}");
+        }
+    };
+    let mismatch_warning = |m: bool| {
+        if m {
+            say("Warning: Image size mismatch!");
+        }
+    };
+    Ok(match result {
+        Comparison::Identical { size_mismatch } => {
+            mismatch_warning(size_mismatch);
+            say("Images are identical.");
+            0
+        }
+        Comparison::ContentMismatch {
+            offset,
+            size_mismatch,
+        } => {
+            mismatch_warning(size_mismatch);
+            say(&format!("Content mismatch at offset {offset}!"));
+            1
+        }
+        Comparison::StrictSizeMismatch => {
+            say("Strict mode: Image size mismatch!");
+            1
+        }
+        Comparison::StrictAllocationMismatch { offset } => {
+            say(&format!(
+                "Strict mode: Offset {offset} block status mismatch!"
+            ));
+            1
+        }
+    })
 }
 
 fn parse_format(s: &str) -> Result<Format> {
@@ -236,25 +323,33 @@ fn create(args: CreateArgs) -> Result<()> {
     vconvert_engine::create(&args.file, format, size, options, identity_seed()?)
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Runs a command; returns its exit status on success.
+fn run(cli: Cli) -> Result<u8> {
     match cli.command {
-        Command::Convert(a) => convert(a),
+        Command::Convert(a) => convert(a).map(|()| 0),
         Command::Info(a) => {
             let format = a.format.as_deref().map(parse_format).transpose()?;
             let _ = a.force_share;
-            info::info(&a.file, format, &a.output)
+            info::info(&a.file, format, &a.output).map(|()| 0)
         }
-        Command::Create(a) => create(a),
+        Command::Create(a) => create(a).map(|()| 0),
+        Command::Compare(a) => compare(a),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // qemu-img compare exits 2 on errors (1 means "different"); other commands exit 1.
+    let error_status = if matches!(cli.command, Command::Compare(_)) {
+        2
+    } else {
+        1
+    };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             eprintln!("vconvert: {e}");
-            ExitCode::from(1)
+            ExitCode::from(error_status)
         }
     }
 }
