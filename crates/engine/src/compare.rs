@@ -153,6 +153,9 @@ fn first_nonzero(img: &dyn ImageReader, map: &BlockMap, r: Range<u64>) -> Result
     }
     let mut buf = vec![0u8; (r.end - r.start) as usize];
     img.read_at(&mut buf, r.start)?;
+    if is_zero(&buf) {
+        return Ok(None);
+    }
     Ok(buf.iter().position(|&b| b != 0).map(|i| r.start + i as u64))
 }
 
