@@ -137,9 +137,11 @@ fn first_status_difference(ma: &BlockMap, mb: &BlockMap) -> Option<u64> {
         if ea[i].kind.is_data() != eb[j].kind.is_data() {
             return Some(start);
         }
-        if ea[i].end() <= eb[j].end() {
+        let (end_a, end_b) = (ea[i].end(), eb[j].end());
+        if end_a <= end_b {
             i += 1;
-        } else {
+        }
+        if end_b <= end_a {
             j += 1;
         }
     }
