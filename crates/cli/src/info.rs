@@ -150,12 +150,17 @@ fn human_value(key: &str, v: &Value, depth: usize) -> String {
 }
 
 /// Runs `info` on `path`.
-pub fn info(path: &Path, format: Option<Format>, output: &str) -> Result<()> {
+pub fn info(
+    path: &Path,
+    format: Option<Format>,
+    output: &str,
+    allow_external_files: bool,
+) -> Result<()> {
     let img = vconvert_engine::open(
         path,
         format,
         &OpenOptions {
-            allow_external_files: true,
+            allow_external_files,
         },
     )?;
     let info = img.info()?;

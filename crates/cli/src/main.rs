@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use vconvert_core::{parse_size, Error, Format, Options, Result};
-use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions};
+use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
 
 /// Convert virtual disk images between raw, qcow2, vdi, vmdk and vpc (VHD).
 ///
@@ -75,6 +75,11 @@ struct ConvertArgs {
     /// Accepted for qemu-img compatibility (shared locking is not used).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Treat the source as hostile: inspect it first and refuse backing files, extent or
+    /// data files, format mismatches, multi-format content and insane sizes; open no
+    /// file but the one named; inspect the output again.
+    #[arg(long)]
+    untrusted: bool,
     /// Accepted for qemu-img compatibility: target cache mode (ignored).
     #[arg(short = 't', value_name = "CACHE")]
     cache: Option<String>,
@@ -98,6 +103,10 @@ struct InfoArgs {
     /// Accepted for qemu-img compatibility (shared locking is not used).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Treat the image as hostile: inspect it and refuse it (exit 1, with the reasons)
+    /// instead of following its references.
+    #[arg(long)]
+    untrusted: bool,
     /// Image file.
     file: PathBuf,
 }
@@ -255,11 +264,15 @@ fn convert(args: ConvertArgs) -> Result<()> {
         args.src_cache,
     );
 
+    if args.untrusted {
+        let report = vconvert_engine::inspect(&args.source, source_format, &Policy::untrusted())?;
+        report.ensure_safe(&args.source.display().to_string())?;
+    }
     let src = vconvert_engine::open(
         &args.source,
         source_format,
         &OpenOptions {
-            allow_external_files: true,
+            allow_external_files: !args.untrusted,
         },
     )?;
     let cancel = CancelToken::new();
@@ -330,7 +343,11 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Info(a) => {
             let format = a.format.as_deref().map(parse_format).transpose()?;
             let _ = a.force_share;
-            info::info(&a.file, format, &a.output).map(|()| 0)
+            if a.untrusted {
+                let report = vconvert_engine::inspect(&a.file, format, &Policy::untrusted())?;
+                report.ensure_safe(&a.file.display().to_string())?;
+            }
+            info::info(&a.file, format, &a.output, !a.untrusted).map(|()| 0)
         }
         Command::Create(a) => create(a).map(|()| 0),
         Command::Compare(a) => compare(a),

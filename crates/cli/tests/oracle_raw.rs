@@ -263,3 +263,49 @@ fn compare_agrees_with_qemu_img() {
     let out = vconvert(&["compare", s(&a), s(&dir.path().join("nope"))]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn untrusted_convert_refuses_before_creating_output() {
+    let dir = tempdir();
+    // A "raw" upload whose content is a VDI header.
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+    let src = dir.path().join("upload.img");
+    std::fs::write(&src, &bytes).unwrap();
+    let out = dir.path().join("out.raw");
+    let res = vconvert(&[
+        "convert",
+        "--untrusted",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        s(&src),
+        s(&out),
+    ]);
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("refused") && err.contains("declared format raw"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    assert_eq!(dir_entries(dir.path()).len(), 1);
+    // info --untrusted refuses it too; plain info does what it is told.
+    let res = vconvert(&["info", "--untrusted", "-f", "raw", s(&src)]);
+    assert_eq!(res.status.code(), Some(1));
+    ok(&["info", "-f", "raw", s(&src)]);
+    // A plain raw upload converts, and the output passes the same inspection.
+    std::fs::write(&src, vec![7u8; 1 << 20]).unwrap();
+    ok(&[
+        "convert",
+        "--untrusted",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        s(&src),
+        s(&out),
+    ]);
+    assert_eq!(std::fs::read(&out).unwrap(), vec![7u8; 1 << 20]);
+}

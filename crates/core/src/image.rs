@@ -64,6 +64,14 @@ pub trait ImageReader: Send + Sync {
 
     /// What `info` shows.
     fn info(&self) -> Result<ImageInfo>;
+
+    /// Findings that make the image unsafe to accept from a stranger even though it
+    /// reads (e.g. a qcow2 corrupt bit, a VHD checksum mismatch, a VMDK footer that
+    /// disagrees with its header). The inspector turns them into violations under an
+    /// untrusted policy. Default: none.
+    fn safety_findings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// How a writer is asked to create its target.

@@ -2,13 +2,16 @@
 //!
 //! It owns the format registry ([`open`], [`probe`]), the parallel sparse copy
 //! ([`convert`]) that streams only data extents from any reader to any writer, and
-//! image creation ([`create`]) and comparison ([`compare`]).
+//! image creation ([`create`]), comparison ([`compare`]) and the safety inspector
+//! ([`inspect`]) that decides whether an untrusted image may be converted.
 
 mod compare;
 mod convert;
+mod inspect;
 mod registry;
 
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
+pub use inspect::{inspect, inspect_file, Policy, Report};
 pub use registry::{create, open, open_file, probe, OpenOptions};
 pub use vconvert_core::{Error, Format, ImageInfo, ImageReader, Options, Result};
