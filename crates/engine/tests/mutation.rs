@@ -1,0 +1,172 @@
+//! Hostile-input robustness in the normal test suite: every fixture in `testdata/`,
+//! mutated deterministically (bit flips in headers and tables, extreme field values,
+//! truncation, random bursts), is opened, inspected, mapped, read and converted. Each
+//! case must end in `Ok` or an error: never a panic, never longer than a time bound,
+//! never more address space than a bound (this test binary runs under RLIMIT_AS).
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use vconvert_core::{Format, ImageFile, Options};
+use vconvert_engine::{convert, inspect_file, open_file, ConvertOptions, OpenOptions, Policy};
+use vconvert_testkit::Rng;
+
+/// Address space the whole test process may use.
+const ADDRESS_SPACE_LIMIT: u64 = 6 << 30;
+/// Time one case may take.
+const CASE_TIME_LIMIT: Duration = Duration::from_secs(20);
+/// Mutations per fixture.
+const CASES_PER_FIXTURE: u64 = 120;
+/// Largest disk a case converts (others are only mapped and sampled).
+const CONVERT_LIMIT: u64 = 256 << 20;
+
+fn fixtures() -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata");
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    sums.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let name = l.split_whitespace().nth(1).unwrap().to_string();
+            let bytes = std::fs::read(dir.join(&name)).unwrap();
+            (name, bytes)
+        })
+        .collect()
+}
+
+/// One deterministic mutation of `orig`, chosen by `case`.
+fn mutate(orig: &[u8], rng: &mut Rng, case: u64) -> (String, Vec<u8>) {
+    let mut b = orig.to_vec();
+    let len = b.len().max(1) as u64;
+    // Most metadata lives in the first 64 KiB or the last 2 KiB (footers).
+    let hot = |rng: &mut Rng| -> usize {
+        if rng.below(4) == 0 {
+            (len - 1 - rng.below(2048.min(len))) as usize
+        } else {
+            rng.below(65536.min(len)) as usize
+        }
+    };
+    let what = match case % 5 {
+        0 => {
+            let n = 1 + rng.below(8);
+            for _ in 0..n {
+                let i = hot(rng);
+                b[i] ^= 1 << rng.below(8);
+            }
+            format!("{n} bit flips")
+        }
+        1 => {
+            let at = hot(rng) & !3;
+            let vals: [&[u8]; 6] = [
+                &[0xff; 4],
+                &[0xff; 8],
+                &[0; 8],
+                &[0x80, 0, 0, 0],
+                &[0, 0, 0, 0x80],
+                &[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            ];
+            let v = vals[rng.below(vals.len() as u64) as usize];
+            let end = (at + v.len()).min(b.len());
+            b[at..end].copy_from_slice(&v[..end - at]);
+            format!("value {v:02x?} at {at:#x}")
+        }
+        2 => {
+            let cut = rng.below(len) as usize;
+            b.truncate(cut);
+            format!("truncated to {cut}")
+        }
+        3 => {
+            let at = rng.below(len) as usize;
+            let n = (16 + rng.below(240) as usize).min(b.len() - at);
+            let mut burst = vec![0u8; n];
+            rng.fill(&mut burst);
+            b[at..at + n].copy_from_slice(&burst);
+            format!("{n} random bytes at {at:#x}")
+        }
+        _ => {
+            // Duplicate a 512-byte sector over another (tables pointing at each other).
+            let from = (rng.below(len) as usize) & !511;
+            let to = (hot(rng)) & !511;
+            let n = 512.min(b.len() - from).min(b.len() - to);
+            let chunk = b[from..from + n].to_vec();
+            b[to..to + n].copy_from_slice(&chunk);
+            format!("sector {from:#x} copied to {to:#x}")
+        }
+    };
+    (what, b)
+}
+
+/// Everything a hostile image goes through; errors are fine, panics are not.
+fn exercise(name: &str, bytes: Vec<u8>, dir: &std::path::Path) {
+    let file = ImageFile::from_bytes(name, bytes);
+    let _ = inspect_file(file.clone(), None, &Policy::untrusted());
+    let no_refs = OpenOptions::default();
+    let mut formats: Vec<Option<Format>> = vec![None];
+    formats.extend(Format::ALL.iter().map(|f| Some(*f)));
+    for fmt in formats {
+        let Ok(img) = open_file(file.clone(), fmt, &no_refs) else {
+            continue;
+        };
+        let _ = img.info();
+        let size = img.virtual_size();
+        let Ok(map) = img.block_map(0..size.min(1 << 40)) else {
+            continue;
+        };
+        // Read a sample of every data extent (bounded).
+        let mut budget: u64 = 8 << 20;
+        for e in map.extents().iter().filter(|e| e.kind.is_data()) {
+            let n = e.len.min(1 << 20).min(budget);
+            if n == 0 {
+                break;
+            }
+            let mut buf = vec![0u8; n as usize];
+            let _ = img.read_at(&mut buf, e.start);
+            budget -= n;
+        }
+        if size <= CONVERT_LIMIT {
+            let out = dir.join("out.raw");
+            let opts = ConvertOptions {
+                threads: 2,
+                ..ConvertOptions::default()
+            };
+            let _ = convert(img.as_ref(), &out, Format::Raw, Options::new(), &opts);
+            let _ = std::fs::remove_file(&out);
+        }
+    }
+}
+
+#[test]
+fn mutated_fixtures_never_panic_hang_or_balloon() {
+    let limit = rustix::process::Rlimit {
+        current: Some(ADDRESS_SPACE_LIMIT),
+        maximum: Some(ADDRESS_SPACE_LIMIT),
+    };
+    rustix::process::setrlimit(rustix::process::Resource::As, limit).unwrap();
+    let dir = vconvert_testkit::tempdir();
+    let fixtures = fixtures();
+    assert!(!fixtures.is_empty());
+    let mut total = 0;
+    for (name, orig) in fixtures {
+        let mut rng = Rng::new(name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        }));
+        for case in 0..CASES_PER_FIXTURE {
+            let (what, bytes) = mutate(&orig, &mut rng, case);
+            let (tx, rx) = mpsc::channel();
+            let case_dir = dir.path().to_path_buf();
+            let label = format!("{name} case {case} ({what})");
+            let n = name.clone();
+            std::thread::spawn(move || {
+                let r = std::panic::catch_unwind(move || exercise(&n, bytes, &case_dir));
+                let _ = tx.send(r.is_ok());
+            });
+            match rx.recv_timeout(CASE_TIME_LIMIT) {
+                Ok(true) => {}
+                Ok(false) => panic!("{label}: panicked"),
+                Err(_) => panic!("{label}: did not finish within {CASE_TIME_LIMIT:?}"),
+            }
+            total += 1;
+        }
+    }
+    assert!(total >= CASES_PER_FIXTURE);
+}
