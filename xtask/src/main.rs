@@ -1,26 +1,166 @@
 //! `cargo xtask`: developer tasks that are more than one cargo command.
 
-use std::process::{exit, Command};
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command, Stdio};
 
 const HELP: &str = "\
 cargo xtask <TASK>
 
 Tasks:
-  lint    cargo fmt --check, then clippy on every target with -D warnings
-  soak    run the long #[ignore] tests of the workspace in release mode
+  lint                         cargo fmt --check, then clippy -D warnings on every target
+  soak                         the long #[ignore] tests of the workspace, in release mode
+  fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N
+                               seconds each (default 60), seeded from testdata/, and
+                               record each campaign in fuzz/README.md
 ";
+
+const FUZZ_TARGETS: [&str; 6] = [
+    "qcow2",
+    "vdi",
+    "vmdk",
+    "vpc",
+    "convert_any",
+    "probe_inspect",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
 
 fn cargo(args: &[&str]) -> bool {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("$ cargo {}", args.join(" "));
     Command::new(cargo)
         .args(args)
+        .current_dir(root())
         .status()
         .is_ok_and(|s| s.success())
 }
 
+/// The value after `counter` in a libFuzzer status line (e.g. "cov: 123").
+fn field(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+fn fuzz(args: &[String]) -> bool {
+    let mut seconds = 60u64;
+    let mut targets = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--seconds" {
+            match it.next().and_then(|s| s.parse().ok()) {
+                Some(n) => seconds = n,
+                None => {
+                    eprintln!("--seconds needs a number");
+                    return false;
+                }
+            }
+        } else if FUZZ_TARGETS.contains(&a.as_str()) {
+            targets.push(a.clone());
+        } else {
+            eprintln!(
+                "unknown fuzz target '{a}'; targets: {}",
+                FUZZ_TARGETS.join(", ")
+            );
+            return false;
+        }
+    }
+    if targets.is_empty() {
+        targets = FUZZ_TARGETS.iter().map(|s| s.to_string()).collect();
+    }
+    let have_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_fuzz && !cargo(&["install", "cargo-fuzz", "--locked"]) {
+        eprintln!("cannot install cargo-fuzz");
+        return false;
+    }
+    let root = root();
+    for target in &targets {
+        let corpus = root.join("fuzz/corpus").join(target);
+        let _ = std::fs::create_dir_all(&corpus);
+        if let Ok(rd) = std::fs::read_dir(root.join("testdata")) {
+            for e in rd.flatten() {
+                let p = e.path();
+                let is_image = p.is_file()
+                    && !matches!(p.extension().and_then(|x| x.to_str()), Some("md") | None)
+                    && p.file_name().is_some_and(|n| n != "SHA256SUMS");
+                if is_image {
+                    let _ = std::fs::copy(&p, corpus.join(e.file_name()));
+                }
+            }
+        }
+        eprintln!("$ cargo +nightly fuzz run {target} ({seconds} s)");
+        let out = Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-dict=fuzz/dicts/images.dict")
+            .arg("-rss_limit_mb=2048")
+            .arg("-max_len=4194304")
+            .arg("-timeout=20")
+            .current_dir(&root)
+            .stderr(Stdio::piped())
+            .output();
+        let Ok(out) = out else {
+            eprintln!("cannot run cargo fuzz");
+            return false;
+        };
+        let log = String::from_utf8_lossy(&out.stderr);
+        let status_lines: Vec<&str> = log.lines().filter(|l| l.contains(" cov: ")).collect();
+        let last = status_lines.last().copied().unwrap_or("");
+        let execs = last
+            .strip_prefix('#')
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        let cov = field(last, "cov:").unwrap_or(0);
+        let crashed = !out.status.success();
+        let date = Command::new("date")
+            .args(["-u", "+%F %H:%M"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let row = format!(
+            "| {date} | {target} | {seconds} | {execs} | {cov} | {} |\n",
+            if crashed {
+                "yes: see fuzz/artifacts"
+            } else {
+                "0"
+            }
+        );
+        eprint!("{row}");
+        let readme = root.join("fuzz/README.md");
+        let mut text = std::fs::read_to_string(&readme).unwrap_or_default();
+        text.push_str(&row);
+        let _ = std::fs::write(&readme, text);
+        if crashed {
+            eprintln!(
+                "{}",
+                log.lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            return false;
+        }
+    }
+    true
+}
+
 fn main() {
-    let task = std::env::args().nth(1).unwrap_or_default();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let task = args.first().cloned().unwrap_or_default();
     let ok = match task.as_str() {
         "lint" => {
             cargo(&["fmt", "--all", "--", "--check"])
@@ -34,6 +174,7 @@ fn main() {
                 ])
         }
         "soak" => cargo(&["test", "--workspace", "--release", "--", "--ignored"]),
+        "fuzz" => fuzz(&args[1..]),
         "" | "help" | "--help" | "-h" => {
             print!("{HELP}");
             true
