@@ -1,5 +1,7 @@
 //! `cargo xtask`: developer tasks that are more than one cargo command.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command, Stdio};
 
@@ -12,6 +14,9 @@ Tasks:
   fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N
                                seconds each (default 60), seeded from testdata/, and
                                record each campaign in fuzz/README.md
+  bench [--quick] [--rounds N] vconvert vs qemu-img side by side on a realistic corpus
+                               (built once in benches/corpus/); writes benches/RESULTS.md
+                               (--quick: a small corpus, benches/RESULTS-quick.md)
 ";
 
 const FUZZ_TARGETS: [&str; 6] = [
@@ -175,6 +180,15 @@ fn main() {
         }
         "soak" => cargo(&["test", "--workspace", "--release", "--", "--ignored"]),
         "fuzz" => fuzz(&args[1..]),
+        "bench" => {
+            let quick = args.iter().any(|a| a == "--quick");
+            let rounds = args
+                .iter()
+                .position(|a| a == "--rounds")
+                .and_then(|i| args.get(i + 1)?.parse().ok())
+                .unwrap_or(3);
+            bench::bench(&root(), quick, rounds)
+        }
         "" | "help" | "--help" | "-h" => {
             print!("{HELP}");
             true

@@ -1,0 +1,499 @@
+//! `cargo xtask bench`: vconvert against qemu-img, side by side, on a realistic corpus.
+//!
+//! The corpus (an ext4 filesystem of real files, plus its qemu-made qcow2, compressed
+//! qcow2, streamOptimized VMDK, VHD and VDI forms) is built once into
+//! `benches/corpus/` and reused. Each case runs vconvert and qemu-img alternately
+//! (A B C A B C …), reports medians, ratios, peak RSS and output sizes, checks outputs
+//! with `qemu-img compare`, and the run is written to `benches/RESULTS.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// Corpus parameters.
+struct Corpus {
+    dir: PathBuf,
+    virtual_size: &'static str,
+    source_tree: &'static str,
+}
+
+fn run_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn qemu_img(args: &[&str]) -> bool {
+    run_ok(Command::new("qemu-img").args(args))
+}
+
+/// Deterministic synthetic disk: ~23% data of mixed compressibility in 1 MiB pieces.
+fn synthetic(path: &Path, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    let mut state = 0x1234_5678_9abc_def0u64;
+    let mut next = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let words: [&[u8]; 8] = [
+        b"the ",
+        b"lib",
+        b"\x00\x00\x00\x00",
+        b"ELF",
+        b"symbol_",
+        b"0x7f",
+        b"data ",
+        b"\n",
+    ];
+    let mut buf = vec![0u8; 1 << 20];
+    for mib in 0..size >> 20 {
+        let r = next() % 100;
+        if r >= 23 {
+            continue;
+        }
+        if r < 6 {
+            for c in buf.chunks_mut(8) {
+                c.copy_from_slice(&next().to_le_bytes()[..c.len()]);
+            }
+        } else {
+            let mut i = 0;
+            while i < buf.len() {
+                let w = words[(next() % 8) as usize];
+                let n = w.len().min(buf.len() - i);
+                buf[i..i + n].copy_from_slice(&w[..n]);
+                i += n;
+            }
+        }
+        f.write_all_at(&buf, mib << 20)?;
+    }
+    Ok(())
+}
+
+fn build_corpus(c: &Corpus) -> Result<String, String> {
+    std::fs::create_dir_all(&c.dir).map_err(|e| e.to_string())?;
+    let raw = c.dir.join("disk.raw");
+    let mut kind = String::new();
+    if !raw.exists() {
+        let tmp = c.dir.join("disk.raw.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let have_mkfs = Path::new(c.source_tree).is_dir()
+            && run_ok(
+                Command::new("mkfs.ext4")
+                    .args(["-q", "-F", "-d", c.source_tree])
+                    .arg(&tmp)
+                    .arg(c.virtual_size),
+            );
+        if have_mkfs {
+            kind = format!(
+                "ext4 filesystem of {} (mkfs.ext4 -d), {}",
+                c.source_tree, c.virtual_size
+            );
+        } else {
+            eprintln!("mkfs.ext4 -d unavailable: using the synthetic corpus");
+            let size = vconvert_size(c.virtual_size);
+            synthetic(&tmp, size).map_err(|e| e.to_string())?;
+            kind = format!(
+                "synthetic disk, {} (23% data, mixed compressibility)",
+                c.virtual_size
+            );
+        }
+        std::fs::rename(&tmp, &raw).map_err(|e| e.to_string())?;
+        std::fs::write(c.dir.join("KIND"), &kind).map_err(|e| e.to_string())?;
+    }
+    if kind.is_empty() {
+        kind = std::fs::read_to_string(c.dir.join("KIND")).unwrap_or_default();
+    }
+    let forms: [(&str, &[&str]); 5] = [
+        ("disk.qcow2", &["-O", "qcow2"]),
+        ("disk-c.qcow2", &["-O", "qcow2", "-c"]),
+        (
+            "disk-stream.vmdk",
+            &["-O", "vmdk", "-o", "subformat=streamOptimized"],
+        ),
+        ("disk.vhd", &["-O", "vpc"]),
+        ("disk.vdi", &["-O", "vdi"]),
+    ];
+    for (name, args) in forms {
+        let out = c.dir.join(name);
+        if out.exists() {
+            continue;
+        }
+        eprintln!("building corpus: {name}");
+        let tmp = c.dir.join(format!("{name}.tmp"));
+        let mut a = vec!["convert", "-f", "raw"];
+        a.extend_from_slice(args);
+        let (r, t) = (raw.display().to_string(), tmp.display().to_string());
+        a.push(&r);
+        a.push(&t);
+        if !qemu_img(&a) {
+            return Err(format!("qemu-img could not build {name}"));
+        }
+        std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    }
+    Ok(kind)
+}
+
+fn vconvert_size(s: &str) -> u64 {
+    let (n, unit) = s.split_at(s.len() - 1);
+    let n: u64 = n.parse().unwrap_or(1);
+    match unit {
+        "G" => n << 30,
+        "M" => n << 20,
+        _ => n,
+    }
+}
+
+/// One timed run: wall seconds and peak RSS in KiB (from /usr/bin/time).
+fn timed(cmd: &[String]) -> Option<(f64, Option<u64>)> {
+    let rss_file = std::env::temp_dir().join(format!("vconvert-bench-rss-{}", std::process::id()));
+    let have_time = Path::new("/usr/bin/time").exists();
+    let mut c = if have_time {
+        let mut c = Command::new("/usr/bin/time");
+        c.args(["-f", "%M", "-o"]).arg(&rss_file).args(cmd);
+        c
+    } else {
+        let mut c = Command::new(&cmd[0]);
+        c.args(&cmd[1..]);
+        c
+    };
+    let start = Instant::now();
+    let ok = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .is_ok_and(|s| s.success());
+    let secs = start.elapsed().as_secs_f64();
+    if !ok {
+        return None;
+    }
+    let rss = std::fs::read_to_string(&rss_file)
+        .ok()
+        .and_then(|s| s.trim().lines().last()?.trim().parse().ok());
+    Some((secs, rss))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+struct Case {
+    name: &'static str,
+    src: &'static str,
+    src_fmt: &'static str,
+    out_fmt: &'static str,
+    args: &'static [&'static str],
+    cp_floor: bool,
+}
+
+const CASES: [Case; 7] = [
+    Case {
+        name: "raw → qcow2",
+        src: "disk.raw",
+        src_fmt: "raw",
+        out_fmt: "qcow2",
+        args: &[],
+        cp_floor: true,
+    },
+    Case {
+        name: "raw → qcow2 -c",
+        src: "disk.raw",
+        src_fmt: "raw",
+        out_fmt: "qcow2",
+        args: &["-c"],
+        cp_floor: false,
+    },
+    Case {
+        name: "compressed qcow2 → raw",
+        src: "disk-c.qcow2",
+        src_fmt: "qcow2",
+        out_fmt: "raw",
+        args: &[],
+        cp_floor: false,
+    },
+    Case {
+        name: "qcow2 → raw",
+        src: "disk.qcow2",
+        src_fmt: "qcow2",
+        out_fmt: "raw",
+        args: &[],
+        cp_floor: true,
+    },
+    Case {
+        name: "raw → vmdk streamOptimized",
+        src: "disk.raw",
+        src_fmt: "raw",
+        out_fmt: "vmdk",
+        args: &["-o", "subformat=streamOptimized"],
+        cp_floor: false,
+    },
+    Case {
+        name: "streamOptimized vmdk → qcow2",
+        src: "disk-stream.vmdk",
+        src_fmt: "vmdk",
+        out_fmt: "qcow2",
+        args: &[],
+        cp_floor: false,
+    },
+    Case {
+        name: "vhd → vdi",
+        src: "disk.vhd",
+        src_fmt: "vpc",
+        out_fmt: "vdi",
+        args: &[],
+        cp_floor: true,
+    },
+];
+
+fn convert_cmd(prog: &str, extra: &[&str], case: &Case, src: &Path, out: &Path) -> Vec<String> {
+    let mut v: Vec<String> = vec![prog.into(), "convert".into()];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.extend(
+        ["-f", case.src_fmt, "-O", case.out_fmt]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    v.extend(case.args.iter().map(|s| s.to_string()));
+    v.push(src.display().to_string());
+    v.push(out.display().to_string());
+    v
+}
+
+fn machine() -> String {
+    let sh = |c: &str| {
+        Command::new("sh")
+            .args(["-c", c])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "- CPU: {} ({} cores)\n- memory: {}\n- kernel: {}\n- {}\n- {}\n- date: {}\n",
+        sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+        sh("nproc"),
+        sh("free -h | awk '/Mem:/{print $2}'"),
+        sh("uname -sr"),
+        sh("qemu-img --version | head -1"),
+        sh("rustc --version"),
+        sh("date -u '+%F %H:%M UTC'"),
+    )
+}
+
+/// Runs the benchmark; `quick` uses a small corpus to check the harness itself.
+pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
+    let corpus = if quick {
+        Corpus {
+            dir: root.join("benches/corpus-quick"),
+            virtual_size: "256M",
+            source_tree: "/usr/lib/python3",
+        }
+    } else {
+        Corpus {
+            dir: root.join("benches/corpus"),
+            virtual_size: "3G",
+            source_tree: "/usr/lib/x86_64-linux-gnu",
+        }
+    };
+    if !run_ok(
+        Command::new("cargo")
+            .args(["build", "--release", "--bin", "vconvert"])
+            .current_dir(root),
+    ) {
+        return false;
+    }
+    let vconvert = root.join("target/release/vconvert").display().to_string();
+    let kind = match build_corpus(&corpus) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("cannot build the corpus: {e}");
+            return false;
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out_dir = corpus.dir.join("out");
+    let _ = std::fs::create_dir_all(&out_dir);
+    let mut table = String::from(
+        "| case | vconvert s | qemu-img -W -m 16 s | speed-up | qemu-img default s | speed-up | floor (cp --sparse) s | vconvert RSS MiB | qemu-img RSS MiB | size vs qemu | qemu-img compare |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for case in &CASES {
+        let src = corpus.dir.join(case.src);
+        let tools: [(&str, Vec<&str>); 3] = [
+            ("vconvert", vec![]),
+            ("qemu-fast", vec!["-W", "-m", "16"]),
+            ("qemu-default", vec![]),
+        ];
+        let mut times: [Vec<f64>; 3] = Default::default();
+        let mut rss: [Option<u64>; 3] = [None; 3];
+        let mut failed = [false; 3];
+        for _ in 0..rounds {
+            for (i, (tool, extra)) in tools.iter().enumerate() {
+                let out = out_dir.join(format!("{tool}.{}", case.out_fmt));
+                let _ = std::fs::remove_file(&out);
+                let prog = if *tool == "vconvert" {
+                    vconvert.as_str()
+                } else {
+                    "qemu-img"
+                };
+                match timed(&convert_cmd(prog, extra, case, &src, &out)) {
+                    Some((t, r)) => {
+                        times[i].push(t);
+                        rss[i] = rss[i].max(r);
+                    }
+                    None => failed[i] = true,
+                }
+            }
+        }
+        let ours = out_dir.join(format!("vconvert.{}", case.out_fmt));
+        let theirs = out_dir.join(format!("qemu-fast.{}", case.out_fmt));
+        let same = !failed[0]
+            && run_ok(
+                Command::new("qemu-img")
+                    .args(["compare", "-f", case.src_fmt, "-F", case.out_fmt])
+                    .arg(&src)
+                    .arg(&ours),
+            );
+        let floor = if case.cp_floor {
+            let raw = corpus.dir.join("disk.raw");
+            let dst = out_dir.join("cp.raw");
+            let mut t = Vec::new();
+            for _ in 0..rounds {
+                let _ = std::fs::remove_file(&dst);
+                let cmd: Vec<String> = vec![
+                    "cp".into(),
+                    "--sparse=always".into(),
+                    raw.display().to_string(),
+                    dst.display().to_string(),
+                ];
+                if let Some((s, _)) = timed(&cmd) {
+                    t.push(s);
+                }
+            }
+            format!("{:.2}", median(&mut t))
+        } else {
+            "—".into()
+        };
+        let m: Vec<f64> = times.iter_mut().map(|v| median(v)).collect();
+        let fmt_t = |i: usize| {
+            if failed[i] {
+                "failed".to_string()
+            } else {
+                format!("{:.2}", m[i])
+            }
+        };
+        let ratio = |i: usize| {
+            if failed[0] || failed[i] {
+                "—".to_string()
+            } else {
+                format!("{:.2}×", m[i] / m[0])
+            }
+        };
+        let mib = |r: Option<u64>| r.map_or("—".into(), |k| format!("{}", k / 1024));
+        let size = if failed[0] || failed[1] {
+            "—".into()
+        } else {
+            format!(
+                "{:.3}",
+                allocated(&ours) as f64 / allocated(&theirs).max(1) as f64
+            )
+        };
+        let row = format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            case.name,
+            fmt_t(0),
+            fmt_t(1),
+            ratio(1),
+            fmt_t(2),
+            ratio(2),
+            floor,
+            mib(rss[0]),
+            mib(rss[1]),
+            size,
+            if same {
+                "identical"
+            } else if failed[0] {
+                "—"
+            } else {
+                "DIFFERS"
+            }
+        );
+        eprint!("{row}");
+        table.push_str(&row);
+    }
+    // Scaling of compressed work with the thread count.
+    let mut scaling =
+        String::from("| case | threads | vconvert s | speed-up vs -m 1 |\n|---|---|---|---|\n");
+    for case in CASES
+        .iter()
+        .filter(|c| c.args.contains(&"-c") || c.args.iter().any(|a| a.contains("stream")))
+    {
+        let src = corpus.dir.join(case.src);
+        let mut base = f64::NAN;
+        let mut threads = vec![1usize];
+        let mut t = 2;
+        while t <= cores {
+            threads.push(t);
+            t *= 2;
+        }
+        if *threads.last().unwrap_or(&1) != cores {
+            threads.push(cores);
+        }
+        for &n in &threads {
+            let out = out_dir.join(format!("scale.{}", case.out_fmt));
+            let nstr = n.to_string();
+            let mut v = Vec::new();
+            for _ in 0..rounds {
+                let _ = std::fs::remove_file(&out);
+                if let Some((s, _)) =
+                    timed(&convert_cmd(&vconvert, &["-m", &nstr], case, &src, &out))
+                {
+                    v.push(s);
+                }
+            }
+            let med = median(&mut v);
+            if n == 1 {
+                base = med;
+            }
+            let row = format!(
+                "| {} | {n} | {:.2} | {:.2}× |\n",
+                case.name,
+                med,
+                base / med
+            );
+            eprint!("{row}");
+            scaling.push_str(&row);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let results = format!(
+        "# Benchmark results\n\nWritten by `cargo xtask bench{}` ({rounds} alternating rounds per tool; medians). \
+Speed-up = qemu-img time / vconvert time (above 1: vconvert is faster). Size = allocated bytes of vconvert's output / qemu-img's. \
+RSS = peak resident set size (`/usr/bin/time`).\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD and VDI forms made by qemu-img.\n\n## Conversions\n\n{table}\n## Scaling of compressed work\n\n{scaling}",
+        if quick { " --quick" } else { "" },
+        machine()
+    );
+    let path = if quick {
+        root.join("benches/RESULTS-quick.md")
+    } else {
+        root.join("benches/RESULTS.md")
+    };
+    if std::fs::write(&path, results).is_err() {
+        return false;
+    }
+    eprintln!("wrote {}", path.display());
+    true
+}
