@@ -32,6 +32,65 @@ enum Command {
     Create(CreateArgs),
     /// Compare the contents of two images (exit 0 identical, 1 different, 2 error).
     Compare(CompareArgs),
+    /// How much space converting an image (or a new disk of --size) to -O needs.
+    Measure(MeasureArgs),
+}
+
+#[derive(Args, Debug)]
+struct MeasureArgs {
+    /// Source format; probed when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Target format (raw, qcow2, vdi, vmdk, vpc).
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    output_format: String,
+    /// Target creation options (accepted; they do not change the estimate yet).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Output: human or json (qemu-img's keys).
+    #[arg(long = "output", value_name = "FMT", default_value = "human", value_parser = ["human", "json"])]
+    output: String,
+    /// Measure a new empty disk of this size instead of a file.
+    #[arg(long, value_name = "SIZE", conflicts_with = "file")]
+    size: Option<String>,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Source image.
+    #[arg(required_unless_present = "size")]
+    file: Option<PathBuf>,
+}
+
+fn measure(args: MeasureArgs) -> Result<()> {
+    let target = parse_format(&args.output_format)?;
+    let _ = (parse_options(&args.options)?, args.force_share);
+    let m = match (&args.file, &args.size) {
+        (Some(file), _) => {
+            let format = args.format.as_deref().map(parse_format).transpose()?;
+            let src = vconvert_engine::open(
+                file,
+                format,
+                &OpenOptions {
+                    allow_external_files: true,
+                },
+            )?;
+            vconvert_engine::measure(Some(src.as_ref()), 0, target)?
+        }
+        (None, Some(size)) => vconvert_engine::measure(None, parse_size(size)?, target)?,
+        (None, None) => return Err(Error::invalid("measure needs a FILE or --size")),
+    };
+    if args.output == "json" {
+        println!(
+            "{{\n    \"required\": {},\n    \"fully-allocated\": {}\n}}",
+            m.required, m.fully_allocated
+        );
+    } else {
+        println!(
+            "required size: {}\nfully allocated size: {}",
+            m.required, m.fully_allocated
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +121,9 @@ struct ConvertArgs {
     /// Worker threads (default: every core).
     #[arg(short = 'm', long = "threads", value_name = "N")]
     threads: Option<usize>,
+    /// Limit the conversion to this many bytes per second (e.g. 100M).
+    #[arg(short = 'r', value_name = "RATE")]
+    rate_limit: Option<String>,
     /// Do not create the target: write into an existing image of the right size.
     #[arg(short = 'n')]
     no_create: bool,
@@ -307,6 +369,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         cancel,
         progress: Some(&progress),
         identity_seed: identity_seed()?,
+        rate_limit: args.rate_limit.as_deref().map(parse_size).transpose()?,
         ..ConvertOptions::default()
     };
     let result =
@@ -351,6 +414,7 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Create(a) => create(a).map(|()| 0),
         Command::Compare(a) => compare(a),
+        Command::Measure(a) => measure(a).map(|()| 0),
     }
 }
 

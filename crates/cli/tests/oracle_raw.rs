@@ -309,3 +309,24 @@ fn untrusted_convert_refuses_before_creating_output() {
     ]);
     assert_eq!(std::fs::read(&out).unwrap(), vec![7u8; 1 << 20]);
 }
+
+#[test]
+fn measure_matches_qemu_img_for_raw_targets() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let src = dir.path().join("m.raw");
+    q.build(&Layout::random(12 << 20, 6, 2), "raw", "", &src);
+    for args in [
+        vec!["measure", "--output=json", "-O", "raw", s(&src)],
+        vec!["measure", "--output=json", "-O", "raw", "--size", "3G"],
+    ] {
+        let ours: serde_json::Value = serde_json::from_slice(&ok(&args).stdout).unwrap();
+        let theirs: serde_json::Value = serde_json::from_slice(&q.img(&args).stdout).unwrap();
+        assert_eq!(ours, theirs, "{args:?}");
+    }
+    let human = String::from_utf8(ok(&["measure", "-O", "raw", s(&src)]).stdout).unwrap();
+    assert_eq!(
+        human,
+        String::from_utf8(q.img(&["measure", "-O", "raw", s(&src)]).stdout).unwrap()
+    );
+}

@@ -74,6 +74,8 @@ pub struct ConvertOptions<'a> {
     pub progress: Option<Progress<'a>>,
     /// Seed for stored identifiers (see [`CreateParams::identity_seed`]).
     pub identity_seed: Option<u64>,
+    /// Limit on the guest bytes processed per second (qemu-img's `-r`); `None`: no limit.
+    pub rate_limit: Option<u64>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -88,6 +90,7 @@ impl Default for ConvertOptions<'_> {
             cancel: CancelToken::new(),
             progress: None,
             identity_seed: None,
+            rate_limit: None,
         }
     }
 }
@@ -175,6 +178,16 @@ pub fn copy_image<W: ImageWriter>(
         }
     };
     report(0);
+    let started = std::time::Instant::now();
+    let mut processed = 0u64;
+    let throttle = |processed: u64| {
+        if let Some(rate) = opts.rate_limit.filter(|r| *r > 0) {
+            let due = std::time::Duration::from_secs_f64(processed as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    };
     while pos < size {
         opts.cancel.check()?;
         let end = size.min(pos.saturating_add(window));
@@ -212,6 +225,8 @@ pub fn copy_image<W: ImageWriter>(
                 writer.place(unit?)?;
             }
             if let Some(last) = group.last() {
+                processed += group.iter().map(|r| r.end - r.start).sum::<u64>();
+                throttle(processed);
                 report(last.end);
             }
         }

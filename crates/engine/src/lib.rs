@@ -8,10 +8,12 @@
 mod compare;
 mod convert;
 mod inspect;
+mod measure;
 mod registry;
 
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
 pub use inspect::{inspect, inspect_file, Policy, Report};
+pub use measure::{measure, Measure};
 pub use registry::{create, open, open_file, probe, OpenOptions};
 pub use vconvert_core::{Error, Format, ImageInfo, ImageReader, Options, Result};
