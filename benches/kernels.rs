@@ -24,7 +24,7 @@ fn sample_cluster() -> Vec<u8> {
         s ^= s >> 7;
         s ^= s << 17;
         v.extend_from_slice(words[(s % 6) as usize]);
-        if s % 11 == 0 {
+        if s.is_multiple_of(11) {
             v.extend_from_slice(&s.to_le_bytes());
         }
     }
