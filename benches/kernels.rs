@@ -16,7 +16,14 @@ const CLUSTER: usize = 64 << 10;
 
 /// A cluster of text-like data with some binary noise: compressible like a filesystem.
 fn sample_cluster() -> Vec<u8> {
-    let words: [&[u8]; 6] = [b"lib", b"symbol_table ", b"\x00\x00\x7fELF", b"0123456789", b"the quick brown fox ", b"\n"];
+    let words: [&[u8]; 6] = [
+        b"lib",
+        b"symbol_table ",
+        b"\x00\x00\x7fELF",
+        b"0123456789",
+        b"the quick brown fox ",
+        b"\n",
+    ];
     let mut v = Vec::with_capacity(CLUSTER);
     let mut s = 0x2545_f491_4f6c_dd1du64;
     while v.len() < CLUSTER {
@@ -44,7 +51,10 @@ fn zero_detection(bencher: Bencher, len: usize) {
 fn deflate_raw_cluster(bencher: Bencher, level: u32) {
     let data = sample_cluster();
     bencher.counter(BytesCount::new(CLUSTER)).bench(|| {
-        let mut e = flate2::write::DeflateEncoder::new(Vec::with_capacity(CLUSTER), Compression::new(level));
+        let mut e = flate2::write::DeflateEncoder::new(
+            Vec::with_capacity(CLUSTER),
+            Compression::new(level),
+        );
         e.write_all(&data).ok();
         e.finish().map(|v| v.len()).unwrap_or(0)
     });
@@ -69,7 +79,8 @@ fn inflate_raw_cluster(bencher: Bencher) {
 fn zlib_grain(bencher: Bencher) {
     let data = sample_cluster();
     bencher.counter(BytesCount::new(CLUSTER)).bench(|| {
-        let mut e = flate2::write::ZlibEncoder::new(Vec::with_capacity(CLUSTER), Compression::default());
+        let mut e =
+            flate2::write::ZlibEncoder::new(Vec::with_capacity(CLUSTER), Compression::default());
         e.write_all(&data).ok();
         e.finish().map(|v| v.len()).unwrap_or(0)
     });

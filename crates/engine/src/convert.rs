@@ -164,14 +164,10 @@ pub fn copy_image<W: ImageWriter>(
 
     let size = src.virtual_size();
     let chunk_size = writer.chunk_size().max(512);
-    // Each chunk in flight holds its source bytes and, at most, an encoded copy.
-    let batch = (opts.mem_per_thread.saturating_mul(threads as u64) / (2 * chunk_size))
+    // Three batches are in flight: one being read, one queued, one being encoded and
+    // placed; each chunk holds its source bytes and, at most, an encoded copy.
+    let batch = (opts.mem_per_thread.saturating_mul(threads as u64) / (6 * chunk_size))
         .clamp(1, 4096) as usize;
-    let fully_allocated = opts.sparse_size == 0;
-    let every_chunk = fully_allocated || !params.target_is_zero;
-    let base_window = batch as u64 * chunk_size;
-    let mut window = base_window;
-    let mut pos = 0u64;
     let report = |done: u64| {
         if let Some(p) = opts.progress {
             p(done, size);
@@ -188,52 +184,125 @@ pub fn copy_image<W: ImageWriter>(
             }
         }
     };
-    while pos < size {
-        opts.cancel.check()?;
-        let end = size.min(pos.saturating_add(window));
-        let map = src.block_map(pos..end)?;
-        if map.start() != pos || map.end() != end {
-            return Err(Error::invalid(format!(
-                "reader returned a block map of {:#x}..{:#x} for {pos:#x}..{end:#x}",
-                map.start(),
-                map.end()
-            )));
-        }
-        let chunks = chunks_to_copy(&map, chunk_size, every_chunk);
-        window = if chunks.is_empty() {
-            (window * 2).min(MAX_WINDOW.max(base_window))
-        } else {
-            base_window
+    // The reader side runs one batch ahead of encoding and placement.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
+        let reader = Reader {
+            src,
+            pool: &pool,
+            chunk_size,
+            batch,
+            sparse_size: opts.sparse_size,
+            every_chunk: opts.sparse_size == 0 || !params.target_is_zero,
+            cancel: &opts.cancel,
         };
-        for group in chunks.chunks(batch) {
+        scope.spawn(move || reader.run(&tx));
+        for msg in rx {
+            let batch = msg?;
             opts.cancel.check()?;
+            processed += batch.chunks.iter().map(|c| c.len).sum::<u64>();
             let encoded: Vec<Result<W::Encoded>> = pool.install(|| {
-                group
-                    .par_iter()
-                    .map(|range| {
-                        let chunk = read_chunk(
-                            src,
-                            &map.clip(range.clone()),
-                            opts.sparse_size,
-                            fully_allocated,
-                        )?;
-                        writer.encode(chunk)
-                    })
+                batch
+                    .chunks
+                    .into_par_iter()
+                    .map(|chunk| writer.encode(chunk))
                     .collect()
             });
             for unit in encoded {
                 writer.place(unit?)?;
             }
-            if let Some(last) = group.last() {
-                processed += group.iter().map(|r| r.end - r.start).sum::<u64>();
-                throttle(processed);
-                report(last.end);
+            throttle(processed);
+            report(batch.done);
+        }
+        // The reader stops early only by sending an error (handled above) or when the
+        // channel closes after the last batch.
+        opts.cancel.check()
+    })
+}
+
+/// Chunks read from the source, and how far the disk is done once they are placed.
+struct Batch {
+    chunks: Vec<Chunk>,
+    done: u64,
+}
+
+/// The reading side of [`copy_image`]: walks the block map in windows and reads the
+/// chunks that hold data, in parallel, one batch at a time.
+struct Reader<'a> {
+    src: &'a dyn ImageReader,
+    pool: &'a rayon::ThreadPool,
+    chunk_size: u64,
+    batch: usize,
+    sparse_size: u64,
+    every_chunk: bool,
+    cancel: &'a CancelToken,
+}
+
+impl Reader<'_> {
+    /// Sends batches in guest order; stops at the first error (sent too) or when the
+    /// receiver is gone.
+    fn run(&self, tx: &std::sync::mpsc::SyncSender<Result<Batch>>) {
+        if let Err(e) = self.walk(tx) {
+            let _ = tx.send(Err(e));
+        }
+    }
+
+    fn walk(&self, tx: &std::sync::mpsc::SyncSender<Result<Batch>>) -> Result<()> {
+        let size = self.src.virtual_size();
+        let base_window = self.batch as u64 * self.chunk_size;
+        let mut window = base_window;
+        let mut pos = 0u64;
+        let fully_allocated = self.sparse_size == 0;
+        while pos < size {
+            self.cancel.check()?;
+            let end = size.min(pos.saturating_add(window));
+            let map = self.src.block_map(pos..end)?;
+            if map.start() != pos || map.end() != end {
+                return Err(Error::invalid(format!(
+                    "reader returned a block map of {:#x}..{:#x} for {pos:#x}..{end:#x}",
+                    map.start(),
+                    map.end()
+                )));
+            }
+            let ranges = chunks_to_copy(&map, self.chunk_size, self.every_chunk);
+            window = if ranges.is_empty() {
+                (window * 2).min(MAX_WINDOW.max(base_window))
+            } else {
+                base_window
+            };
+            for group in ranges.chunks(self.batch) {
+                self.cancel.check()?;
+                let chunks = self.pool.install(|| {
+                    group
+                        .par_iter()
+                        .map(|r| {
+                            read_chunk(
+                                self.src,
+                                &map.clip(r.clone()),
+                                self.sparse_size,
+                                fully_allocated,
+                            )
+                        })
+                        .collect::<Result<Vec<Chunk>>>()
+                })?;
+                let done = group.last().map_or(pos, |r| r.end);
+                if tx.send(Ok(Batch { chunks, done })).is_err() {
+                    return Ok(());
+                }
+            }
+            pos = end;
+            if tx
+                .send(Ok(Batch {
+                    chunks: Vec::new(),
+                    done: pos,
+                }))
+                .is_err()
+            {
+                return Ok(());
             }
         }
-        pos = end;
-        report(pos);
+        Ok(())
     }
-    Ok(())
 }
 
 /// The chunk ranges of `map` to copy: those touching data, or all of them.
