@@ -1,6 +1,7 @@
 //! `vconvert`: a thin command-line layer over the vconvert engine, compatible with
 //! `qemu-img` for the commands it implements.
 
+mod check;
 mod info;
 
 use std::path::PathBuf;
@@ -34,6 +35,29 @@ enum Command {
     Compare(CompareArgs),
     /// How much space converting an image (or a new disk of --size) to -O needs.
     Measure(MeasureArgs),
+    /// Check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks, 63 not supported).
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: human or json (qemu-img's keys).
+    #[arg(long = "output", value_name = "FMT", default_value = "human", value_parser = ["human", "json"])]
+    output: String,
+    /// Treat the image as hostile: inspect it first and open no other file.
+    #[arg(long)]
+    untrusted: bool,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image file.
+    file: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -415,6 +439,15 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Create(a) => create(a).map(|()| 0),
         Command::Compare(a) => compare(a),
         Command::Measure(a) => measure(a).map(|()| 0),
+        Command::Check(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = (a.force_share, a.quiet);
+            if a.untrusted {
+                let report = vconvert_engine::inspect(&a.file, format, &Policy::untrusted())?;
+                report.ensure_safe(&a.file.display().to_string())?;
+            }
+            check::check(&a.file, format, &a.output, !a.untrusted)
+        }
     }
 }
 

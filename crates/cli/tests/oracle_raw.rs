@@ -330,3 +330,14 @@ fn measure_matches_qemu_img_for_raw_targets() {
         String::from_utf8(q.img(&["measure", "-O", "raw", s(&src)]).stdout).unwrap()
     );
 }
+
+#[test]
+fn check_of_raw_is_not_supported_like_qemu_img() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let src = dir.path().join("c.raw");
+    std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
+    let ours = vconvert(&["check", "-f", "raw", s(&src)]);
+    assert_eq!(ours.status.code(), Some(q.check("raw", &src).0));
+    assert_eq!(ours.status.code(), Some(63));
+}

@@ -72,6 +72,35 @@ pub trait ImageReader: Send + Sync {
     fn safety_findings(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Checks the image's metadata for consistency (qemu-img `check`). `None` when the
+    /// format has nothing to check (raw, as in qemu-img).
+    fn check(&self) -> Option<Result<CheckReport>> {
+        None
+    }
+}
+
+/// What `check` found, in qemu-img's terms.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Inconsistencies that make data wrong or unreadable (each a sentence).
+    pub corruptions: Vec<String>,
+    /// Space allocated but not used (each a sentence).
+    pub leaks: Vec<String>,
+    /// Clusters leaked, as qemu counts them.
+    pub leaked_clusters: u64,
+    /// Errors that stopped the check from completing.
+    pub check_errors: u64,
+    /// Offset of the end of the image's used space, where the format knows it.
+    pub image_end_offset: Option<u64>,
+    /// Clusters (or blocks, grains) of the virtual disk, where the format has them.
+    pub total_clusters: Option<u64>,
+    /// Of which allocated.
+    pub allocated_clusters: Option<u64>,
+    /// Of which not contiguous with the previous one.
+    pub fragmented_clusters: Option<u64>,
+    /// Of which compressed.
+    pub compressed_clusters: Option<u64>,
 }
 
 /// How a writer is asked to create its target.

@@ -25,7 +25,9 @@ pub use blockmap::{BlockMap, Extent, ExtentKind, Location};
 pub use error::{Error, Result};
 pub use format::Format;
 pub use identity::Identity;
-pub use image::{Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind};
+pub use image::{
+    CheckReport, Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind,
+};
 pub use options::{parse_size, Options};
 pub use output::Output;
 pub use resolve::{overlay_block_map, read_backing, relative_to, NoReferences, Resolver};
