@@ -131,45 +131,67 @@ fn human_value(key: &str, v: &Value, depth: usize) -> String {
     let pad = "    ".repeat(depth);
     match v {
         Value::Object(m) => {
-            let mut s = format!("{pad}{key}:\n");
+            let mut s = format!("{pad}{}:\n", key.replace('-', " "));
             for (k, v) in m {
                 s += &human_value(k, v, depth + 1);
             }
             s
         }
         Value::Array(a) => {
-            let mut s = format!("{pad}{key}:\n");
+            let mut s = format!("{pad}{}:\n", key.replace('-', " "));
             for (i, v) in a.iter().enumerate() {
                 s += &human_value(&format!("[{i}]"), v, depth + 1);
             }
             s
         }
-        Value::String(t) => format!("{pad}{key}: {t}\n"),
-        other => format!("{pad}{key}: {other}\n"),
+        Value::String(t) => format!("{pad}{}: {t}\n", key.replace('-', " ")),
+        other => format!("{pad}{}: {other}\n", key.replace('-', " ")),
     }
 }
 
-/// Runs `info` on `path`.
+/// Runs `info` on `path` (and, with `backing_chain`, on every image below it).
 pub fn info(
     path: &Path,
     format: Option<Format>,
     output: &str,
     allow_external_files: bool,
+    backing_chain: bool,
 ) -> Result<()> {
-    let img = vconvert_engine::open(
-        path,
-        format,
-        &OpenOptions {
-            allow_external_files,
-        },
-    )?;
-    let info = img.info()?;
+    let options = OpenOptions {
+        allow_external_files,
+    };
+    let mut chain: Vec<(std::path::PathBuf, ImageInfo)> = Vec::new();
+    let mut next = Some((path.to_path_buf(), format));
+    while let Some((p, f)) = next.take() {
+        if chain.len() > vconvert_engine::MAX_CHAIN_DEPTH {
+            return Err(Error::invalid(format!(
+                "{}: backing chain deeper than {} images",
+                path.display(),
+                vconvert_engine::MAX_CHAIN_DEPTH
+            )));
+        }
+        let info = vconvert_engine::open(&p, f, &options)?.info()?;
+        if backing_chain {
+            if let Some(full) = info.full_backing_file.clone().or(info.backing_file.clone()) {
+                let bf = info.backing_format.as_deref().map(str::parse).transpose()?;
+                next = Some((std::path::PathBuf::from(full), bf));
+            }
+        }
+        chain.push((p, info));
+    }
     if output == "json" {
-        let text = serde_json::to_string_pretty(&info_json(path, &info))
+        let values: Vec<Value> = chain.iter().map(|(p, i)| info_json(p, i)).collect();
+        let v = if backing_chain {
+            Value::Array(values)
+        } else {
+            values.into_iter().next().unwrap_or(Value::Null)
+        };
+        let text = serde_json::to_string_pretty(&v)
             .map_err(|e| Error::invalid(format!("cannot format JSON: {e}")))?;
         println!("{text}");
     } else {
-        print!("{}", info_human(path, &info));
+        let texts: Vec<String> = chain.iter().map(|(p, i)| info_human(p, i)).collect();
+        print!("{}", texts.join("\n"));
     }
     Ok(())
 }

@@ -193,6 +193,9 @@ struct InfoArgs {
     /// instead of following its references.
     #[arg(long)]
     untrusted: bool,
+    /// Show every image of the backing chain, top first.
+    #[arg(long = "backing-chain")]
+    backing_chain: bool,
     /// Image file.
     file: PathBuf,
 }
@@ -434,7 +437,7 @@ fn run(cli: Cli) -> Result<u8> {
                 let report = vconvert_engine::inspect(&a.file, format, &Policy::untrusted())?;
                 report.ensure_safe(&a.file.display().to_string())?;
             }
-            info::info(&a.file, format, &a.output, !a.untrusted).map(|()| 0)
+            info::info(&a.file, format, &a.output, !a.untrusted, a.backing_chain).map(|()| 0)
         }
         Command::Create(a) => create(a).map(|()| 0),
         Command::Compare(a) => compare(a),

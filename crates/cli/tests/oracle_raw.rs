@@ -96,6 +96,18 @@ fn info_json_matches_qemu_img() {
             serde_json::from_slice(&ok(&["info", "--output=json", s(&src)]).stdout).unwrap();
         let theirs = q.info_json(None, &src);
         assert_eq!(ours, theirs, "info --output=json of {name}");
+        // A raw image has no backing chain: --backing-chain shows just the image, as a
+        // one-element array in JSON.
+        let chain: serde_json::Value = serde_json::from_slice(
+            &ok(&["info", "--backing-chain", "--output=json", s(&src)]).stdout,
+        )
+        .unwrap();
+        let qchain: serde_json::Value = serde_json::from_slice(
+            &q.img(&["info", "--backing-chain", "--output=json", s(&src)])
+                .stdout,
+        )
+        .unwrap();
+        assert_eq!(chain, qchain, "info --backing-chain of {name}");
         let human = String::from_utf8(ok(&["info", s(&src)]).stdout).unwrap();
         let qh = String::from_utf8(q.img(&["info", s(&src)]).stdout).unwrap();
         assert_eq!(human, qh, "human info of {name}");
