@@ -170,6 +170,20 @@ pub fn inspect_file(file: ImageFile, declared: Option<Format>, policy: &Policy) 
                 ));
             }
             let info = img.info()?;
+            if format == Format::Vmdk && !policy.vmdk_allowed_types.is_empty() {
+                let create_type = info
+                    .format_specific
+                    .as_ref()
+                    .and_then(|v| v.pointer("/data/create-type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown");
+                if !policy.vmdk_allowed_types.iter().any(|t| t == create_type) {
+                    violations.push(format!(
+                        "VMDK createType '{create_type}' is not allowed (allowed: {})",
+                        policy.vmdk_allowed_types.join(", ")
+                    ));
+                }
+            }
             if let Some(b) = info.backing_file {
                 references.push(b.clone());
                 if !policy.allow_external_files {
