@@ -179,26 +179,28 @@ impl Chunk {
 ///
 /// The engine drives a writer in two phases per batch of chunks: [`encode`] runs in
 /// parallel on many chunks (compression, zero checks), then [`place`] runs once per
-/// chunk **in guest order**, so placement, and hence the output, is the same whatever
-/// the thread count. [`finish`] writes remaining metadata and flushes; the engine then
-/// syncs and renames the files of the [`crate::Output`].
+/// chunk **in guest order** with the chunk and its encoding, so placement, and hence the
+/// output, is the same whatever the thread count. Chunks are lent, not given: the engine
+/// reuses their buffers. [`finish`] writes remaining metadata and flushes; the engine
+/// then syncs and renames the files of the [`crate::Output`].
 ///
 /// [`encode`]: ImageWriter::encode
 /// [`place`]: ImageWriter::place
 /// [`finish`]: ImageWriter::finish
 pub trait ImageWriter: Send + Sync {
-    /// What [`ImageWriter::encode`] produces.
+    /// What [`ImageWriter::encode`] produces (`()` when the chunk's bytes are written
+    /// as they are).
     type Encoded: Send;
 
     /// The chunk size the writer wants (a multiple of its cluster, grain or block size).
     fn chunk_size(&self) -> u64;
 
     /// Prepares one chunk; runs in parallel with other chunks.
-    fn encode(&self, chunk: Chunk) -> Result<Self::Encoded>;
+    fn encode(&self, chunk: &Chunk) -> Result<Self::Encoded>;
 
-    /// Writes one encoded chunk; called in guest order. Chunks with no data may be
-    /// skipped by the engine when the target already reads as zeros.
-    fn place(&mut self, encoded: Self::Encoded) -> Result<()>;
+    /// Writes one chunk and its encoding; called in guest order. Chunks with no data
+    /// may be skipped by the engine when the target already reads as zeros.
+    fn place(&mut self, chunk: &Chunk, encoded: Self::Encoded) -> Result<()>;
 
     /// Completes the image (metadata, footers) and flushes it.
     fn finish(self) -> Result<()>;

@@ -185,9 +185,11 @@ pub fn copy_image<W: ImageWriter>(
         }
     };
     // The reader side runs one batch ahead of encoding and placement.
+    let buffers = BufferPool::default();
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
         let reader = Reader {
+            buffers: &buffers,
             src,
             pool: &pool,
             chunk_size,
@@ -204,12 +206,15 @@ pub fn copy_image<W: ImageWriter>(
             let encoded: Vec<Result<W::Encoded>> = pool.install(|| {
                 batch
                     .chunks
-                    .into_par_iter()
+                    .par_iter()
                     .map(|chunk| writer.encode(chunk))
                     .collect()
             });
-            for unit in encoded {
-                writer.place(unit?)?;
+            for (chunk, unit) in batch.chunks.iter().zip(encoded) {
+                writer.place(chunk, unit?)?;
+            }
+            for chunk in batch.chunks {
+                buffers.put(chunk.data);
             }
             throttle(processed);
             report(batch.done);
@@ -218,6 +223,40 @@ pub fn copy_image<W: ImageWriter>(
         // channel closes after the last batch.
         opts.cancel.check()
     })
+}
+
+/// Chunk buffers returned after placement, reused by the reader: fresh buffers would
+/// cost a page fault per 4 KiB.
+#[derive(Default)]
+struct BufferPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// A buffer of `len` bytes whose contents are unspecified (callers overwrite or
+    /// zero every byte).
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut v = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_default();
+        v.resize(len, 0);
+        v
+    }
+
+    fn put(&self, v: Vec<u8>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        if let Ok(mut f) = self.free.lock() {
+            // More than a few batches' worth is never in flight.
+            if f.len() < 8192 {
+                f.push(v);
+            }
+        }
+    }
 }
 
 /// Chunks read from the source, and how far the disk is done once they are placed.
@@ -229,6 +268,7 @@ struct Batch {
 /// The reading side of [`copy_image`]: walks the block map in windows and reads the
 /// chunks that hold data, in parallel, one batch at a time.
 struct Reader<'a> {
+    buffers: &'a BufferPool,
     src: &'a dyn ImageReader,
     pool: &'a rayon::ThreadPool,
     chunk_size: u64,
@@ -281,6 +321,7 @@ impl Reader<'_> {
                                 &map.clip(r.clone()),
                                 self.sparse_size,
                                 fully_allocated,
+                                self.buffers,
                             )
                         })
                         .collect::<Result<Vec<Chunk>>>()
@@ -332,6 +373,7 @@ fn read_chunk(
     map: &BlockMap,
     sparse_size: u64,
     fully_allocated: bool,
+    buffers: &BufferPool,
 ) -> Result<Chunk> {
     let offset = map.start();
     let len = map.end() - offset;
@@ -347,10 +389,14 @@ fn read_chunk(
     };
     let mut data = Vec::new();
     if fully_allocated || map.data_bytes() > 0 {
-        data = vec![0u8; len as usize];
+        data = buffers.get(len as usize);
     }
     for e in map.extents() {
         let rel = (e.start - offset) as usize..(e.end() - offset) as usize;
+        // A reused buffer holds old bytes: everything but data must read as zeros.
+        if !e.kind.is_data() && !data.is_empty() {
+            data[rel.clone()].fill(0);
+        }
         match e.kind {
             ExtentKind::Data(_) => {
                 let buf = &mut data[rel.clone()];
@@ -371,7 +417,7 @@ fn read_chunk(
         }
     }
     if !runs.iter().any(|r| r.kind == RunKind::Data) {
-        data = Vec::new();
+        buffers.put(std::mem::take(&mut data));
     }
     Ok(Chunk {
         offset,

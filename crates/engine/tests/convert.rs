@@ -377,3 +377,60 @@ fn memory_in_flight_is_bounded() {
         src.max_window.load(Ordering::SeqCst)
     );
 }
+
+/// A writer that checks the chunk contract and rebuilds the disk in memory.
+struct CheckingWriter {
+    chunk_size: u64,
+    disk: Vec<u8>,
+    last_offset: Option<u64>,
+}
+
+impl vconvert_core::ImageWriter for CheckingWriter {
+    type Encoded = u64;
+    fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+    fn encode(&self, chunk: &vconvert_core::Chunk) -> Result<u64> {
+        Ok(chunk.offset)
+    }
+    fn place(&mut self, chunk: &vconvert_core::Chunk, encoded: u64) -> Result<()> {
+        assert_eq!(encoded, chunk.offset, "encoding belongs to its chunk");
+        assert_eq!(chunk.offset % self.chunk_size, 0);
+        assert!(self.last_offset.is_none_or(|l| l < chunk.offset), "chunks come in guest order");
+        self.last_offset = Some(chunk.offset);
+        let mut pos = chunk.offset;
+        for r in &chunk.runs {
+            assert_eq!(r.start, pos, "runs cover the chunk in order");
+            pos += r.len;
+            if !chunk.data.is_empty() && r.kind != vconvert_core::RunKind::Data {
+                assert!(vconvert_core::is_zero(chunk.bytes(r.start, r.len).unwrap()), "non-data run {r:?} is not zeros");
+            }
+            if r.kind == vconvert_core::RunKind::Data {
+                let s = r.start as usize;
+                self.disk[s..s + r.len as usize].copy_from_slice(chunk.bytes(r.start, r.len).unwrap());
+            }
+        }
+        assert_eq!(pos, chunk.offset + chunk.len);
+        Ok(())
+    }
+    fn finish(self) -> Result<()> {
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    #[test]
+    fn chunks_keep_their_contract_with_recycled_buffers(
+        model in ModelImage::strategy(16, 512, 600),
+        threads in 1usize..4,
+    ) {
+        let mut w = CheckingWriter { chunk_size: 64 << 10, disk: vec![0u8; model.bytes.len()], last_offset: None };
+        let params = vconvert_core::CreateParams {
+            virtual_size: model.virtual_size(), existing: false, target_is_zero: true, compress: false, identity_seed: None,
+        };
+        let opts = ConvertOptions { threads, mem_per_thread: 128 << 10, ..ConvertOptions::default() };
+        vconvert_engine::copy_image(&model, &mut w, &params, &opts).unwrap();
+        prop_assert!(w.disk == model.bytes);
+    }
+}

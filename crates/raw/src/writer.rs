@@ -99,17 +99,17 @@ fn write_zeros(file: &File, name: &str, offset: u64, len: u64) -> Result<()> {
 }
 
 impl ImageWriter for RawWriter {
-    type Encoded = Chunk;
+    type Encoded = ();
 
     fn chunk_size(&self) -> u64 {
         CHUNK_SIZE
     }
 
-    fn encode(&self, chunk: Chunk) -> Result<Chunk> {
-        Ok(chunk)
+    fn encode(&self, _chunk: &Chunk) -> Result<()> {
+        Ok(())
     }
 
-    fn place(&mut self, chunk: Chunk) -> Result<()> {
+    fn place(&mut self, chunk: &Chunk, _encoded: ()) -> Result<()> {
         for run in &chunk.runs {
             match run.kind {
                 RunKind::Data => {
