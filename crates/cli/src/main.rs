@@ -68,7 +68,7 @@ struct MeasureArgs {
     /// Target format (raw, qcow2, vdi, vmdk, vpc).
     #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
     output_format: String,
-    /// Target creation options (accepted; they do not change the estimate yet).
+    /// Target creation options (qcow2: cluster_size, refcount_bits, extended_l2).
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Output: human or json (qemu-img's keys).
@@ -87,7 +87,8 @@ struct MeasureArgs {
 
 fn measure(args: MeasureArgs) -> Result<()> {
     let target = parse_format(&args.output_format)?;
-    let _ = (parse_options(&args.options)?, args.force_share);
+    let options = parse_options(&args.options)?;
+    let _ = args.force_share;
     let m = match (&args.file, &args.size) {
         (Some(file), _) => {
             let format = args.format.as_deref().map(parse_format).transpose()?;
@@ -98,9 +99,9 @@ fn measure(args: MeasureArgs) -> Result<()> {
                     allow_external_files: true,
                 },
             )?;
-            vconvert_engine::measure(Some(src.as_ref()), 0, target)?
+            vconvert_engine::measure(Some(src.as_ref()), 0, target, &options)?
         }
-        (None, Some(size)) => vconvert_engine::measure(None, parse_size(size)?, target)?,
+        (None, Some(size)) => vconvert_engine::measure(None, parse_size(size)?, target, &options)?,
         (None, None) => return Err(Error::invalid("measure needs a FILE or --size")),
     };
     if args.output == "json" {

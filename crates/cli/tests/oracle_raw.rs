@@ -353,3 +353,32 @@ fn check_of_raw_is_not_supported_like_qemu_img() {
     assert_eq!(ours.status.code(), Some(q.check("raw", &src).0));
     assert_eq!(ours.status.code(), Some(63));
 }
+
+#[test]
+fn measure_matches_qemu_img_for_qcow2_targets() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let src = dir.path().join("mq.raw");
+    q.build(&Layout::random((40 << 20) + 3584, 30, 9), "raw", "", &src);
+    let options = [
+        "",
+        "cluster_size=512",
+        "cluster_size=2M",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "extended_l2=on",
+        "cluster_size=4k,refcount_bits=8",
+    ];
+    for o in options {
+        for what in [vec![s(&src)], vec!["--size", "7G"], vec!["--size", "100M"]] {
+            let mut args = vec!["measure", "--output=json", "-O", "qcow2"];
+            if !o.is_empty() {
+                args.extend(["-o", o]);
+            }
+            args.extend(what.iter().copied());
+            let ours: serde_json::Value = serde_json::from_slice(&ok(&args).stdout).unwrap();
+            let theirs: serde_json::Value = serde_json::from_slice(&q.img(&args).stdout).unwrap();
+            assert_eq!(ours, theirs, "{args:?}");
+        }
+    }
+}

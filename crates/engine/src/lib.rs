@@ -14,6 +14,6 @@ mod registry;
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
 pub use inspect::{inspect, inspect_file, Policy, Report};
-pub use measure::{measure, Measure};
+pub use measure::{measure, Measure, Qcow2Geometry};
 pub use registry::{create, open, open_file, probe, OpenOptions, MAX_CHAIN_DEPTH};
 pub use vconvert_core::{Error, Format, ImageInfo, ImageReader, Options, Result};

@@ -396,18 +396,25 @@ impl vconvert_core::ImageWriter for CheckingWriter {
     fn place(&mut self, chunk: &vconvert_core::Chunk, encoded: u64) -> Result<()> {
         assert_eq!(encoded, chunk.offset, "encoding belongs to its chunk");
         assert_eq!(chunk.offset % self.chunk_size, 0);
-        assert!(self.last_offset.is_none_or(|l| l < chunk.offset), "chunks come in guest order");
+        assert!(
+            self.last_offset.is_none_or(|l| l < chunk.offset),
+            "chunks come in guest order"
+        );
         self.last_offset = Some(chunk.offset);
         let mut pos = chunk.offset;
         for r in &chunk.runs {
             assert_eq!(r.start, pos, "runs cover the chunk in order");
             pos += r.len;
             if !chunk.data.is_empty() && r.kind != vconvert_core::RunKind::Data {
-                assert!(vconvert_core::is_zero(chunk.bytes(r.start, r.len).unwrap()), "non-data run {r:?} is not zeros");
+                assert!(
+                    vconvert_core::is_zero(chunk.bytes(r.start, r.len).unwrap()),
+                    "non-data run {r:?} is not zeros"
+                );
             }
             if r.kind == vconvert_core::RunKind::Data {
                 let s = r.start as usize;
-                self.disk[s..s + r.len as usize].copy_from_slice(chunk.bytes(r.start, r.len).unwrap());
+                self.disk[s..s + r.len as usize]
+                    .copy_from_slice(chunk.bytes(r.start, r.len).unwrap());
             }
         }
         assert_eq!(pos, chunk.offset + chunk.len);

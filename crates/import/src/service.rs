@@ -610,7 +610,7 @@ impl Service {
         let stored_from: PathBuf = if declared == target {
             staging.to_path_buf()
         } else {
-            let need = vconvert_engine::measure(Some(src.as_ref()), 0, target)
+            let need = vconvert_engine::measure(Some(src.as_ref()), 0, target, &Options::new())
                 .map_err(|e| e.to_string())?;
             let db = &self.db;
             self.workspace.hold_wait(&format!("convert:{task_id}"), need.required, cancel, |used| {
