@@ -179,18 +179,34 @@ fn errors_are_clear_and_leave_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.raw"));
 
-    // A target whose directory cannot be written.
+    // A target whose directory cannot be written: mode 555, and for root (who ignores
+    // modes) the immutable attribute as well, where the filesystem has it.
     let ro = dir.path().join("ro");
     std::fs::create_dir(&ro).unwrap();
     let mut perm = std::fs::metadata(&ro).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o555);
     std::fs::set_permissions(&ro, perm).unwrap();
-    let root_bypasses = std::fs::File::create(ro.join("probe")).is_ok();
+    let immutable = Command::new("chattr")
+        .arg("+i")
+        .arg(&ro)
+        .status()
+        .is_ok_and(|st| st.success());
+    let writable = std::fs::File::create(ro.join("probe")).is_ok();
     let _ = std::fs::remove_file(ro.join("probe"));
-    if !root_bypasses {
+    if !writable {
         let out = vconvert(&["convert", s(&src), s(&ro.join("out.raw"))]);
         assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("out.raw") && err.contains("cannot create temporary file"),
+            "{err}"
+        );
         assert!(dir_entries(&ro).is_empty());
+    } else {
+        eprintln!("SKIPPED: read-only directory case (running as root without chattr +i)");
+    }
+    if immutable {
+        let _ = Command::new("chattr").arg("-i").arg(&ro).status();
     }
     // A target path through a regular file fails the same way for any user.
     let out = vconvert(&["convert", s(&src), s(&src.join("out.raw"))]);
