@@ -7,6 +7,7 @@ use vconvert_core::{
     Result,
 };
 use vconvert_raw::{RawReader, RawWriter};
+use vconvert_vdi::{VdiReader, VdiWriter};
 
 /// How deep a chain of backing images may be.
 pub const MAX_CHAIN_DEPTH: usize = 16;
@@ -155,6 +156,7 @@ fn open_with(
     };
     match format {
         Format::Raw => Ok(Box::new(RawReader::new(file))),
+        Format::Vdi => Ok(Box::new(VdiReader::open(file)?)),
         f => Err(Error::unsupported(
             file.name(),
             format!("reading {f} images (not implemented yet)"),
@@ -177,6 +179,7 @@ pub(crate) fn with_writer<J: WriterJob>(
 ) -> Result<()> {
     match format {
         Format::Raw => job.run(RawWriter::create(output, params, options)?),
+        Format::Vdi => job.run(VdiWriter::create(output, params, options)?),
         f => Err(Error::unsupported(
             output.target().display().to_string(),
             format!("writing {f} images (not implemented yet)"),

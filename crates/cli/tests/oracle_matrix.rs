@@ -1,0 +1,127 @@
+//! The oracle matrix: qemu-made images of every format and variant converted by
+//! `vconvert` to every writer variant, judged by `qemu-img compare` (content) and
+//! `qemu-img check` (metadata we write), then converted back to raw by `vconvert`.
+//! Also `info --output=json` of qemu-made images against qemu-img's, key by key.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use vconvert_testkit::{qemu, tempdir, Layout, Qemu};
+
+fn vconvert(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vconvert"))
+        .args(args)
+        .output()
+        .expect("run vconvert")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = vconvert(args);
+    assert!(
+        out.status.success(),
+        "vconvert {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Sources qemu makes: (format, qemu-img -o options, virtual size).
+const SOURCES: &[(&str, &str, u64)] = &[
+    ("raw", "", 9 << 20),
+    ("vdi", "", 9 << 20),
+    ("vdi", "static=on", 6 << 20),
+    ("vdi", "", (7 << 20) + 3584),
+];
+
+/// Targets vconvert writes: (format, -o options).
+const TARGETS: &[(&str, &str)] = &[("raw", ""), ("vdi", ""), ("vdi", "static=on")];
+
+/// Formats `qemu-img check` supports.
+fn checkable(format: &str) -> bool {
+    matches!(format, "qcow2" | "vdi" | "vmdk")
+}
+
+fn ext(format: &str) -> &str {
+    match format {
+        "vpc" => "vhd",
+        f => f,
+    }
+}
+
+fn build_source(q: &Qemu, dir: &Path, i: usize) -> (std::path::PathBuf, &'static str) {
+    let (fmt, opts, size) = SOURCES[i];
+    let path = dir.join(format!("src{i}.{}", ext(fmt)));
+    q.build(&Layout::random(size, 6, 100 + i as u64), fmt, opts, &path);
+    (path, fmt)
+}
+
+#[test]
+fn every_source_to_every_target_and_back() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    for (i, source) in SOURCES.iter().enumerate() {
+        let (src, sfmt) = build_source(&q, dir.path(), i);
+        for (j, &(tfmt, topts)) in TARGETS.iter().enumerate() {
+            let what = format!("{source:?} -> {tfmt} {topts}");
+            let out = dir.path().join(format!("out{i}-{j}.{}", ext(tfmt)));
+            let mut args = vec!["convert", "-f", sfmt, "-O", tfmt];
+            if !topts.is_empty() {
+                args.extend(["-o", topts]);
+            }
+            args.extend([s(&src), s(&out)]);
+            ok(&args);
+            assert_eq!(
+                q.compare(sfmt, &src, tfmt, &out),
+                0,
+                "{what}: content differs"
+            );
+            if checkable(tfmt) {
+                let (code, text) = q.check(tfmt, &out);
+                assert_eq!(code, 0, "{what}: qemu-img check: {text}");
+            }
+            // And back to raw through our reader of the target format.
+            let back = dir.path().join(format!("back{i}-{j}.raw"));
+            ok(&["convert", "-f", tfmt, "-O", "raw", s(&out), s(&back)]);
+            assert_eq!(
+                q.compare(sfmt, &src, "raw", &back),
+                0,
+                "{what}: back to raw differs"
+            );
+            std::fs::remove_file(&out).ok();
+            std::fs::remove_file(&back).ok();
+        }
+    }
+}
+
+/// Our `info --output=json` against qemu-img's: every key qemu prints must be there
+/// with the same value; `format-specific` is compared whole where qemu prints one.
+pub fn assert_info_matches(q: &Qemu, fmt: &str, path: &Path) {
+    let ours: serde_json::Value =
+        serde_json::from_slice(&ok(&["info", "--output=json", "-f", fmt, s(path)]).stdout).unwrap();
+    let theirs = q.info_json(Some(fmt), path);
+    let (o, t) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
+    for (k, v) in t {
+        assert_eq!(o.get(k), Some(v), "{fmt} {}: key {k}", path.display());
+    }
+    for k in o.keys() {
+        assert!(
+            t.contains_key(k) || k == "format-specific",
+            "{fmt} {}: extra key {k}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn info_json_matches_qemu_img_for_every_source() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    for i in 0..SOURCES.len() {
+        let (src, fmt) = build_source(&q, dir.path(), i);
+        assert_info_matches(&q, fmt, &src);
+    }
+}
