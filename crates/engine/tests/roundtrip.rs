@@ -3,7 +3,7 @@
 //! consistent block map, and the same bytes whatever the thread count.
 
 use proptest::prelude::*;
-use vconvert_core::{Format, ImageReader, Options};
+use vconvert_core::{Format, Options};
 use vconvert_engine::{convert, open, ConvertOptions, OpenOptions};
 use vconvert_testkit::{check_reader_consistency, read_all, tempdir, ModelImage};
 
