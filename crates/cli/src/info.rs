@@ -170,7 +170,13 @@ pub fn info(
                 vconvert_engine::MAX_CHAIN_DEPTH
             )));
         }
-        let info = vconvert_engine::open(&p, f, &options)?.info()?;
+        let img = vconvert_engine::open(&p, f, &options)?;
+        // What `--untrusted` would refuse (checksum mismatches and the like) is a
+        // warning here, on stderr so JSON on stdout stays parseable.
+        for finding in img.safety_findings() {
+            eprintln!("vconvert: warning: {}: {finding}", p.display());
+        }
+        let info = img.info()?;
         if backing_chain {
             if let Some(full) = info.full_backing_file.clone().or(info.backing_file.clone()) {
                 let bf = info.backing_format.as_deref().map(str::parse).transpose()?;

@@ -35,10 +35,22 @@ const SOURCES: &[(&str, &str, u64)] = &[
     ("vdi", "", 9 << 20),
     ("vdi", "static=on", 6 << 20),
     ("vdi", "", (7 << 20) + 3584),
+    ("vpc", "", 9 << 20),
+    ("vpc", "subformat=fixed", 5 << 20),
+    ("vpc", "force_size=on", (7 << 20) + 3584),
+    ("vpc", "subformat=fixed,force_size=on", 3 << 20),
 ];
 
 /// Targets vconvert writes: (format, -o options).
-const TARGETS: &[(&str, &str)] = &[("raw", ""), ("vdi", ""), ("vdi", "static=on")];
+const TARGETS: &[(&str, &str)] = &[
+    ("raw", ""),
+    ("vdi", ""),
+    ("vdi", "static=on"),
+    ("vpc", ""),
+    ("vpc", "subformat=fixed"),
+    ("vpc", "force_size=on"),
+    ("vpc", "subformat=fixed,azure=on"),
+];
 
 /// Formats `qemu-img check` supports.
 fn checkable(format: &str) -> bool {
@@ -91,6 +103,9 @@ fn every_source_to_every_target_and_back() {
                 0,
                 "{what}: back to raw differs"
             );
+            if tfmt == "vpc" {
+                assert_vpc_size(&q, topts, &out, &src, sfmt);
+            }
             std::fs::remove_file(&out).ok();
             std::fs::remove_file(&back).ok();
         }
@@ -124,4 +139,66 @@ fn info_json_matches_qemu_img_for_every_source() {
         let (src, fmt) = build_source(&q, dir.path(), i);
         assert_info_matches(&q, fmt, &src);
     }
+}
+
+/// A VHD we write has the size qemu-img gives the same request: rounded up to the CHS
+/// geometry, exact with `force_size`, a multiple of 1 MiB with `azure`; qemu reads it
+/// back at that size.
+fn assert_vpc_size(q: &Qemu, opts: &str, ours: &Path, src: &Path, sfmt: &str) {
+    let size = q.info_json(Some(sfmt), src)["virtual-size"]
+        .as_u64()
+        .unwrap();
+    let got = q.info_json(Some("vpc"), ours)["virtual-size"]
+        .as_u64()
+        .unwrap();
+    if opts.contains("azure") {
+        assert_eq!(got, size.div_ceil(1 << 20) << 20, "{opts}");
+        return;
+    }
+    let dir = tempdir();
+    let theirs = dir.path().join("q.vhd");
+    let qopts = if opts.is_empty() {
+        "subformat=dynamic"
+    } else {
+        opts
+    };
+    q.img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        qopts,
+        s(&theirs),
+        &size.to_string(),
+    ]);
+    let want = q.info_json(Some("vpc"), &theirs)["virtual-size"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(got, want, "vpc {opts} of a {size}-byte disk");
+}
+
+#[test]
+fn fixed_vhd_is_probed_without_f_unlike_qemu() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let src = dir.path().join("fixed.vhd");
+    q.build(
+        &Layout::random(3 << 20, 4, 9),
+        "vpc",
+        "subformat=fixed",
+        &src,
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&ok(&["info", "--output=json", s(&src)]).stdout).unwrap();
+    assert_eq!(info["format"], "vpc");
+    // qemu-img sees a raw file; -f vpc and -f raw both do what the user asked.
+    assert_eq!(q.info_json(None, &src)["format"], "raw");
+    let as_raw: serde_json::Value =
+        serde_json::from_slice(&ok(&["info", "--output=json", "-f", "raw", s(&src)]).stdout)
+            .unwrap();
+    assert_eq!(as_raw["format"], "raw");
+    let out = dir.path().join("out.raw");
+    ok(&["convert", "-O", "raw", s(&src), s(&out)]);
+    q.assert_same("vpc", &src, "raw", &out);
 }

@@ -8,6 +8,7 @@ use vconvert_core::{
 };
 use vconvert_raw::{RawReader, RawWriter};
 use vconvert_vdi::{VdiReader, VdiWriter};
+use vconvert_vpc::{VpcReader, VpcWriter};
 
 /// How deep a chain of backing images may be.
 pub const MAX_CHAIN_DEPTH: usize = 16;
@@ -148,7 +149,7 @@ pub fn open_file(
 fn open_with(
     file: ImageFile,
     format: Option<Format>,
-    _resolver: &dyn Resolver,
+    resolver: &dyn Resolver,
 ) -> Result<Box<dyn ImageReader>> {
     let format = match format {
         Some(f) => f,
@@ -157,6 +158,7 @@ fn open_with(
     match format {
         Format::Raw => Ok(Box::new(RawReader::new(file))),
         Format::Vdi => Ok(Box::new(VdiReader::open(file)?)),
+        Format::Vpc => Ok(Box::new(VpcReader::open(file, resolver)?)),
         f => Err(Error::unsupported(
             file.name(),
             format!("reading {f} images (not implemented yet)"),
@@ -180,6 +182,7 @@ pub(crate) fn with_writer<J: WriterJob>(
     match format {
         Format::Raw => job.run(RawWriter::create(output, params, options)?),
         Format::Vdi => job.run(VdiWriter::create(output, params, options)?),
+        Format::Vpc => job.run(VpcWriter::create(output, params, options)?),
         f => Err(Error::unsupported(
             output.target().display().to_string(),
             format!("writing {f} images (not implemented yet)"),
