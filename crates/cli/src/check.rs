@@ -107,6 +107,7 @@ pub fn check(
         format,
         &OpenOptions {
             allow_external_files,
+            allow_corrupt: true,
         },
     )?;
     let Some(report) = img.check() else {

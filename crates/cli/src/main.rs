@@ -97,6 +97,7 @@ fn measure(args: MeasureArgs) -> Result<()> {
                 format,
                 &OpenOptions {
                     allow_external_files: true,
+                    allow_corrupt: true,
                 },
             )?;
             vconvert_engine::measure(Some(src.as_ref()), 0, target, &options)?
@@ -253,9 +254,10 @@ struct CompareArgs {
 /// `compare`: qemu-img's messages and exit codes (0 identical, 1 different, 2 error).
 fn compare(args: CompareArgs) -> Result<u8> {
     use vconvert_engine::Comparison;
-    let _ = (args.progress, args.force_share, args.src_cache);
+    let _ = (args.progress, args.src_cache);
     let trusted = OpenOptions {
         allow_external_files: true,
+        allow_corrupt: args.force_share,
     };
     let fa = args.format_a.as_deref().map(parse_format).transpose()?;
     let fb = args.format_b.as_deref().map(parse_format).transpose()?;
@@ -363,6 +365,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         source_format,
         &OpenOptions {
             allow_external_files: !args.untrusted,
+            allow_corrupt: args.force_share && !args.untrusted,
         },
     )?;
     let cancel = CancelToken::new();

@@ -26,6 +26,27 @@ pub struct ImageInfo {
     pub full_backing_file: Option<String>,
     /// qemu-img's `format-specific` object (`{"type": ..., "data": {...}}`), if any.
     pub format_specific: Option<serde_json::Value>,
+    /// Internal snapshots (qcow2).
+    pub snapshots: Vec<SnapshotInfo>,
+}
+
+/// An internal snapshot as `info` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Snapshot id.
+    pub id: String,
+    /// Snapshot name (tag).
+    pub name: String,
+    /// Bytes of saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time: seconds since the Unix epoch.
+    pub date_sec: u64,
+    /// Creation time: nanoseconds.
+    pub date_nsec: u64,
+    /// Guest clock at the snapshot, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, when recorded.
+    pub icount: Option<u64>,
 }
 
 impl ImageInfo {
@@ -41,6 +62,7 @@ impl ImageInfo {
             backing_format: None,
             full_backing_file: None,
             format_specific: None,
+            snapshots: Vec::new(),
         }
     }
 }

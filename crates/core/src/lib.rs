@@ -27,6 +27,7 @@ pub use format::Format;
 pub use identity::Identity;
 pub use image::{
     CheckReport, Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind,
+    SnapshotInfo,
 };
 pub use options::{parse_size, Options};
 pub use output::Output;

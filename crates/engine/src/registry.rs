@@ -6,6 +6,7 @@ use vconvert_core::{
     CreateParams, Error, Format, ImageFile, ImageReader, ImageWriter, Options, Output, Resolver,
     Result,
 };
+use vconvert_qcow2::{Qcow2OpenOptions, Qcow2Reader};
 use vconvert_raw::{RawReader, RawWriter};
 use vconvert_vdi::{VdiReader, VdiWriter};
 use vconvert_vpc::{VpcReader, VpcWriter};
@@ -19,6 +20,9 @@ pub struct OpenOptions {
     /// Allow the image to make us open other files (backing files, extent files, data
     /// files). The CLI allows it like qemu-img; an import service must not.
     pub allow_external_files: bool,
+    /// Read images marked corrupt (a qcow2 corrupt bit), as qemu-img's `-U`-style
+    /// override; refused by default.
+    pub allow_corrupt: bool,
 }
 
 /// The engine's [`Resolver`]: applies [`OpenOptions`], limits chain depth to
@@ -81,7 +85,7 @@ impl Resolver for ChainResolver {
             options: self.options.clone(),
             chain,
         };
-        open_with(ImageFile::open(path)?, format, &inner)
+        open_with(ImageFile::open(path)?, format, &self.options, &inner)
     }
 
     fn open_file(&self, referrer: &ImageFile, path: &Path) -> Result<ImageFile> {
@@ -142,13 +146,14 @@ pub fn open_file(
         options: options.clone(),
         chain,
     };
-    open_with(file, format, &resolver)
+    open_with(file, format, options, &resolver)
 }
 
 /// Opens `file` with its format's reader; references go through `resolver`.
 fn open_with(
     file: ImageFile,
     format: Option<Format>,
+    options: &OpenOptions,
     resolver: &dyn Resolver,
 ) -> Result<Box<dyn ImageReader>> {
     let format = match format {
@@ -157,6 +162,13 @@ fn open_with(
     };
     match format {
         Format::Raw => Ok(Box::new(RawReader::new(file))),
+        Format::Qcow2 => Ok(Box::new(Qcow2Reader::open(
+            file,
+            resolver,
+            Qcow2OpenOptions {
+                allow_corrupt: options.allow_corrupt,
+            },
+        )?)),
         Format::Vdi => Ok(Box::new(VdiReader::open(file)?)),
         Format::Vpc => Ok(Box::new(VpcReader::open(file, resolver)?)),
         f => Err(Error::unsupported(

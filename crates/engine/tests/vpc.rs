@@ -175,6 +175,7 @@ fn differencing_disk_reads_its_parent_only_when_allowed() {
         None,
         &OpenOptions {
             allow_external_files: true,
+            ..OpenOptions::default()
         },
     )
     .unwrap();

@@ -1,0 +1,262 @@
+//! `check`: the refcounts every cluster should have (from the header, L1/L2 tables,
+//! refcount structures and snapshots) against the refcounts stored, as qemu-img check
+//! counts them: stored below referenced is a corruption, above is a leak.
+
+use std::collections::HashMap;
+
+use vconvert_core::{CheckReport, Result};
+
+use crate::header::incompatible;
+use crate::l2::{decode, ClusterMapping, COPIED, OFFSET_MASK};
+use crate::reader::Qcow2Reader;
+
+/// Most host clusters we count (a larger file is refused by `check`).
+const MAX_CLUSTERS: u64 = 1 << 28;
+
+struct Counter {
+    cluster_bits: u32,
+    refs: Vec<u16>,
+    report: CheckReport,
+}
+
+impl Counter {
+    /// Counts one reference to every cluster that `[offset, offset + len)` touches.
+    fn inc(&mut self, offset: u64, len: u64, what: &str) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        for c in first..=last {
+            match self.refs.get_mut(c as usize) {
+                Some(r) => *r = r.saturating_add(1),
+                None => self.report.corruptions.push(format!(
+                    "{what} at {offset:#x} lies past the end of the file"
+                )),
+            }
+        }
+    }
+}
+
+/// Checks `r`'s metadata.
+pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
+    let h = r.header();
+    let file = r.file();
+    let cs = h.cluster_size();
+    let nclusters = file.len().div_ceil(cs);
+    if nclusters > MAX_CLUSTERS {
+        return Err(vconvert_core::Error::unsupported(
+            file.name(),
+            format!("checking images of more than {MAX_CLUSTERS} clusters"),
+        ));
+    }
+    let mut c = Counter {
+        cluster_bits: h.cluster_bits,
+        refs: vec![0; nclusters as usize],
+        report: CheckReport::default(),
+    };
+    c.inc(0, cs, "header");
+    c.inc(h.l1_table_offset, 8 * u64::from(h.l1_size), "L1 table");
+    c.inc(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        "refcount table",
+    );
+    let snapshots_len: u64 = r.snapshots().iter().map(|s| s.entry_len).sum();
+    c.inc(h.snapshots_offset, snapshots_len, "snapshot table");
+
+    let mut total = 0u64;
+    let mut allocated = 0u64;
+    let mut fragmented = 0u64;
+    let mut compressed = 0u64;
+    let mut next_contiguous;
+    let guest_clusters = h.size.div_ceil(cs);
+    let own_data = r.data_file().is_none();
+
+    // Active L1 (with fragmentation statistics), then every snapshot's.
+    let mut l1s: Vec<(Vec<u64>, bool)> = vec![(r.l1_raw().to_vec(), true)];
+    for s in r.snapshots() {
+        let raw = file.read_vec(
+            s.l1_table_offset,
+            8 * u64::from(s.l1_size),
+            crate::header::MAX_L1_BYTES,
+            "snapshot L1 table",
+        )?;
+        c.inc(s.l1_table_offset, raw.len() as u64, "snapshot L1 table");
+        let words = raw
+            .chunks_exact(8)
+            .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        l1s.push((words, false));
+    }
+    let mut copied_checks: Vec<(u64, bool, String)> = Vec::new();
+    for (l1, active) in &l1s {
+        for (i, &e) in l1.iter().enumerate() {
+            let l2_off = e & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if l2_off % cs != 0 || l2_off >= file.len() {
+                c.report.corruptions.push(format!(
+                    "L1 entry {i}: L2 table offset {l2_off:#x} is invalid"
+                ));
+                continue;
+            }
+            c.inc(l2_off, cs, "L2 table");
+            if *active {
+                copied_checks.push((l2_off, e & COPIED != 0, format!("L2 table at {l2_off:#x}")));
+            }
+            let table = r.l2_table(l2_off)?;
+            // qemu counts fragmentation within each L2 table.
+            next_contiguous = 0;
+            let step = if h.extended_l2() { 2 } else { 1 };
+            for (j, w) in table.chunks(step).enumerate() {
+                let guest = (i as u64 * h.l2_entries() + j as u64) * cs;
+                if guest >= h.size {
+                    break;
+                }
+                let bitmap = if h.extended_l2() {
+                    w.get(1).copied()
+                } else {
+                    None
+                };
+                let entry = w.first().copied().unwrap_or(0);
+                let m = match decode(entry, bitmap, h.cluster_bits, h.version, !own_data) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        c.report
+                            .corruptions
+                            .push(format!("L2 table at {l2_off:#x}, entry {j}: {}", e.0));
+                        continue;
+                    }
+                };
+                let host = match m {
+                    ClusterMapping::Compressed { host, len } => {
+                        c.inc(host, len, "compressed cluster");
+                        if *active {
+                            allocated += 1;
+                            compressed += 1;
+                            fragmented += 1;
+                        }
+                        continue;
+                    }
+                    ClusterMapping::Data { host } => host,
+                    ClusterMapping::Zero | ClusterMapping::Subclusters { .. }
+                        if entry & OFFSET_MASK != 0 =>
+                    {
+                        entry & OFFSET_MASK
+                    }
+                    _ => continue,
+                };
+                if own_data {
+                    c.inc(host, cs, "data cluster");
+                }
+                if *active {
+                    allocated += 1;
+                    // qemu's rule: a cluster not right after the previous one of the
+                    // same L2 table is fragmented.
+                    if next_contiguous != 0 && host != next_contiguous {
+                        fragmented += 1;
+                    }
+                    next_contiguous = host + cs;
+                    if own_data {
+                        copied_checks.push((
+                            host,
+                            entry & COPIED != 0,
+                            format!("data cluster at {host:#x} (guest {guest:#x})"),
+                        ));
+                    }
+                }
+            }
+        }
+        if *active {
+            total = guest_clusters;
+        }
+    }
+
+    // The refcount structures themselves, and the refcounts they store.
+    let rt = file.read_vec(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        crate::header::MAX_REFTABLE_BYTES,
+        "refcount table",
+    )?;
+    let rt: Vec<u64> = rt
+        .chunks_exact(8)
+        .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+        .collect();
+    let bits = u64::from(h.refcount_bits());
+    let per_block = cs * 8 / bits;
+    let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();
+    for (i, &e) in rt.iter().enumerate() {
+        let off = e & !511;
+        if off == 0 {
+            continue;
+        }
+        if off % cs != 0 || off + cs > file.len() {
+            c.report.corruptions.push(format!(
+                "refcount block {i} at {off:#x} is outside the image"
+            ));
+            continue;
+        }
+        c.inc(off, cs, "refcount block");
+        blocks.insert(i as u64, file.read_vec(off, cs, cs, "refcount block")?);
+    }
+    let stored = |cluster: u64| -> u64 {
+        let Some(b) = blocks.get(&(cluster / per_block)) else {
+            return 0;
+        };
+        let idx = cluster % per_block;
+        let bit = idx * bits;
+        if bits < 8 {
+            let byte = b.get((bit / 8) as usize).copied().unwrap_or(0);
+            u64::from(byte >> (bit % 8)) & ((1 << bits) - 1)
+        } else {
+            let n = (bits / 8) as usize;
+            let s = (bit / 8) as usize;
+            b.get(s..s + n)
+                .map(|x| x.iter().fold(0u64, |acc, &v| (acc << 8) | u64::from(v)))
+                .unwrap_or(0)
+        }
+    };
+    let dirty = h.incompatible_features & incompatible::DIRTY != 0;
+    let mut highest = 0u64;
+    let mut leaked = 0u64;
+    for (i, &refs) in c.refs.iter().enumerate() {
+        let i = i as u64;
+        let refs = u64::from(refs);
+        let have = stored(i);
+        if refs > 0 {
+            highest = i + 1;
+        }
+        if have < refs {
+            c.report.corruptions.push(format!(
+                "cluster {i}: refcount {have} but {refs} references"
+            ));
+        } else if have > refs {
+            leaked += 1;
+            c.report.leaks.push(format!(
+                "cluster {i}: refcount {have} but {refs} references (leaked)"
+            ));
+        }
+    }
+    if !dirty {
+        for (host, copied, what) in copied_checks {
+            let rc = stored(host / cs);
+            if (rc == 1) != copied {
+                c.report.corruptions.push(format!(
+                    "{what}: COPIED flag is {} but the refcount is {rc}",
+                    if copied { "set" } else { "clear" }
+                ));
+            }
+        }
+    }
+    let mut report = c.report;
+    report.leaked_clusters = leaked;
+    report.image_end_offset = Some(highest * cs);
+    report.total_clusters = Some(total.max(guest_clusters));
+    report.allocated_clusters = Some(allocated);
+    report.fragmented_clusters = Some(fragmented);
+    report.compressed_clusters = Some(compressed);
+    Ok(report)
+}

@@ -1,0 +1,25 @@
+//! qcow2 images (QEMU copy-on-write v2 and v3).
+//!
+//! This crate owns the qcow2 on-disk structures of QEMU's `docs/interop/qcow2.txt`: the
+//! [`Qcow2Header`] and its extensions, L1/L2 table entries (standard and extended, in
+//! [`l2`]), compressed cluster descriptors and their deflate/zstd streams, refcount
+//! tables and blocks, the snapshot table; the [`Qcow2Reader`] (every variant qemu writes,
+//! backing chains and external data files through the caller's resolver), `check`
+//! (refcounts recomputed from the tables, as qemu-img counts them) and the
+//! [`Qcow2Writer`] (v2/v3, qemu-img's create options, clusters compressed in parallel
+//! and placed in guest order).
+
+mod check;
+pub mod compressed;
+mod header;
+pub mod l2;
+mod reader;
+mod snapshot;
+mod writer;
+
+pub use header::{
+    autoclear, compatible, extension, incompatible, CompressionType, FeatureName, Qcow2Header,
+};
+pub use reader::{L1Table, Qcow2OpenOptions, Qcow2Reader};
+pub use snapshot::Snapshot;
+pub use writer::Qcow2Writer;

@@ -1,0 +1,504 @@
+//! Reading qcow2 images.
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Map, Value};
+use vconvert_core::{
+    overlay_block_map, read_backing, relative_to, BlockMap, CheckReport, Error, ExtentKind, Format,
+    ImageFile, ImageInfo, ImageReader, Location, Resolver, Result,
+};
+
+use crate::compressed::decompress;
+use crate::header::{autoclear, compatible, incompatible, Qcow2Header};
+use crate::l2::{decode, ClusterMapping, OFFSET_MASK, SUBCLUSTERS};
+use crate::snapshot::Snapshot;
+
+/// How many bytes of L2 tables a reader keeps in memory.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// How a qcow2 image is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Qcow2OpenOptions {
+    /// Read an image whose corrupt bit is set (qemu-img's `-U`-style override).
+    pub allow_corrupt: bool,
+}
+
+/// L2 tables recently read, keyed by host offset (oldest evicted first).
+#[derive(Debug, Default)]
+struct L2Cache {
+    tables: HashMap<u64, Arc<Vec<u64>>>,
+    order: VecDeque<u64>,
+    bytes: u64,
+}
+
+/// The L1 table: host offsets of L2 tables (0: none), and the raw entries.
+#[derive(Debug)]
+pub struct L1Table {
+    entries: Vec<u64>,
+    raw: Vec<u64>,
+}
+
+/// A qcow2 image opened for reading.
+pub struct Qcow2Reader {
+    file: ImageFile,
+    data_file: Option<ImageFile>,
+    header: Qcow2Header,
+    l1: L1Table,
+    backing: Option<Box<dyn ImageReader>>,
+    backing_full: Option<String>,
+    snapshots: Vec<Snapshot>,
+    cache: Mutex<L2Cache>,
+}
+
+impl std::fmt::Debug for Qcow2Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Reader")
+            .field("file", &self.file.name())
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+impl Qcow2Reader {
+    /// Opens `file`; backing images and the external data file go through `resolver`.
+    pub fn open(file: ImageFile, resolver: &dyn Resolver, opts: Qcow2OpenOptions) -> Result<Self> {
+        let header = Qcow2Header::read(&file)?;
+        if header.incompatible_features & incompatible::CORRUPT != 0 && !opts.allow_corrupt {
+            return Err(Error::Refused {
+                file: file.name().to_string(),
+                reason: "the image's corrupt bit is set (qemu-img check -r all can repair it; \
+                         pass -U to read it anyway)"
+                    .into(),
+            });
+        }
+        let cs = header.cluster_size();
+        let raw = file.read_vec(
+            header.l1_table_offset,
+            8 * u64::from(header.l1_size),
+            crate::header::MAX_L1_BYTES,
+            "L1 table",
+        )?;
+        let mut entries = Vec::with_capacity(header.l1_size as usize);
+        let mut raw_entries = Vec::with_capacity(header.l1_size as usize);
+        for (i, w) in raw.chunks_exact(8).enumerate() {
+            let e = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            let off = e & OFFSET_MASK;
+            let at = header.l1_table_offset + 8 * i as u64;
+            if off != 0 {
+                if off % cs != 0 || off < cs {
+                    return Err(file.corrupt(
+                        "L1 table",
+                        at,
+                        format!(
+                            "entry {i}: L2 table offset {off:#x} is not a cluster after the header"
+                        ),
+                    ));
+                }
+                if off >= file.len() {
+                    return Err(file.corrupt(
+                        "L1 table",
+                        at,
+                        format!("entry {i}: L2 table at {off:#x} lies past the end of the file"),
+                    ));
+                }
+            }
+            entries.push(off);
+            raw_entries.push(e);
+        }
+        let data_file = if header.incompatible_features & incompatible::DATA_FILE != 0 {
+            let name = header.data_file.clone().unwrap_or_default();
+            Some(resolver.open_file(&file, &relative_to(file.path(), &name))?)
+        } else {
+            None
+        };
+        let snapshots = Snapshot::read_table(&file, &header)?;
+        let mut reader = Qcow2Reader {
+            file,
+            data_file,
+            header,
+            l1: L1Table {
+                entries,
+                raw: raw_entries,
+            },
+            backing: None,
+            backing_full: None,
+            snapshots,
+            cache: Mutex::new(L2Cache::default()),
+        };
+        if let Some(name) = reader.header.backing_file.clone() {
+            reader.open_backing(&name, resolver)?;
+        }
+        Ok(reader)
+    }
+
+    fn open_backing(&mut self, name: &str, resolver: &dyn Resolver) -> Result<()> {
+        if name.starts_with("json:") {
+            return Err(Error::unsupported(
+                self.file.name(),
+                format!("backing file names in json: syntax ('{name}')"),
+            ));
+        }
+        let format = match self.header.backing_format.as_deref() {
+            None => None,
+            Some(f) => Some(f.parse::<Format>().map_err(|_| {
+                Error::unsupported(self.file.name(), format!("backing format '{f}'"))
+            })?),
+        };
+        let path = relative_to(self.file.path(), name);
+        let backing = resolver.open_image(&self.file, &path, format)?;
+        self.backing_full = Some(path.display().to_string());
+        self.backing = Some(backing);
+        Ok(())
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Qcow2Header {
+        &self.header
+    }
+
+    /// The image file.
+    pub fn file(&self) -> &ImageFile {
+        &self.file
+    }
+
+    /// Internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// The L1 entries (host offsets of L2 tables).
+    pub fn l1_entries(&self) -> &[u64] {
+        &self.l1.entries
+    }
+
+    /// The L1 entries as stored (with flags).
+    pub fn l1_raw(&self) -> &[u64] {
+        &self.l1.raw
+    }
+
+    /// The external data file, if any.
+    pub fn data_file(&self) -> Option<&ImageFile> {
+        self.data_file.as_ref()
+    }
+
+    /// Reads the L2 table at `offset` (words: one per standard entry, two per extended).
+    pub fn l2_table(&self, offset: u64) -> Result<Arc<Vec<u64>>> {
+        if let Ok(c) = self.cache.lock() {
+            if let Some(t) = c.tables.get(&offset) {
+                return Ok(t.clone());
+            }
+        }
+        let cs = self.header.cluster_size();
+        let n = cs.min(self.file.len().saturating_sub(offset));
+        let mut raw = vec![0u8; cs as usize];
+        self.file
+            .read_exact_at(&mut raw[..n as usize], offset, "L2 table")?;
+        let words: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
+            .collect();
+        let table = Arc::new(words);
+        if let Ok(mut c) = self.cache.lock() {
+            while c.bytes + cs > L2_CACHE_BYTES {
+                match c.order.pop_front() {
+                    Some(old) => {
+                        c.tables.remove(&old);
+                        c.bytes -= cs;
+                    }
+                    None => break,
+                }
+            }
+            if c.tables.insert(offset, table.clone()).is_none() {
+                c.order.push_back(offset);
+                c.bytes += cs;
+            }
+        }
+        Ok(table)
+    }
+
+    /// The mapping of guest cluster `cluster` (with the L2 table already in hand).
+    fn mapping(&self, table: &[u64], l1_index: u64, index: u64) -> Result<ClusterMapping> {
+        let (entry, bitmap) = if self.header.extended_l2() {
+            let i = 2 * index as usize;
+            (
+                table.get(i).copied().unwrap_or(0),
+                Some(table.get(i + 1).copied().unwrap_or(0)),
+            )
+        } else {
+            (table.get(index as usize).copied().unwrap_or(0), None)
+        };
+        let l2_off = self.l1.entries.get(l1_index as usize).copied().unwrap_or(0);
+        let external = self.data_file.is_some();
+        decode(
+            entry,
+            bitmap,
+            self.header.cluster_bits,
+            self.header.version,
+            external,
+        )
+        .map_err(|e| {
+            self.file.corrupt(
+                "L2 table",
+                l2_off + index * self.header.l2_entry_size(),
+                format!("entry {index}: {}", e.0),
+            )
+        })
+    }
+
+    fn data_location(&self, host: u64) -> Location {
+        Location::File {
+            file: u32::from(self.data_file.is_some()),
+            offset: host,
+        }
+    }
+
+    fn check_range(&self, range: &Range<u64>) -> Result<()> {
+        if range.start > range.end || range.end > self.header.size {
+            return Err(Error::invalid(format!(
+                "{}: range {:#x}..{:#x} is outside the virtual disk ({} bytes)",
+                self.file.name(),
+                range.start,
+                range.end,
+                self.header.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The map of `range` in this image alone (unallocated where a backing image shows).
+    fn own_map(&self, range: Range<u64>) -> Result<BlockMap> {
+        let cs = self.header.cluster_size();
+        let per_l2 = cs * self.header.l2_entries();
+        let sc = cs / SUBCLUSTERS;
+        let mut map = BlockMap::new(range.start);
+        let mut pos = range.start;
+        while pos < range.end {
+            let l1_index = pos / per_l2;
+            let l2_end = ((l1_index + 1) * per_l2).min(range.end);
+            let l2_off = self.l1.entries.get(l1_index as usize).copied().unwrap_or(0);
+            if l2_off == 0 {
+                map.push(l2_end - pos, ExtentKind::Unallocated);
+                pos = l2_end;
+                continue;
+            }
+            let table = self.l2_table(l2_off)?;
+            while pos < l2_end {
+                let cluster_start = pos / cs * cs;
+                let cluster_end = (cluster_start + cs).min(l2_end);
+                let index = (pos % per_l2) / cs;
+                match self.mapping(&table, l1_index, index)? {
+                    ClusterMapping::Unallocated => {
+                        map.push(cluster_end - pos, ExtentKind::Unallocated)
+                    }
+                    ClusterMapping::Zero => map.push(cluster_end - pos, ExtentKind::Zero),
+                    ClusterMapping::Data { host } => {
+                        self.check_host(host, l2_off, index)?;
+                        map.push(
+                            cluster_end - pos,
+                            ExtentKind::Data(self.data_location(host + (pos - cluster_start))),
+                        )
+                    }
+                    ClusterMapping::Compressed { host, .. } => {
+                        if self.data_file.is_some() || host >= self.file.len() {
+                            return Err(self.file.corrupt(
+                                "L2 table",
+                                l2_off + index * self.header.l2_entry_size(),
+                                format!("compressed cluster at {host:#x} is invalid here"),
+                            ));
+                        }
+                        map.push(
+                            cluster_end - pos,
+                            ExtentKind::Data(Location::Compressed {
+                                file: 0,
+                                offset: host,
+                            }),
+                        )
+                    }
+                    ClusterMapping::Subclusters { host, alloc, zero } => {
+                        if host != 0 {
+                            self.check_host(host, l2_off, index)?;
+                        }
+                        while pos < cluster_end {
+                            let i = (pos - cluster_start) / sc;
+                            let end = (cluster_start + (i + 1) * sc).min(cluster_end);
+                            let kind = if alloc & (1 << i) != 0 {
+                                ExtentKind::Data(self.data_location(host + (pos - cluster_start)))
+                            } else if zero & (1 << i) != 0 {
+                                ExtentKind::Zero
+                            } else {
+                                ExtentKind::Unallocated
+                            };
+                            map.push(end - pos, kind);
+                            pos = end;
+                        }
+                    }
+                }
+                pos = cluster_end;
+            }
+        }
+        Ok(map)
+    }
+
+    fn check_host(&self, host: u64, l2_off: u64, index: u64) -> Result<()> {
+        let len = self.data_file.as_ref().unwrap_or(&self.file).len();
+        if host >= len && self.data_file.is_none() {
+            return Err(self.file.corrupt(
+                "L2 table",
+                l2_off + index * self.header.l2_entry_size(),
+                format!("entry {index}: data cluster at {host:#x} lies past the end of the file"),
+            ));
+        }
+        if self.data_file.is_none() && host < self.header.cluster_size() {
+            return Err(self.file.corrupt(
+                "L2 table",
+                l2_off + index * self.header.l2_entry_size(),
+                format!("entry {index}: data cluster at {host:#x} overlaps the header"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decompresses the cluster whose compressed stream starts at `host`.
+    fn read_compressed(&self, guest_cluster: u64, host: u64, out: &mut [u8]) -> Result<()> {
+        let cs = self.header.cluster_size();
+        let per_l2 = cs * self.header.l2_entries();
+        let l1_index = guest_cluster / per_l2;
+        let l2_off = self.l1.entries.get(l1_index as usize).copied().unwrap_or(0);
+        let table = self.l2_table(l2_off)?;
+        let index = (guest_cluster % per_l2) / cs;
+        let ClusterMapping::Compressed { len, .. } = self.mapping(&table, l1_index, index)? else {
+            return Err(Error::invalid(
+                "compressed cluster changed under the reader",
+            ));
+        };
+        let avail = len.min(self.file.len().saturating_sub(host));
+        let src = self
+            .file
+            .read_vec(host, avail, 2 * cs + 512, "compressed cluster")?;
+        decompress(self.header.compression_type, &src, out)
+            .map_err(|reason| self.file.corrupt("compressed cluster", host, reason))
+    }
+
+    /// Reads plain data at `host` of the image (or its data file), zero-filling what
+    /// lies past the end of the file (qemu's files need not end on a cluster boundary).
+    fn read_host(&self, file_index: u32, out: &mut [u8], host: u64) -> Result<()> {
+        let f = match (file_index, &self.data_file) {
+            (1, Some(d)) => d,
+            _ => &self.file,
+        };
+        let n = f.len().saturating_sub(host).min(out.len() as u64) as usize;
+        let (head, tail) = out.split_at_mut(n);
+        f.read_exact_at(head, host, "data cluster")?;
+        tail.fill(0);
+        Ok(())
+    }
+}
+
+impl ImageReader for Qcow2Reader {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn block_map(&self, range: Range<u64>) -> Result<BlockMap> {
+        self.check_range(&range)?;
+        let own = self.own_map(range)?;
+        match &self.backing {
+            Some(b) => overlay_block_map(&own, b.as_ref()),
+            None => Ok(own),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| Error::invalid("read range overflows"))?;
+        self.check_range(&(offset..end))?;
+        let cs = self.header.cluster_size();
+        let map = self.own_map(offset..end)?;
+        let mut cluster_buf: Vec<u8> = Vec::new();
+        for e in map.extents() {
+            let s = (e.start - offset) as usize;
+            let out = &mut buf[s..s + e.len as usize];
+            match e.kind {
+                ExtentKind::Data(Location::File { file, offset: host }) => {
+                    self.read_host(file, out, host)?
+                }
+                ExtentKind::Data(Location::Compressed { offset: host, .. }) => {
+                    let cluster = e.start / cs * cs;
+                    cluster_buf.resize(cs as usize, 0);
+                    self.read_compressed(cluster, host, &mut cluster_buf)?;
+                    let from = (e.start - cluster) as usize;
+                    out.copy_from_slice(&cluster_buf[from..from + out.len()]);
+                }
+                ExtentKind::Unallocated => match &self.backing {
+                    Some(b) => read_backing(b.as_ref(), out, e.start)?,
+                    None => out.fill(0),
+                },
+                _ => out.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> Result<ImageInfo> {
+        let h = &self.header;
+        let mut info = ImageInfo::new(Format::Qcow2, h.size);
+        info.actual_size = self.file.allocated_bytes();
+        info.cluster_size = Some(h.cluster_size());
+        info.dirty = h.incompatible_features & incompatible::DIRTY != 0;
+        info.backing_file = h.backing_file.clone();
+        info.backing_format = h.backing_format.clone();
+        info.full_backing_file = self.backing_full.clone().or_else(|| {
+            h.backing_file
+                .as_ref()
+                .map(|b| relative_to(self.file.path(), b).display().to_string())
+        });
+        info.snapshots = self.snapshots.iter().map(|s| s.info.clone()).collect();
+        let mut data = Map::new();
+        if h.version == 2 {
+            data.insert("compat".into(), json!("0.10"));
+            data.insert("compression-type".into(), json!(h.compression_type.name()));
+            data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        } else {
+            data.insert("compat".into(), json!("1.1"));
+            data.insert("compression-type".into(), json!(h.compression_type.name()));
+            data.insert(
+                "lazy-refcounts".into(),
+                json!(h.compatible_features & compatible::LAZY_REFCOUNTS != 0),
+            );
+            data.insert("refcount-bits".into(), json!(h.refcount_bits()));
+            if let Some(df) = &h.data_file {
+                data.insert("data-file".into(), json!(df));
+                data.insert(
+                    "data-file-raw".into(),
+                    json!(h.autoclear_features & autoclear::DATA_FILE_RAW != 0),
+                );
+            }
+            data.insert(
+                "corrupt".into(),
+                json!(h.incompatible_features & incompatible::CORRUPT != 0),
+            );
+            data.insert("extended-l2".into(), json!(h.extended_l2()));
+        }
+        info.format_specific = Some(json!({"type": "qcow2", "data": Value::Object(data)}));
+        Ok(info)
+    }
+
+    fn safety_findings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.header.incompatible_features & incompatible::CORRUPT != 0 {
+            out.push("the qcow2 corrupt bit is set".to_string());
+        }
+        out
+    }
+
+    fn check(&self) -> Option<Result<CheckReport>> {
+        Some(crate::check::check(self))
+    }
+}

@@ -1,0 +1,90 @@
+//! The snapshot table (qcow2.txt, "Snapshots"): listed by `info`; their L1 tables are
+//! followed by `check`.
+
+use vconvert_core::{ImageFile, Result, SnapshotInfo};
+
+use crate::header::Qcow2Header;
+
+/// Largest extra data qemu writes per snapshot.
+const MAX_EXTRA_DATA: u32 = 1024;
+
+/// One internal snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Offset of the snapshot's L1 table.
+    pub l1_table_offset: u64,
+    /// Entries in the snapshot's L1 table.
+    pub l1_size: u32,
+    /// What `info` shows.
+    pub info: SnapshotInfo,
+    /// Bytes the entry takes in the table (padded to 8).
+    pub entry_len: u64,
+}
+
+fn be16(b: &[u8], o: usize) -> u16 {
+    u16::from_be_bytes([b[o], b[o + 1]])
+}
+fn be32(b: &[u8], o: usize) -> u32 {
+    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+fn be64(b: &[u8], o: usize) -> u64 {
+    (u64::from(be32(b, o)) << 32) | u64::from(be32(b, o + 4))
+}
+
+impl Snapshot {
+    /// Reads the snapshot table of `file`.
+    pub fn read_table(file: &ImageFile, h: &Qcow2Header) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        let mut pos = h.snapshots_offset;
+        for i in 0..h.nb_snapshots {
+            let mut fixed = [0u8; 40];
+            file.read_exact_at(&mut fixed, pos, "qcow2 snapshot table")?;
+            let id_len = u64::from(be16(&fixed, 12));
+            let name_len = u64::from(be16(&fixed, 14));
+            let extra_len = be32(&fixed, 36);
+            if extra_len > MAX_EXTRA_DATA {
+                return Err(file.corrupt(
+                    "qcow2 snapshot table",
+                    pos + 36,
+                    format!(
+                        "snapshot {i}: {extra_len} bytes of extra data (at most {MAX_EXTRA_DATA})"
+                    ),
+                ));
+            }
+            let rest_len = u64::from(extra_len) + id_len + name_len;
+            let rest = file.read_vec(pos + 40, rest_len, 1 << 20, "qcow2 snapshot table")?;
+            let extra = &rest[..extra_len as usize];
+            let id = String::from_utf8_lossy(&rest[extra_len as usize..][..id_len as usize]);
+            let name = String::from_utf8_lossy(&rest[(extra_len as u64 + id_len) as usize..]);
+            let l1_size = be32(&fixed, 8);
+            let l1_table_offset = be64(&fixed, 0);
+            let vm_state_size = if extra.len() >= 8 {
+                be64(extra, 0)
+            } else {
+                u64::from(be32(&fixed, 32))
+            };
+            let icount = if extra.len() >= 24 {
+                Some(be64(extra, 16)).filter(|&c| c != u64::MAX)
+            } else {
+                None
+            };
+            let entry_len = (40 + rest_len).div_ceil(8) * 8;
+            out.push(Snapshot {
+                l1_table_offset,
+                l1_size,
+                info: SnapshotInfo {
+                    id: id.into_owned(),
+                    name: name.into_owned(),
+                    vm_state_size,
+                    date_sec: be32(&fixed, 16).into(),
+                    date_nsec: be32(&fixed, 20).into(),
+                    vm_clock_nsec: be64(&fixed, 24),
+                    icount,
+                },
+                entry_len,
+            });
+            pos += entry_len;
+        }
+        Ok(out)
+    }
+}
