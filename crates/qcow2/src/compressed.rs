@@ -125,8 +125,14 @@ mod tests {
             assert_eq!(back, src);
             let mut short = vec![0u8; src.len() + 1];
             assert!(decompress(kind, &out, &mut short).is_err());
-            let noise: Vec<u8> = (0..4096u64)
-                .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let noise: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
                 .collect();
             assert!(!c.compress(&noise, &mut out).unwrap());
         }
