@@ -6,7 +6,7 @@ use vconvert_core::{
     CreateParams, Error, Format, ImageFile, ImageReader, ImageWriter, Options, Output, Resolver,
     Result,
 };
-use vconvert_qcow2::{Qcow2OpenOptions, Qcow2Reader};
+use vconvert_qcow2::{Qcow2OpenOptions, Qcow2Reader, Qcow2Writer};
 use vconvert_raw::{RawReader, RawWriter};
 use vconvert_vdi::{VdiReader, VdiWriter};
 use vconvert_vpc::{VpcReader, VpcWriter};
@@ -193,6 +193,7 @@ pub(crate) fn with_writer<J: WriterJob>(
 ) -> Result<()> {
     match format {
         Format::Raw => job.run(RawWriter::create(output, params, options)?),
+        Format::Qcow2 => job.run(Qcow2Writer::create(output, params, options)?),
         Format::Vdi => job.run(VdiWriter::create(output, params, options)?),
         Format::Vpc => job.run(VpcWriter::create(output, params, options)?),
         f => Err(Error::unsupported(

@@ -7,12 +7,26 @@ use vconvert_core::{Format, Options};
 use vconvert_engine::{convert, open, ConvertOptions, OpenOptions};
 use vconvert_testkit::{check_reader_consistency, read_all, tempdir, ModelImage};
 
-/// The writer variants under test: format and `-o` options.
-const VARIANTS: &[(Format, &str)] = &[(Format::Vdi, ""), (Format::Vdi, "static=on")];
+/// The writer variants under test: format and `-o` options; a leading `-c,` asks for
+/// compression.
+const VARIANTS: &[(Format, &str)] = &[
+    (Format::Vdi, ""),
+    (Format::Vdi, "static=on"),
+    (Format::Vpc, ""),
+    (Format::Vpc, "subformat=fixed"),
+    (Format::Vpc, "force_size=on"),
+    (Format::Qcow2, ""),
+    (Format::Qcow2, "compat=0.10,cluster_size=512"),
+    (Format::Qcow2, "extended_l2=on,cluster_size=16k"),
+    (Format::Qcow2, "refcount_bits=1,preallocation=metadata"),
+    (Format::Qcow2, "-c"),
+    (Format::Qcow2, "-c,compression_type=zstd,cluster_size=4k"),
+];
 
-fn opts(threads: usize) -> ConvertOptions<'static> {
+fn opts(threads: usize, compress: bool) -> ConvertOptions<'static> {
     ConvertOptions {
         threads,
+        compress,
         mem_per_thread: 1 << 20,
         identity_seed: Some(7),
         ..ConvertOptions::default()
@@ -23,12 +37,16 @@ fn opts(threads: usize) -> ConvertOptions<'static> {
 fn round_trip(model: &ModelImage, format: Format, options: &str, threads: usize) -> Vec<u8> {
     let dir = tempdir();
     let out = dir.path().join("out.img");
+    let (compress, o) = match options.strip_prefix("-c") {
+        Some(rest) => (true, rest.trim_start_matches(',')),
+        None => (false, options),
+    };
     convert(
         model,
         &out,
         format,
-        Options::parse(options).unwrap(),
-        &opts(threads),
+        Options::parse(o).unwrap(),
+        &opts(threads, compress),
     )
     .unwrap_or_else(|e| panic!("convert to {format} {options}: {e}"));
     let back = open(&out, Some(format), &OpenOptions::default()).unwrap();

@@ -79,17 +79,16 @@ impl Compressor {
         match self.kind {
             CompressionType::Zlib => {
                 self.deflate.reset();
-                // Room for exactly `limit` bytes: a stream that does not finish in it is
-                // no gain.
-                let spare = out.capacity();
-                out.resize(spare.max(limit), 0);
+                // A roomy output buffer (deflate's worst case is a little over the
+                // input): zlib-rs must never run out of output space mid-block.
+                out.resize(src.len() + src.len() / 8 + 256, 0);
                 let st = self
                     .deflate
-                    .compress(src, &mut out[..limit], FlushCompress::Finish)
+                    .compress(src, out, FlushCompress::Finish)
                     .map_err(|e| format!("deflate: {e}"))?;
                 let n = self.deflate.total_out() as usize;
                 out.truncate(n);
-                Ok(st == Status::StreamEnd)
+                Ok(st == Status::StreamEnd && n <= limit)
             }
             CompressionType::Zstd => {
                 let z = self.zstd.as_mut().ok_or("zstd compressor missing")?;
