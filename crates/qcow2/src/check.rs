@@ -226,7 +226,7 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
         let i = i as u64;
         let refs = u64::from(refs);
         let have = stored(i);
-        if refs > 0 {
+        if refs > 0 || have > 0 {
             highest = i + 1;
         }
         if have < refs {

@@ -329,3 +329,50 @@ pub fn dir_entries(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Writes a raw image of `size` bytes whose data compresses like real file systems do
+/// (roughly 3:1 with deflate): log-like text lines with varying numbers and words,
+/// some random binary stretches, and zero holes.
+pub fn write_compressible_raw(path: &Path, size: u64, seed: u64) {
+    const WORDS: [&str; 24] = [
+        "kernel", "request", "block", "device", "error", "cluster", "offset", "image", "convert",
+        "thread", "socket", "accepted", "timeout", "user", "session", "write", "read", "flush",
+        "commit", "table", "index", "value", "status", "ok",
+    ];
+    let mut rng = Rng::new(seed);
+    let f = std::fs::File::create(path).expect("create raw");
+    f.set_len(size).expect("set_len");
+    let chunk = 1u64 << 20;
+    let mut pos = 0;
+    while pos < size {
+        let len = chunk.min(size - pos);
+        match rng.below(8) {
+            // A hole.
+            0 => {}
+            // Random bytes (already compressed data, say).
+            1 => {
+                let mut buf = vec![0u8; len as usize];
+                rng.fill(&mut buf);
+                f.write_all_at(&buf, pos).expect("write");
+            }
+            _ => {
+                let mut buf = Vec::with_capacity(len as usize + 128);
+                while (buf.len() as u64) < len {
+                    let line = format!(
+                        "{} {} {}={} {} {:x}\n",
+                        1_700_000_000 + rng.below(1_000_000),
+                        WORDS[rng.below(24) as usize],
+                        WORDS[rng.below(24) as usize],
+                        rng.below(100_000),
+                        WORDS[rng.below(24) as usize],
+                        rng.next_u64() >> 40,
+                    );
+                    buf.extend_from_slice(line.as_bytes());
+                }
+                buf.truncate(len as usize);
+                f.write_all_at(&buf, pos).expect("write");
+            }
+        }
+        pos += len;
+    }
+}
