@@ -145,3 +145,69 @@ pub fn write_vmdk(
     drive_writer(w, bytes, kinds, granule)?;
     out.commit()
 }
+
+/// Drives `w` over a disk of `size` bytes whose only data are `pieces` (offset, bytes),
+/// giving only the chunks that hold data, as the engine does for a fresh target.
+pub fn drive_sparse(mut w: VmdkWriter, size: u64, pieces: &[(u64, Vec<u8>)]) -> Result<()> {
+    let cs = w.chunk_size();
+    let mut chunk_ids: Vec<u64> = Vec::new();
+    for (o, b) in pieces {
+        for c in o / cs..=(o + b.len() as u64 - 1) / cs {
+            chunk_ids.push(c);
+        }
+    }
+    chunk_ids.sort_unstable();
+    chunk_ids.dedup();
+    for c in chunk_ids {
+        let off = c * cs;
+        let len = cs.min(size - off);
+        let mut data = vec![0u8; len as usize];
+        let mut covered = vec![false; len as usize];
+        for (o, b) in pieces {
+            let s = (*o).max(off);
+            let e = (o + b.len() as u64).min(off + len);
+            if s < e {
+                data[(s - off) as usize..(e - off) as usize]
+                    .copy_from_slice(&b[(s - o) as usize..(e - o) as usize]);
+                covered[(s - off) as usize..(e - off) as usize].fill(true);
+            }
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        for (i, cv) in covered.iter().enumerate() {
+            let kind = if *cv {
+                RunKind::Data
+            } else {
+                RunKind::Unallocated
+            };
+            match runs.last_mut() {
+                Some(r) if r.kind == kind => r.len += 1,
+                _ => runs.push(Run {
+                    start: off + i as u64,
+                    len: 1,
+                    kind,
+                }),
+            }
+        }
+        let chunk = Chunk {
+            offset: off,
+            len,
+            runs,
+            data,
+        };
+        let e = w.encode(&chunk)?;
+        w.place(&chunk, e)?;
+    }
+    w.finish()
+}
+
+/// A fresh writer for `target`.
+pub fn writer(out: &mut Output, size: u64, options: &str, seed: u64) -> Result<VmdkWriter> {
+    let params = CreateParams {
+        virtual_size: size,
+        existing: false,
+        target_is_zero: true,
+        compress: false,
+        identity_seed: Some(seed),
+    };
+    VmdkWriter::create(out, &params, Options::parse(options)?)
+}
