@@ -16,9 +16,6 @@ use crate::header::{COWD_MAGIC, FLAG_COMPRESSED, FLAG_MARKERS, MAGIC};
 use crate::sparse::{read_clamped, SparseExtent};
 use crate::{MAX_DESCRIPTOR_SIZE, MAX_EXTENTS, SECTOR_SIZE};
 
-/// Grains looked up per grain-table batch when building a block map.
-const GRAIN_BATCH: u64 = 1 << 16;
-
 /// Where an extent's bytes come from.
 #[derive(Debug)]
 enum Backend {
@@ -390,30 +387,43 @@ impl VmdkReader {
     }
 }
 
-/// Appends the map of extent-relative bytes `rs..rt` of sparse extent number `index`.
+/// Appends the map of extent-relative bytes `rs..rt` of sparse extent number `index`,
+/// one grain table at a time (a missing table is one unallocated run).
 fn sparse_map(map: &mut BlockMap, index: u32, sp: &SparseExtent, rs: u64, rt: u64) -> Result<()> {
     let gb = sp.grain_bytes();
+    let per_gt = sp.per_gt();
     let mut g = rs / gb;
     let last = (rt - 1) / gb;
     while g <= last {
-        let n = (last - g + 1).min(GRAIN_BATCH);
-        for (k, grain) in sp.grains(g, n)?.into_iter().enumerate() {
-            let gs = (g + k as u64) * gb;
-            let a = rs.max(gs);
-            let b = rt.min(gs + gb);
-            let kind = match grain {
-                Grain::Unallocated => ExtentKind::Unallocated,
-                Grain::Zero => ExtentKind::Zero,
-                Grain::Plain(o) => ExtentKind::Data(Location::File {
-                    file: index,
-                    offset: o + (a - gs),
-                }),
-                Grain::Compressed(o) => ExtentKind::Data(Location::Compressed {
-                    file: index,
-                    offset: o,
-                }),
-            };
-            map.push(b - a, kind);
+        let gt = g / per_gt;
+        let in_gt = g % per_gt;
+        let n = (per_gt - in_gt).min(last - g + 1);
+        match sp.gt_slice(gt, in_gt, n)? {
+            None => {
+                let a = rs.max(g * gb);
+                let b = rt.min((g + n) * gb);
+                map.push(b - a, ExtentKind::Unallocated);
+            }
+            Some(list) => {
+                for (k, grain) in list.into_iter().enumerate() {
+                    let gs = (g + k as u64) * gb;
+                    let a = rs.max(gs);
+                    let b = rt.min(gs + gb);
+                    let kind = match grain {
+                        Grain::Unallocated => ExtentKind::Unallocated,
+                        Grain::Zero => ExtentKind::Zero,
+                        Grain::Plain(o) => ExtentKind::Data(Location::File {
+                            file: index,
+                            offset: o + (a - gs),
+                        }),
+                        Grain::Compressed(o) => ExtentKind::Data(Location::Compressed {
+                            file: index,
+                            offset: o,
+                        }),
+                    };
+                    map.push(b - a, kind);
+                }
+            }
         }
         g += n;
     }

@@ -91,45 +91,43 @@ impl SparseExtent {
         u64::from(self.header.num_gtes_per_gt)
     }
 
-    /// The grains `first..first + count` (grain indexes inside the extent), reading only
-    /// the grain table entries they need.
-    pub fn grains(&self, first: u64, count: u64) -> Result<Vec<Grain>> {
+    /// Grain table entries per grain table.
+    pub fn per_gt(&self) -> u64 {
+        self.gtes_per_gt()
+    }
+
+    /// The grains `in_gt..in_gt + n` of grain table `gt`, or `None` when the grain
+    /// directory has no table there (all unallocated). Reads only those entries.
+    pub fn gt_slice(&self, gt: u64, in_gt: u64, n: u64) -> Result<Option<Vec<Grain>>> {
         let per_gt = self.gtes_per_gt();
+        let gd_entry = usize::try_from(gt)
+            .ok()
+            .and_then(|i| self.gd.get(i).copied())
+            .ok_or_else(|| {
+                self.file.corrupt(
+                    "grain directory",
+                    self.header.gd_offset.saturating_mul(SECTOR_SIZE),
+                    format!("grain table {gt} lies beyond the grain directory"),
+                )
+            })?;
+        if gd_entry == GTE_UNALLOCATED {
+            return Ok(None);
+        }
+        if in_gt + n > per_gt {
+            return Err(Error::invalid("grain table slice out of bounds"));
+        }
         let zeroed = self.header.has(FLAG_ZEROED_GRAIN);
         let compressed = self.compressed();
-        let mut out = Vec::with_capacity(count.min(1 << 20) as usize);
-        let end = first + count;
-        let mut g = first;
-        while g < end {
-            let gt_index = g / per_gt;
-            let in_gt = g % per_gt;
-            let n = (per_gt - in_gt).min(end - g);
-            let gd_entry = usize::try_from(gt_index)
-                .ok()
-                .and_then(|i| self.gd.get(i).copied())
-                .ok_or_else(|| {
-                    self.file.corrupt(
-                        "grain directory",
-                        self.header.gd_offset.saturating_mul(SECTOR_SIZE),
-                        format!("grain {g} lies beyond the grain directory"),
-                    )
-                })?;
-            if gd_entry == GTE_UNALLOCATED {
-                out.extend(std::iter::repeat_n(Grain::Unallocated, n as usize));
-            } else {
-                let at = u64::from(gd_entry) * SECTOR_SIZE + in_gt * ENTRY_SIZE;
-                let bytes =
-                    self.file
-                        .read_vec(at, n * ENTRY_SIZE, per_gt * ENTRY_SIZE, "grain table")?;
-                out.extend(
-                    grain::decode_entries(&bytes)
-                        .into_iter()
-                        .map(|e| Grain::from_gte(e, zeroed, compressed)),
-                );
-            }
-            g += n;
-        }
-        Ok(out)
+        let at = u64::from(gd_entry) * SECTOR_SIZE + in_gt * ENTRY_SIZE;
+        let bytes = self
+            .file
+            .read_vec(at, n * ENTRY_SIZE, per_gt * ENTRY_SIZE, "grain table")?;
+        Ok(Some(
+            grain::decode_entries(&bytes)
+                .into_iter()
+                .map(|e| Grain::from_gte(e, zeroed, compressed))
+                .collect(),
+        ))
     }
 
     /// Reads the plain grain bytes at byte `offset` into `buf`; what lies past the end
@@ -382,15 +380,18 @@ impl SparseExtent {
         let grains = self.header.capacity.div_ceil(self.header.grain_size);
         let overhead = self.header.overhead.saturating_mul(SECTOR_SIZE);
         let mut used: Vec<u64> = Vec::new();
-        let mut g = 0u64;
-        while g < grains {
-            let n = (per_gt - g % per_gt).min(grains - g);
-            let list = match self.grains(g, n) {
-                Ok(l) => l,
+        for gt in 0..self.gd.len() as u64 {
+            let g = gt * per_gt;
+            if g >= grains {
+                break;
+            }
+            let n = per_gt.min(grains - g);
+            let list = match self.gt_slice(gt, 0, n) {
+                Ok(Some(l)) => l,
+                Ok(None) => continue,
                 Err(e) => {
                     corrupt.push(format!("{name}: grain table of grains {g}..{}: {e}", g + n));
                     report.check_errors += 1;
-                    g += n;
                     continue;
                 }
             };
@@ -436,7 +437,6 @@ impl SparseExtent {
                     }
                 }
             }
-            g += n;
         }
         used.sort_unstable();
         let mut i = 0;
