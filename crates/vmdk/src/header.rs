@@ -232,7 +232,7 @@ impl SparseExtentHeader {
                 ),
             ));
         }
-        if self.capacity == 0 || self.capacity > u64::MAX / SECTOR_SIZE / 2 {
+        if self.capacity > u64::MAX / SECTOR_SIZE / 2 {
             return Err(bad(
                 off::CAPACITY,
                 format!("capacity of {} sectors is invalid", self.capacity),

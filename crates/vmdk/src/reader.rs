@@ -167,7 +167,7 @@ impl VmdkReader {
         let text = file.read_vec(0, file.len(), MAX_DESCRIPTOR_SIZE, "descriptor")?;
         let descriptor =
             descriptor::parse(&text).map_err(|e| file.corrupt("descriptor", e.offset, e.reason))?;
-        if descriptor.extents.is_empty() {
+        if descriptor.extents.is_empty() && !text.starts_with(descriptor::SIGNATURE.as_bytes()) {
             return Err(file.corrupt(
                 "descriptor",
                 0,

@@ -322,13 +322,15 @@ impl VmdkWriter {
                 } else {
                     OutKind::Stream(stream_layout(size / SECTOR_SIZE, zeroed_grain))
                 };
-                lines.push(ExtentLine {
-                    access: Access::ReadWrite,
-                    sectors: size / SECTOR_SIZE,
-                    kind: "SPARSE".into(),
-                    file: Some(file_name(&target)),
-                    offset: 0,
-                });
+                if size > 0 {
+                    lines.push(ExtentLine {
+                        access: Access::ReadWrite,
+                        sectors: size / SECTOR_SIZE,
+                        kind: "SPARSE".into(),
+                        file: Some(file_name(&target)),
+                        offset: 0,
+                    });
+                }
                 extents.push(OutExtent {
                     start: 0,
                     len: size,
@@ -340,12 +342,13 @@ impl VmdkWriter {
             _ => {
                 descriptor_file = Some((output.create_file(&target)?, tname.clone()));
                 let split = match subformat {
-                    Subformat::MonolithicFlat => size.max(1),
+                    Subformat::MonolithicFlat => size,
                     _ => TWO_GB,
                 };
+                // An empty disk has no extent (qemu writes none either).
                 let mut start = 0u64;
                 let mut n = 0;
-                while start < size || (n == 0 && size == 0) {
+                while start < size {
                     n += 1;
                     let len = split.min(size - start);
                     let tag = match subformat {
@@ -377,14 +380,9 @@ impl VmdkWriter {
                         kind,
                     });
                     start += len;
-                    if len == 0 {
-                        break;
-                    }
                 }
             }
         }
-        // An empty disk still has one extent line; VMware rejects 0-sector lines, so
-        // keep what qemu writes for it.
         let heads: u64 = if adapter == "ide" { 16 } else { 255 };
         let ddb = [
             ("ddb.virtualHWVersion", hwversion),

@@ -167,7 +167,7 @@ fn references_go_through_the_resolver() {
 fn bad_descriptors_are_errors() {
     for desc in [
         "hello world\n",
-        "# Disk DescriptorFile\ncreateType=\"x\"\n",
+        "createType=\"x\"\n",
         "# Disk DescriptorFile\nRW 0 FLAT \"a\" 0\n",
         "# Disk DescriptorFile\nRW 99999999999999999999 FLAT \"a\" 0\n",
         "# Disk DescriptorFile\nRW 36028797018963968 ZERO\n",
@@ -176,6 +176,9 @@ fn bad_descriptors_are_errors() {
         let e = open_mem(desc, &Mem::default()).unwrap_err();
         assert!(matches!(e, Error::Corrupt { .. }), "{desc:?}: {e}");
     }
+    // A descriptor without extents is an empty disk (qemu writes those for size 0).
+    let r = open_mem("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\n", &Mem::default()).unwrap();
+    assert_eq!(r.virtual_size(), 0);
     let big = vec![b'#'; (1 << 20) + 1];
     assert!(VmdkReader::open(ImageFile::from_bytes("big", big), &NoReferences).is_err());
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_reads_like_qemu, drive_sparse, open, write_vmdk, writer};
+use common::{assert_info_like_qemu, assert_reads_like_qemu, drive_sparse, open, write_vmdk, writer};
 use vconvert_core::{CreateParams, ExtentKind, ImageReader, Options, Output, RunKind};
 use vconvert_testkit::{qemu, read_all, tempdir, Qemu, Rng};
 use vconvert_vmdk::VmdkWriter;
@@ -78,6 +78,7 @@ fn every_subformat_is_accepted_by_qemu() {
         let info = q.info_json(Some("vmdk"), &path);
         assert_eq!(info["format-specific"]["data"]["create-type"], *sub);
         let r = open(&path);
+        assert_info_like_qemu(&q, &r, &path);
         assert!(r.safety_findings().is_empty(), "{:?}", r.safety_findings());
         assert!(r.check().unwrap().unwrap().corruptions.is_empty());
         if *sub == "streamOptimized" {
@@ -332,5 +333,17 @@ fn geometry_and_adapter_like_qemu() {
         );
         assert_eq!(a[..512], b[..512], "{opts}");
         assert_eq!(a.len(), b.len());
+    }
+}
+
+#[test]
+fn empty_disks() {
+    let dir = tempdir();
+    for sub in SUBFORMATS {
+        let path = dir.path().join(format!("e-{sub}.vmdk"));
+        write_vmdk(&path, &format!("subformat={sub}"), &[], &|_| RunKind::Data, 4096, 1).unwrap();
+        let r = open(&path);
+        assert_eq!(r.virtual_size(), 0, "{sub}");
+        assert!(r.block_map(0..0).unwrap().extents().is_empty());
     }
 }

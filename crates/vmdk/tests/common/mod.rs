@@ -211,3 +211,38 @@ pub fn writer(out: &mut Output, size: u64, options: &str, seed: u64) -> Result<V
     };
     VmdkWriter::create(out, &params, Options::parse(options)?)
 }
+
+/// Compares our format-specific info with qemu's, key by key.
+pub fn assert_info_like_qemu(q: &Qemu, r: &dyn ImageReader, path: &std::path::Path) {
+    let theirs = q.info_json(Some("vmdk"), path);
+    let ours = r.info().unwrap();
+    assert_eq!(ours.virtual_size, theirs["virtual-size"].as_u64().unwrap());
+    assert_eq!(
+        ours.cluster_size,
+        theirs["cluster-size"].as_u64(),
+        "cluster-size"
+    );
+    let fs = ours.format_specific.unwrap();
+    let tfs = &theirs["format-specific"];
+    assert_eq!(fs["type"], tfs["type"]);
+    for key in ["cid", "parent-cid", "create-type"] {
+        assert_eq!(fs["data"][key], tfs["data"][key], "{key}");
+    }
+    let (a, b) = (
+        fs["data"]["extents"].as_array().unwrap(),
+        tfs["data"]["extents"].as_array().unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+        let mut kx: Vec<_> = x.keys().collect();
+        let mut ky: Vec<_> = y.keys().collect();
+        kx.sort();
+        ky.sort();
+        assert_eq!(kx, ky, "extent keys");
+        for k in x.keys() {
+            assert_eq!(x[k], y[k], "extent key {k}");
+        }
+    }
+}
+
