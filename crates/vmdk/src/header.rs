@@ -42,6 +42,9 @@ pub const MAX_VERSION: u32 = 3;
 pub const GTES_PER_GT: u32 = 512;
 /// Largest grain we accept, in sectors (1 GiB, as qemu).
 pub const MAX_GRAIN_SECTORS: u64 = 1 << 21;
+/// Largest compressed grain we accept, in sectors (16 MiB): a compressed grain is
+/// inflated into a buffer of its size. VMware and qemu write 64 KiB grains.
+pub const MAX_COMPRESSED_GRAIN_SECTORS: u64 = 1 << 15;
 
 /// Field offsets inside the header.
 mod off {
@@ -236,6 +239,15 @@ impl SparseExtentHeader {
             return Err(bad(
                 off::CAPACITY,
                 format!("capacity of {} sectors is invalid", self.capacity),
+            ));
+        }
+        if self.has(FLAG_COMPRESSED) && self.grain_size > MAX_COMPRESSED_GRAIN_SECTORS {
+            return Err(vconvert_core::Error::unsupported(
+                file.name(),
+                format!(
+                    "compressed VMDK grains of {} sectors (at most {MAX_COMPRESSED_GRAIN_SECTORS})",
+                    self.grain_size
+                ),
             ));
         }
         if self.has(FLAG_COMPRESSED) && self.compress_algorithm > COMPRESSION_DEFLATE {

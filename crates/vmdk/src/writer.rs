@@ -527,8 +527,10 @@ impl ImageWriter for VmdkWriter {
             let g = gs / GRAIN_BYTES;
             if nonzero {
                 let bytes = if self.subformat == Subformat::StreamOptimized {
-                    let z = grain::deflate(&grain_bytes(chunk, gs, ge))
-                        .map_err(|e| Error::io(&self.extents[0].name, "cannot compress", e))?;
+                    let z = grain::deflate(&grain_bytes(chunk, gs, ge)).map_err(|e| {
+                        let name = self.extents.first().map_or("", |x| x.name.as_str());
+                        Error::io(name, "cannot compress", e)
+                    })?;
                     let marker = GrainMarker {
                         lba: gs / SECTOR_SIZE,
                         size: z.len() as u32,

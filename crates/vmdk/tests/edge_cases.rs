@@ -177,7 +177,11 @@ fn bad_descriptors_are_errors() {
         assert!(matches!(e, Error::Corrupt { .. }), "{desc:?}: {e}");
     }
     // A descriptor without extents is an empty disk (qemu writes those for size 0).
-    let r = open_mem("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\n", &Mem::default()).unwrap();
+    let r = open_mem(
+        "# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\n",
+        &Mem::default(),
+    )
+    .unwrap();
     assert_eq!(r.virtual_size(), 0);
     let big = vec![b'#'; (1 << 20) + 1];
     assert!(VmdkReader::open(ImageFile::from_bytes("big", big), &NoReferences).is_err());
@@ -342,4 +346,135 @@ fn qemu_reads_our_footer_stream_like_we_do() {
     let r = common::assert_reads_like_qemu(&q, &path);
     assert_eq!(read_all(&r).unwrap(), bytes);
     let _ = open;
+}
+
+/// Builds a sparse extent by hand: `grain_sectors` per grain, `grains` (index, bytes),
+/// with or without compression and markers.
+fn hand_made(
+    version: u32,
+    flags: u32,
+    grain_sectors: u64,
+    capacity: u64,
+    grains: &[(u64, Vec<u8>)],
+) -> Vec<u8> {
+    use vconvert_vmdk::grain::{deflate, encode_entries};
+    use vconvert_vmdk::header::{SparseExtentHeader, FLAG_COMPRESSED, FLAG_MARKERS};
+    use vconvert_vmdk::marker::GrainMarker;
+    let mut h = SparseExtentHeader::new(version, flags);
+    h.capacity = capacity;
+    h.grain_size = grain_sectors;
+    h.gd_offset = 1;
+    h.overhead = 8;
+    let gd_entries = h.gd_entries() as usize;
+    let mut f = vec![0u8; 8 * 512];
+    // GD at sector 1, GTs from sector 2 (one sector of GD suffices here).
+    let gd: Vec<u32> = (0..gd_entries as u32).map(|i| 2 + 4 * i).collect();
+    assert!(2 + 4 * gd_entries <= 8);
+    f[512..512 + gd.len() * 4].copy_from_slice(&encode_entries(&gd));
+    let gb = (grain_sectors * 512) as usize;
+    for (idx, bytes) in grains {
+        let sector = (f.len() / 512) as u32;
+        let gt_at = 2 * 512 + *idx as usize * 4;
+        f[gt_at..gt_at + 4].copy_from_slice(&sector.to_le_bytes());
+        if flags & FLAG_COMPRESSED != 0 {
+            let z = deflate(bytes).unwrap();
+            if flags & FLAG_MARKERS != 0 {
+                f.extend_from_slice(
+                    &GrainMarker {
+                        lba: idx * grain_sectors,
+                        size: z.len() as u32,
+                    }
+                    .encode(),
+                );
+            }
+            f.extend_from_slice(&z);
+            f.resize(f.len().div_ceil(512) * 512, 0);
+        } else {
+            let mut b = bytes.clone();
+            b.resize(gb, 0);
+            f.extend_from_slice(&b);
+        }
+    }
+    f[..512].copy_from_slice(&h.encode());
+    f
+}
+
+#[test]
+fn hand_made_layouts() {
+    use vconvert_vmdk::header::{FLAG_COMPRESSED, FLAG_MARKERS, FLAG_NEWLINE_CHECK};
+    // 4 KiB grains, 40 grains: GT 0 only.
+    let g0 = pattern(4096, 1);
+    let g7 = pattern(4096, 2);
+    for (version, flags) in [
+        (1, FLAG_NEWLINE_CHECK),
+        (3, 0), // ESXi change tracking: version 3, not compressed
+        (3, FLAG_COMPRESSED | FLAG_MARKERS),
+        (1, FLAG_COMPRESSED), // compressed without markers
+    ] {
+        let f = hand_made(version, flags, 8, 320, &[(0, g0.clone()), (7, g7.clone())]);
+        let r = VmdkReader::open(ImageFile::from_bytes("h.vmdk", f), &NoReferences)
+            .unwrap_or_else(|e| panic!("v{version} {flags:#x}: {e}"));
+        let all = read_all(&r).unwrap();
+        assert_eq!(all.len(), 320 * 512);
+        assert!(all[..4096] == g0[..], "v{version} {flags:#x}");
+        assert!(all[7 * 4096..8 * 4096] == g7[..]);
+        assert!(all[4096..7 * 4096].iter().all(|&b| b == 0));
+        let map = r.block_map(0..320 * 512).unwrap();
+        assert_eq!(map.data_bytes(), 2 * 4096);
+        vconvert_testkit::check_reader_consistency(&r).unwrap();
+        assert!(
+            r.check().unwrap().unwrap().corruptions.is_empty(),
+            "{:?}",
+            r.check()
+        );
+        assert_eq!(r.info().unwrap().cluster_size, Some(4096));
+    }
+    // A compressed grain that inflates to more than a grain, or to too little.
+    let f = hand_made(
+        3,
+        FLAG_COMPRESSED | FLAG_MARKERS,
+        8,
+        320,
+        &[(0, pattern(8192, 3))],
+    );
+    let r = VmdkReader::open(ImageFile::from_bytes("h.vmdk", f), &NoReferences).unwrap();
+    let e = read_all(&r).unwrap_err().to_string();
+    assert!(
+        e.contains("compressed grain") && e.contains("more than"),
+        "{e}"
+    );
+    let f = hand_made(
+        3,
+        FLAG_COMPRESSED | FLAG_MARKERS,
+        8,
+        320,
+        &[(0, pattern(100, 3))],
+    );
+    let r = VmdkReader::open(ImageFile::from_bytes("h.vmdk", f), &NoReferences).unwrap();
+    assert!(read_all(&r).is_err());
+    // Version 4 is refused by name; huge grains are refused.
+    let mut f = hand_made(1, 0, 8, 320, &[]);
+    f[4] = 4;
+    let e = VmdkReader::open(ImageFile::from_bytes("h.vmdk", f), &NoReferences).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    let f = hand_made(1, 0, 1 << 22, 1 << 22, &[]);
+    assert!(VmdkReader::open(ImageFile::from_bytes("h.vmdk", f), &NoReferences).is_err());
+}
+
+#[test]
+fn descriptor_file_naming_a_stream_extent() {
+    // ovftool style: a descriptor with createType streamOptimized and an RDONLY extent.
+    let dir = tempdir();
+    let (path, bytes) = stream_image(dir.path(), 1 << 20);
+    let mut mem = Mem::default();
+    mem.files
+        .insert("d/dest-0.vmdk".into(), std::fs::read(&path).unwrap());
+    let desc = "# Disk DescriptorFile\nversion=1\nCID=2bdc5c77\nparentCID=ffffffff\ncreateType=streamOptimized\n\nRDONLY 2048 SPARSE \"dest-0.vmdk\"\n";
+    let r = open_mem(desc, &mem).unwrap();
+    assert_eq!(r.create_type(), "streamOptimized");
+    assert!(read_all(&r).unwrap() == bytes);
+    let fs = r.info().unwrap().format_specific.unwrap();
+    assert_eq!(fs["data"]["extents"][0]["compressed"], true);
+    assert_eq!(fs["data"]["extents"][0]["format"], "SPARSE");
+    assert_eq!(fs["data"]["extents"][0]["filename"], "d/dest-0.vmdk");
 }

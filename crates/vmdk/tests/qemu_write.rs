@@ -4,7 +4,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_info_like_qemu, assert_reads_like_qemu, drive_sparse, open, write_vmdk, writer};
+use common::{
+    assert_info_like_qemu, assert_reads_like_qemu, drive_sparse, open, write_vmdk, writer,
+};
 use vconvert_core::{CreateParams, ExtentKind, ImageReader, Options, Output, RunKind};
 use vconvert_testkit::{qemu, read_all, tempdir, Qemu, Rng};
 use vconvert_vmdk::VmdkWriter;
@@ -341,7 +343,15 @@ fn empty_disks() {
     let dir = tempdir();
     for sub in SUBFORMATS {
         let path = dir.path().join(format!("e-{sub}.vmdk"));
-        write_vmdk(&path, &format!("subformat={sub}"), &[], &|_| RunKind::Data, 4096, 1).unwrap();
+        write_vmdk(
+            &path,
+            &format!("subformat={sub}"),
+            &[],
+            &|_| RunKind::Data,
+            4096,
+            1,
+        )
+        .unwrap();
         let r = open(&path);
         assert_eq!(r.virtual_size(), 0, "{sub}");
         assert!(r.block_map(0..0).unwrap().extents().is_empty());

@@ -245,4 +245,3 @@ pub fn assert_info_like_qemu(q: &Qemu, r: &dyn ImageReader, path: &std::path::Pa
         }
     }
 }
-
