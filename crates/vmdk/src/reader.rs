@@ -136,6 +136,18 @@ impl VmdkReader {
             }
             .to_string()
         });
+        let expected = if stream {
+            "streamOptimized"
+        } else {
+            "monolithicSparse"
+        };
+        if create_type != expected {
+            findings.push(format!(
+                "{}: createType is '{create_type}' but the file is a single {} sparse extent ({expected})",
+                file.name(),
+                if stream { "compressed" } else { "hosted" }
+            ));
+        }
         let len = sparse.capacity_bytes();
         Ok(VmdkReader {
             file,
@@ -293,6 +305,9 @@ impl VmdkReader {
             });
             start += len;
         }
+        if let Some(f) = create_type_finding(&create_type, &descriptor) {
+            findings.push(format!("{}: {f}", file.name()));
+        }
         Ok(VmdkReader {
             file,
             extents,
@@ -385,6 +400,38 @@ impl VmdkReader {
         }
         Ok(map)
     }
+}
+
+/// Whether a descriptor file's extents fit its `createType` (an import policy trusts
+/// the createType: a "monolithicSparse" descriptor file naming flat extents elsewhere
+/// is the classic way to smuggle host files through it).
+fn create_type_finding(create_type: &str, d: &Descriptor) -> Option<String> {
+    let allowed: &[&str] = match create_type {
+        "monolithicSparse" | "streamOptimized" => {
+            return Some(format!(
+                "createType '{create_type}' is a single sparse file with an embedded descriptor, but this is a descriptor file naming {} extent(s)",
+                d.extents.len()
+            ))
+        }
+        "monolithicFlat" | "twoGbMaxExtentFlat" | "vmfs" | "vmfsPreallocated"
+        | "vmfsEagerZeroedThick" | "fullDevice" | "partitionedDevice" => &["FLAT", "VMFS", "ZERO"],
+        "twoGbMaxExtentSparse" => &["SPARSE", "ZERO"],
+        "vmfsSparse" | "vmfsThin" => &["VMFSSPARSE", "SESPARSE", "ZERO"],
+        "" => return None,
+        other => return Some(format!("createType '{other}' is not a known VMDK type")),
+    };
+    let odd: Vec<&str> = d
+        .extents
+        .iter()
+        .map(|e| e.kind.as_str())
+        .filter(|k| !allowed.contains(k))
+        .collect();
+    (!odd.is_empty()).then(|| {
+        format!(
+            "createType '{create_type}' does not allow extents of type {}",
+            odd.join(", ")
+        )
+    })
 }
 
 /// Appends the map of extent-relative bytes `rs..rt` of sparse extent number `index`,

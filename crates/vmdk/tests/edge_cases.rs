@@ -478,3 +478,28 @@ fn descriptor_file_naming_a_stream_extent() {
     assert_eq!(fs["data"]["extents"][0]["format"], "SPARSE");
     assert_eq!(fs["data"]["extents"][0]["filename"], "d/dest-0.vmdk");
 }
+
+#[test]
+fn create_type_must_fit_the_structure() {
+    let mut mem = Mem::default();
+    mem.files.insert("d/x.vmdk".into(), vec![7u8; 4096]);
+    for (ct, bad) in [
+        ("monolithicSparse", true),
+        ("streamOptimized", true),
+        ("twoGbMaxExtentSparse", true),
+        ("monolithicFlat", false),
+        ("twoGbMaxExtentFlat", false),
+        ("vmfs", false),
+        ("madeUp", true),
+    ] {
+        let desc = format!("# Disk DescriptorFile\ncreateType=\"{ct}\"\nRW 8 FLAT \"x.vmdk\" 0\n");
+        let r = open_mem(&desc, &mem).unwrap();
+        assert_eq!(r.create_type(), ct);
+        let f = r.safety_findings();
+        assert_eq!(
+            f.iter().any(|x| x.contains("createType")),
+            bad,
+            "{ct}: {f:?}"
+        );
+    }
+}
