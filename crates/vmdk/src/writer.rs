@@ -148,6 +148,9 @@ pub struct VmdkWriter {
     /// The descriptor: embedded in extent 0 or a file of its own.
     descriptor: String,
     descriptor_file: Option<(Arc<File>, String)>,
+    /// The last grain placed: placement must move forward (grain tables are written
+    /// once, when placement leaves them).
+    last_grain: Option<u64>,
 }
 
 fn check_text(key: &str, v: &str) -> Result<()> {
@@ -411,6 +414,7 @@ impl VmdkWriter {
             extents,
             descriptor,
             descriptor_file,
+            last_grain: None,
         };
         w.fit_descriptor()?;
         Ok(w)
@@ -562,6 +566,13 @@ impl ImageWriter for VmdkWriter {
             return self.place_flat(chunk);
         }
         for (g, out) in encoded.grains {
+            if self.last_grain.is_some_and(|l| g <= l) {
+                return Err(Error::invalid(format!(
+                    "vmdk writer: grain {g} placed after grain {}; chunks must be placed in guest order",
+                    self.last_grain.unwrap_or_default()
+                )));
+            }
+            self.last_grain = Some(g);
             let gs = g * GRAIN_BYTES;
             let i = self.extent_index(gs);
             let Some(e) = self.extents.get_mut(i) else {

@@ -357,3 +357,28 @@ fn empty_disks() {
         assert!(r.block_map(0..0).unwrap().extents().is_empty());
     }
 }
+
+#[test]
+fn placement_out_of_order_is_refused() {
+    use vconvert_core::{Chunk, ImageWriter, Run};
+    let dir = tempdir();
+    let path = dir.path().join("o.vmdk");
+    let mut out = Output::new(&path, false);
+    let mut w = writer(&mut out, 4 << 20, "", 1).unwrap();
+    let chunk = |i: u64| Chunk {
+        offset: i << 20,
+        len: 1 << 20,
+        runs: vec![Run {
+            start: i << 20,
+            len: 1 << 20,
+            kind: RunKind::Data,
+        }],
+        data: vec![1u8; 1 << 20],
+    };
+    let (a, b) = (chunk(2), chunk(1));
+    let ea = w.encode(&a).unwrap();
+    let eb = w.encode(&b).unwrap();
+    w.place(&a, ea).unwrap();
+    let e = w.place(&b, eb).unwrap_err().to_string();
+    assert!(e.contains("guest order"), "{e}");
+}
