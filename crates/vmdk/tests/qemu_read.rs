@@ -175,6 +175,7 @@ fn child_reads_through_parent() {
     let r = assert_reads_like_qemu(&q, &child);
     let info = r.info().unwrap();
     assert_eq!(info.backing_file.as_deref(), Some("base.vmdk"));
+    assert_info_like_qemu(&q, &r, &child);
     assert!(r.safety_findings().is_empty(), "{:?}", r.safety_findings());
     let map = r.block_map(0..4 << 20).unwrap();
     assert!(map
