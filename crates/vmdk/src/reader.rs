@@ -1,9 +1,10 @@
 //! Reading VMDK images: a monolithic sparse file (embedded descriptor) or a descriptor
 //! file naming sparse, flat and zero extents, with an optional parent.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vconvert_core::{
     overlay_block_map, read_backing, relative_to, BlockMap, CheckReport, Error, ExtentKind, Format,
@@ -209,6 +210,7 @@ impl VmdkReader {
             }
         };
         let mut extents = Vec::with_capacity(descriptor.extents.len());
+        let mut opened: HashMap<PathBuf, ImageFile> = HashMap::new();
         let mut start = 0u64;
         for (i, line) in descriptor.extents.iter().enumerate() {
             let len = line
@@ -244,7 +246,7 @@ impl VmdkReader {
                     Backend::NoAccess
                 }
                 ("FLAT" | "VMFS", _) => {
-                    let f = resolver.open_file(&file, &relative_to(file.path(), &name))?;
+                    let f = open_once(&mut opened, resolver, &file, &name)?;
                     let offset = line
                         .offset
                         .checked_mul(SECTOR_SIZE)
@@ -267,7 +269,7 @@ impl VmdkReader {
                     Backend::Flat { file: f, offset }
                 }
                 ("SPARSE", _) => {
-                    let f = resolver.open_file(&file, &relative_to(file.path(), &name))?;
+                    let f = open_once(&mut opened, resolver, &file, &name)?;
                     let sparse = SparseExtent::open(f)?;
                     findings.extend(sparse.findings.iter().cloned());
                     if sparse.header.capacity < line.sectors {
@@ -400,6 +402,23 @@ impl VmdkReader {
         }
         Ok(map)
     }
+}
+
+/// Opens extent file `name` of descriptor `file` through `resolver`, once per path
+/// (a descriptor naming one file many times costs one open).
+fn open_once(
+    opened: &mut HashMap<PathBuf, ImageFile>,
+    resolver: &dyn Resolver,
+    file: &ImageFile,
+    name: &str,
+) -> Result<ImageFile> {
+    let path = relative_to(file.path(), name);
+    if let Some(f) = opened.get(&path) {
+        return Ok(f.clone());
+    }
+    let f = resolver.open_file(file, &path)?;
+    opened.insert(path, f.clone());
+    Ok(f)
 }
 
 /// Whether a descriptor file's extents fit its `createType` (an import policy trusts

@@ -503,3 +503,24 @@ fn create_type_must_fit_the_structure() {
         );
     }
 }
+
+#[test]
+fn many_extents_naming_one_file_open_it_once() {
+    let mut mem = Mem::default();
+    mem.files.insert("d/x.vmdk".into(), pattern(512, 1));
+    let mut desc = String::from("# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\n");
+    for _ in 0..vconvert_vmdk::MAX_EXTENTS {
+        desc.push_str("RW 1 FLAT \"x.vmdk\" 0\n");
+    }
+    let r = open_mem(&desc, &mem).unwrap();
+    assert_eq!(mem.asked.lock().unwrap().len(), 1);
+    assert_eq!(r.virtual_size(), 512 * vconvert_vmdk::MAX_EXTENTS as u64);
+    let mut buf = vec![0u8; 1024];
+    r.read_at(&mut buf, 512 * 100).unwrap();
+    assert_eq!(buf[..512], buf[512..]);
+    desc.push_str("RW 1 ZERO\n");
+    assert!(open_mem(&desc, &mem)
+        .unwrap_err()
+        .to_string()
+        .contains("limit"));
+}
