@@ -41,6 +41,8 @@ const CHUNK_SIZE: u64 = 1 << 20;
 const TWO_GB: u64 = 2 << 30;
 /// Sectors reserved for the embedded descriptor of a sparse extent (qemu's 20).
 const EMBEDDED_DESCRIPTOR_SECTORS: u64 = 20;
+/// Largest virtual disk of the sparse subformats (64 TiB, ESXi's limit).
+const MAX_SPARSE_SIZE: u64 = 64 << 40;
 /// Sectors of one grain table.
 const GT_SECTORS: u64 = GTES_PER_GT as u64 * ENTRY_SIZE / SECTOR_SIZE;
 
@@ -296,13 +298,15 @@ impl VmdkWriter {
             subformat,
             Subformat::MonolithicSparse | Subformat::TwoGbMaxExtentSparse
         );
-        // Grain table entries are u32 sectors: a sparse file cannot exceed 2 TiB.
+        // Grain table entries are u32 sectors, so a sparse file holds at most 2 TiB of
+        // grains (checked as grains are placed); the disk may be larger when sparse, as
+        // in qemu, up to ESXi's 64 TiB.
         if subformat != Subformat::MonolithicFlat
             && subformat != Subformat::TwoGbMaxExtentFlat
-            && size > (1u64 << 41) - (64 << 20)
+            && size > MAX_SPARSE_SIZE
         {
             return Err(Error::invalid(format!(
-                "{tname}: a {} VMDK image can hold at most 2 TiB (less metadata); the disk is {size} bytes",
+                "{tname}: a {} VMDK image can be at most {MAX_SPARSE_SIZE} bytes; the disk is {size} bytes",
                 subformat.name()
             )));
         }
@@ -649,12 +653,17 @@ impl ImageWriter for VmdkWriter {
                 OutKind::Sparse(s) => {
                     flush_sparse_gt(&e.file, &e.name, s)?;
                     let n = s.header.gd_entries();
-                    let gd: Vec<u32> = (0..n)
-                        .map(|k| (s.gt_sector + k * GT_SECTORS) as u32)
-                        .collect();
-                    let rgd: Vec<u32> = (0..n)
-                        .map(|k| (s.rgt_sector + k * GT_SECTORS) as u32)
-                        .collect();
+                    let sector = |base: u64, k: u64| {
+                        u32::try_from(base + k * GT_SECTORS).map_err(|_| {
+                            Error::invalid(format!("{}: grain tables lie past 2 TiB", e.name))
+                        })
+                    };
+                    let gd = (0..n)
+                        .map(|k| sector(s.gt_sector, k))
+                        .collect::<Result<Vec<u32>>>()?;
+                    let rgd = (0..n)
+                        .map(|k| sector(s.rgt_sector, k))
+                        .collect::<Result<Vec<u32>>>()?;
                     write_at(
                         &e.file,
                         &e.name,

@@ -395,3 +395,49 @@ fn placement_out_of_order_is_refused() {
     let e = w.place(&b, eb).unwrap_err().to_string();
     assert!(e.contains("guest order"), "{e}");
 }
+
+#[test]
+fn sparse_disks_larger_than_2_tib() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let size: u64 = 3 << 40;
+    let pieces = vec![
+        (65536u64, vec![0x11u8; 4096]),
+        ((2 << 40) + 512, vec![0x22u8; 70000]),
+        (size - 4096, vec![0x33u8; 4096]),
+    ];
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let path = dir.path().join(format!("huge-{sub}.vmdk"));
+        let mut out = Output::new(&path, false);
+        let w = writer(&mut out, size, &format!("subformat={sub}"), 2).unwrap();
+        drive_sparse(w, size, &pieces).unwrap();
+        out.commit().unwrap();
+        let (code, text) = q.check("vmdk", &path);
+        assert_eq!(code, 0, "{sub}: {text}");
+        let r = open(&path);
+        assert_eq!(r.virtual_size(), size);
+        for (o, b) in &pieces {
+            let mut got = vec![0u8; b.len()];
+            r.read_at(&mut got, *o).unwrap();
+            assert!(got == *b, "{sub} at {o:#x}");
+            let out = std::process::Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "vmdk",
+                    "-c",
+                    &format!("read -P {} {o} {}", b[0], b.len()),
+                ])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                !text.contains("fail") && text.contains("read"),
+                "{sub} at {o:#x}: {text}"
+            );
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
+    let mut out = Output::new(&dir.path().join("x.vmdk"), false);
+    assert!(writer(&mut out, 65 << 40, "", 1).is_err());
+}
