@@ -94,7 +94,7 @@ impl VmdkReader {
     }
 
     fn open_monolithic(file: ImageFile) -> Result<Self> {
-        let sparse = SparseExtent::open(file.clone())?;
+        let sparse = SparseExtent::open(file.clone(), true)?;
         let mut findings = sparse.findings.clone();
         let descriptor = match &sparse.descriptor {
             Some((text, at)) => descriptor::parse(text)
@@ -270,7 +270,7 @@ impl VmdkReader {
                 }
                 ("SPARSE", _) => {
                     let f = open_once(&mut opened, resolver, &file, &name)?;
-                    let sparse = SparseExtent::open(f)?;
+                    let sparse = SparseExtent::open(f, false)?;
                     findings.extend(sparse.findings.iter().cloned());
                     if sparse.header.capacity < line.sectors {
                         return Err(sparse.file.corrupt(

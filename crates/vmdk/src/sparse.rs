@@ -36,8 +36,9 @@ pub(crate) struct SparseExtent {
 }
 
 impl SparseExtent {
-    /// Opens the sparse extent in `file`.
-    pub fn open(file: ImageFile) -> Result<Self> {
+    /// Opens the sparse extent in `file`, reading its embedded descriptor when
+    /// `with_descriptor` (only a monolithic image's own descriptor matters).
+    pub fn open(file: ImageFile, with_descriptor: bool) -> Result<Self> {
         let mut head = [0u8; HEADER_SIZE];
         file.read_exact_at(&mut head, 0, "sparse extent header")?;
         if head[..4] == COWD_MAGIC {
@@ -61,7 +62,11 @@ impl SparseExtent {
                 file.name()
             ));
         }
-        let descriptor = read_embedded_descriptor(&file, &header)?;
+        let descriptor = if with_descriptor {
+            read_embedded_descriptor(&file, &header)?
+        } else {
+            None
+        };
         let gd = load_gd(&file, &header, &mut findings)?;
         Ok(SparseExtent {
             file,
