@@ -177,6 +177,8 @@ fn parse_cid(v: &str) -> Option<u32> {
 pub fn parse(text: &[u8]) -> Result<Descriptor, ParseError> {
     let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
     let text = String::from_utf8_lossy(&text[..end]);
+    // Editors on Windows may add a byte order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut d = Descriptor::default();
     let mut pos = 0u64;
     for (n, raw) in text.split('\n').enumerate() {
@@ -328,6 +330,8 @@ RW 16 FLAT \"x y.vmdk\" 34\r\n\r\n#DDB\r\nddb.adapterType = \"ide\"\r\nthis line
         }
         let e = parse(b"version=1\nRW 0 FLAT \"a\" 0\n").unwrap_err();
         assert_eq!(e.offset, 10);
+        let d = parse("\u{feff}# Disk DescriptorFile\nRW 8 ZERO\n".as_bytes()).unwrap();
+        assert!(d.findings.is_empty() && d.extents.len() == 1);
     }
 
     #[test]
