@@ -53,13 +53,37 @@ fn file_node(path: &Path) -> Value {
     })
 }
 
+/// The child nodes qemu shows: extent files other than the image file itself (VMDK),
+/// last extent first, then the image file.
+fn children(path: &Path, info: &ImageInfo) -> Vec<(String, String)> {
+    let me = path.display().to_string();
+    let mut out = Vec::new();
+    if let Some(Value::Array(extents)) = info
+        .format_specific
+        .as_ref()
+        .and_then(|fs| fs.get("data"))
+        .and_then(|d| d.get("extents"))
+    {
+        for (i, e) in extents.iter().enumerate().rev() {
+            if let Some(name) = e.get("filename").and_then(Value::as_str) {
+                if name != me {
+                    out.push((format!("extents.{i}"), name.to_string()));
+                }
+            }
+        }
+    }
+    out.push(("file".to_string(), me));
+    out
+}
+
 /// `info --output=json` of one image, keys as qemu-img prints them.
 pub fn info_json(path: &Path, info: &ImageInfo) -> Value {
     let mut m = Map::new();
-    m.insert(
-        "children".into(),
-        json!([{"name": "file", "info": file_node(path)}]),
-    );
+    let kids: Vec<Value> = children(path, info)
+        .into_iter()
+        .map(|(name, file)| json!({"name": name, "info": file_node(Path::new(&file))}))
+        .collect();
+    m.insert("children".into(), Value::Array(kids));
     m.insert("virtual-size".into(), json!(info.virtual_size));
     m.insert("filename".into(), json!(path.display().to_string()));
     if let Some(c) = info.cluster_size {
@@ -168,14 +192,15 @@ pub fn info_human(path: &Path, info: &ImageInfo) -> String {
             }
         }
     }
-    let file = file_node(path);
-    s += &format!(
-        "Child node '/file':\n    filename: {}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",
-        path.display(),
-        size_to_str(file["virtual-size"].as_u64().unwrap_or(0)),
-        file["virtual-size"].as_u64().unwrap_or(0),
-        size_to_str(file["actual-size"].as_u64().unwrap_or(0)),
-    );
+    for (name, f) in children(path, info) {
+        let file = file_node(Path::new(&f));
+        s += &format!(
+            "Child node '/{name}':\n    filename: {f}\n    protocol type: file\n    file length: {} ({} bytes)\n    disk size: {}\n",
+            size_to_str(file["virtual-size"].as_u64().unwrap_or(0)),
+            file["virtual-size"].as_u64().unwrap_or(0),
+            size_to_str(file["actual-size"].as_u64().unwrap_or(0)),
+        );
+    }
     s
 }
 

@@ -52,6 +52,11 @@ const SOURCES: &[(&str, &str, u64)] = &[
     ("qcow2", "-c", 9 << 20),
     ("qcow2", "-c,compression_type=zstd", 6 << 20),
     ("qcow2", "-c,cluster_size=4k", (5 << 20) + 512),
+    ("vmdk", "", 9 << 20),
+    ("vmdk", "subformat=monolithicFlat", 5 << 20),
+    ("vmdk", "subformat=twoGbMaxExtentSparse", (7 << 20) + 3584),
+    ("vmdk", "subformat=streamOptimized", 9 << 20),
+    ("vmdk", "zeroed_grain=on", 6 << 20),
 ];
 
 /// Targets vconvert writes: (format, -o options).
@@ -74,6 +79,12 @@ const TARGETS: &[(&str, &str)] = &[
     ("qcow2", "compression_type=zstd"),
     ("qcow2", "-c"),
     ("qcow2", "-c,compression_type=zstd,cluster_size=4k"),
+    ("vmdk", ""),
+    ("vmdk", "subformat=monolithicFlat"),
+    ("vmdk", "subformat=twoGbMaxExtentSparse"),
+    ("vmdk", "subformat=twoGbMaxExtentFlat"),
+    ("vmdk", "subformat=streamOptimized"),
+    ("vmdk", "zeroed_grain=on,adapter_type=lsilogic"),
 ];
 
 /// Splits `-c,rest` into the compress flag and the `-o` options.
@@ -84,9 +95,9 @@ fn compress_and_options(opts: &str) -> (bool, &str) {
     }
 }
 
-/// Formats `qemu-img check` supports.
-fn checkable(format: &str) -> bool {
-    matches!(format, "qcow2" | "vdi" | "vmdk")
+/// Formats (and VMDK subformats) `qemu-img check` supports.
+fn checkable(format: &str, options: &str) -> bool {
+    matches!(format, "qcow2" | "vdi") || (format == "vmdk" && !options.contains("Flat"))
 }
 
 fn ext(format: &str) -> &str {
@@ -101,11 +112,15 @@ fn build_source(q: &Qemu, dir: &Path, i: usize) -> (std::path::PathBuf, &'static
     let path = dir.join(format!("src{i}.{}", ext(fmt)));
     let (compress, opts) = compress_and_options(opts);
     let layout = Layout::random(size, 6, 100 + i as u64);
-    if compress {
-        // qemu-io cannot write compressed zeros: build plain, then compress with qemu-img.
-        let plain = dir.join(format!("plain{i}.{}", ext(fmt)));
-        q.build(&layout, fmt, opts, &plain);
-        let mut args = vec!["convert", "-c", "-f", fmt, "-O", fmt];
+    if compress || opts.contains("streamOptimized") {
+        // qemu-io cannot write into compressed or streamOptimized images: build raw,
+        // then convert with qemu-img.
+        let plain = dir.join(format!("plain{i}.raw"));
+        q.build(&layout, "raw", "", &plain);
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+        if compress {
+            args.push("-c");
+        }
         if !opts.is_empty() {
             args.extend(["-o", opts]);
         }
@@ -142,7 +157,7 @@ fn every_source_to_every_target_and_back() {
                 0,
                 "{what}: content differs"
             );
-            if checkable(tfmt) {
+            if checkable(tfmt, topts) {
                 let (code, text) = q.check(tfmt, &out);
                 assert_eq!(code, 0, "{what}: qemu-img check: {text}");
             }

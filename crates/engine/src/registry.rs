@@ -9,6 +9,7 @@ use vconvert_core::{
 use vconvert_qcow2::{Qcow2OpenOptions, Qcow2Reader, Qcow2Writer};
 use vconvert_raw::{RawReader, RawWriter};
 use vconvert_vdi::{VdiReader, VdiWriter};
+use vconvert_vmdk::{VmdkReader, VmdkWriter};
 use vconvert_vpc::{VpcReader, VpcWriter};
 
 /// How deep a chain of backing images may be.
@@ -171,10 +172,7 @@ fn open_with(
         )?)),
         Format::Vdi => Ok(Box::new(VdiReader::open(file)?)),
         Format::Vpc => Ok(Box::new(VpcReader::open(file, resolver)?)),
-        f => Err(Error::unsupported(
-            file.name(),
-            format!("reading {f} images (not implemented yet)"),
-        )),
+        Format::Vmdk => Ok(Box::new(VmdkReader::open(file, resolver)?)),
     }
 }
 
@@ -196,10 +194,7 @@ pub(crate) fn with_writer<J: WriterJob>(
         Format::Qcow2 => job.run(Qcow2Writer::create(output, params, options)?),
         Format::Vdi => job.run(VdiWriter::create(output, params, options)?),
         Format::Vpc => job.run(VpcWriter::create(output, params, options)?),
-        f => Err(Error::unsupported(
-            output.target().display().to_string(),
-            format!("writing {f} images (not implemented yet)"),
-        )),
+        Format::Vmdk => job.run(VmdkWriter::create(output, params, options)?),
     }
 }
 

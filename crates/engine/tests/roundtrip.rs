@@ -21,6 +21,11 @@ const VARIANTS: &[(Format, &str)] = &[
     (Format::Qcow2, "refcount_bits=1,preallocation=metadata"),
     (Format::Qcow2, "-c"),
     (Format::Qcow2, "-c,compression_type=zstd,cluster_size=4k"),
+    (Format::Vmdk, ""),
+    (Format::Vmdk, "subformat=monolithicFlat"),
+    (Format::Vmdk, "subformat=twoGbMaxExtentSparse"),
+    (Format::Vmdk, "subformat=streamOptimized"),
+    (Format::Vmdk, "zeroed_grain=on"),
 ];
 
 fn opts(threads: usize, compress: bool) -> ConvertOptions<'static> {

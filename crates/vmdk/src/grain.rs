@@ -1,0 +1,132 @@
+//! Grain directories, grain tables and grains (spec "Grain Directory and Grain Table",
+//! "Stream-Optimized Compressed Sparse Extents").
+//!
+//! A sparse extent maps guest grains through a two-level table: the grain directory
+//! (GD) holds the sector of each grain table (GT); a GT holds `numGTEsPerGT` grain table
+//! entries (GTEs), each the sector of a grain, 0 for an unallocated grain, or 1 for a
+//! zeroed grain when the header has [`crate::header::FLAG_ZEROED_GRAIN`].
+
+use flate2::write::ZlibEncoder;
+use flate2::{Compression, Decompress, FlushDecompress, Status};
+
+/// Bytes of one GD or GT entry (a little-endian u32 sector number).
+pub const ENTRY_SIZE: u64 = 4;
+/// GTE (and GD entry) of an unallocated grain (or grain table).
+pub const GTE_UNALLOCATED: u32 = 0;
+/// GTE of a zeroed grain (spec 5.0, sparse extent version 2 and later).
+pub const GTE_ZEROED: u32 = 1;
+
+/// What a grain table entry says of its grain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grain {
+    /// Not allocated: zeros, or the parent's data.
+    Unallocated,
+    /// A zeroed grain.
+    Zero,
+    /// Plain grain bytes at this byte offset of the extent file.
+    Plain(u64),
+    /// A compressed grain (marker, if any, then a zlib stream) at this byte offset.
+    Compressed(u64),
+}
+
+impl Grain {
+    /// Interprets a GTE of an extent with or without zeroed-grain GTEs and compression.
+    pub fn from_gte(gte: u32, zeroed_grain: bool, compressed: bool) -> Self {
+        match gte {
+            GTE_UNALLOCATED => Grain::Unallocated,
+            GTE_ZEROED if zeroed_grain => Grain::Zero,
+            s if compressed => Grain::Compressed(u64::from(s) * crate::SECTOR_SIZE),
+            s => Grain::Plain(u64::from(s) * crate::SECTOR_SIZE),
+        }
+    }
+}
+
+/// Decodes little-endian u32 entries (a GD or a GT).
+pub fn decode_entries(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(ENTRY_SIZE as usize)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Encodes entries as little-endian u32s.
+pub fn encode_entries(entries: &[u32]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_le_bytes()).collect()
+}
+
+/// Inflates the zlib stream (RFC 1950, with header) at the start of `input` into `out`.
+/// Returns the bytes produced. Fails when the stream is invalid, truncated, or would
+/// produce more than `out.len()` bytes; bytes after the end of the stream are ignored.
+pub fn inflate(input: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    let mut d = Decompress::new(true);
+    // One spare byte tells "exactly full" from "more to come".
+    let mut spare = [0u8; 1];
+    let status = d
+        .decompress(input, out, FlushDecompress::Finish)
+        .map_err(|e| format!("invalid zlib stream: {e}"))?;
+    let produced = d.total_out() as usize;
+    match status {
+        Status::StreamEnd => Ok(produced),
+        _ if produced < out.len() => Err("zlib stream is truncated".into()),
+        _ => {
+            let consumed = d.total_in() as usize;
+            let rest = input.get(consumed..).unwrap_or_default();
+            match d.decompress(rest, &mut spare, FlushDecompress::Finish) {
+                Ok(Status::StreamEnd) if d.total_out() as usize == produced => Ok(produced),
+                Ok(_) if d.total_out() as usize > produced => {
+                    Err(format!("grain inflates to more than {} bytes", out.len()))
+                }
+                Ok(_) => Err("zlib stream is truncated".into()),
+                Err(e) => Err(format!("invalid zlib stream: {e}")),
+            }
+        }
+    }
+}
+
+/// Deflates `data` as one zlib stream (with header), as VMware and qemu write grains.
+pub fn deflate(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut e = ZlibEncoder::new(
+        Vec::with_capacity(data.len() / 2 + 64),
+        Compression::default(),
+    );
+    e.write_all(data)?;
+    e.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gte_meanings() {
+        assert_eq!(Grain::from_gte(0, true, false), Grain::Unallocated);
+        assert_eq!(Grain::from_gte(1, true, false), Grain::Zero);
+        assert_eq!(Grain::from_gte(1, false, false), Grain::Plain(512));
+        assert_eq!(Grain::from_gte(128, false, true), Grain::Compressed(65536));
+        assert_eq!(
+            decode_entries(&encode_entries(&[1, 2, 0xffff_ffff])),
+            [1, 2, 0xffff_ffff]
+        );
+    }
+
+    #[test]
+    fn inflate_is_bounded() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let z = deflate(&data).unwrap();
+        assert_eq!(&z[..2], b"\x78\x9c");
+        let mut out = vec![0u8; 65536];
+        assert_eq!(inflate(&z, &mut out).unwrap(), 65536);
+        assert_eq!(out, data);
+        // Trailing padding is ignored.
+        let mut padded = z.clone();
+        padded.extend_from_slice(&[0u8; 300]);
+        assert_eq!(inflate(&padded, &mut out).unwrap(), 65536);
+        let mut small = vec![0u8; 65535];
+        assert!(inflate(&z, &mut small).unwrap_err().contains("more than"));
+        assert!(inflate(&z[..z.len() / 2], &mut out).is_err());
+        assert!(inflate(b"garbage!", &mut out).is_err());
+        let short = deflate(&data[..1000]).unwrap();
+        assert_eq!(inflate(&short, &mut out).unwrap(), 1000);
+    }
+}
