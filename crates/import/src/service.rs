@@ -566,9 +566,8 @@ impl Service {
         }
         let _t = self.transitions.lock();
         match result {
-            Ok(message) => {
-                let _ = self.db.set_task(task_id, "success", &message);
-            }
+            // Already recorded, just before the image turned active.
+            Ok(_) => {}
             Err(message) => {
                 let message = if cancel.is_cancelled() {
                     "cancelled: the image was deleted during the import".to_string()
@@ -696,10 +695,14 @@ impl Service {
         img.checksum = Some(md5);
         img.os_hash_value = Some(sha512);
         img.staged = false;
-        self.db.update_image(&img)?;
-        Ok(format!(
+        let message = format!(
             "imported: stored as {} ({size} bytes)",
             disk_format_name(target)
-        ))
+        );
+        // The task succeeds before the image turns active, so a client that sees the
+        // image active never finds its task still processing.
+        self.db.set_task(task_id, "success", &message)?;
+        self.db.update_image(&img)?;
+        Ok(message)
     }
 }
