@@ -4,7 +4,7 @@
 mod check;
 mod info;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -403,7 +403,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         rate_limit: args.rate_limit.as_deref().map(parse_size).transpose()?,
         ..ConvertOptions::default()
     };
-    let result =
+    let mut result =
         vconvert_engine::convert(src.as_ref(), &args.target, output_format, options, &opts);
     if let Some(b) = bar {
         if result.is_ok() {
@@ -412,7 +412,31 @@ fn convert(args: ConvertArgs) -> Result<()> {
             b.abandon();
         }
     }
+    if result.is_ok() && args.untrusted {
+        result = inspect_output(&args.target, output_format);
+    }
     result
+}
+
+/// Under `--untrusted`, the converted image is inspected again: its content must be the
+/// target format and nothing else (a raw disk whose first bytes are a qcow2 header with a
+/// backing file would be a trap for the next program that probes it). The output's own
+/// extent files are allowed; a refused output is removed.
+fn inspect_output(target: &Path, format: Format) -> Result<()> {
+    let policy = Policy {
+        allow_external_files: true,
+        vmdk_allowed_types: Vec::new(),
+        ..Policy::untrusted()
+    };
+    let report = vconvert_engine::inspect(target, Some(format), &policy)?;
+    if let Err(e) = report.ensure_safe(&target.display().to_string()) {
+        let _ = std::fs::remove_file(target);
+        return Err(Error::Refused {
+            file: target.display().to_string(),
+            reason: format!("the converted image was removed: {e}"),
+        });
+    }
+    Ok(())
 }
 
 fn create(args: CreateArgs) -> Result<()> {

@@ -100,6 +100,53 @@ pub trait ImageReader: Send + Sync {
     fn check(&self) -> Option<Result<CheckReport>> {
         None
     }
+
+    /// The host file that [`crate::Location::File`] number `index` of this image's block
+    /// maps refers to, when the reader can lend it: lets the engine see holes in the
+    /// host file (a static VDI's unwritten blocks, say) as zeros, as qemu does.
+    fn host_file(&self, _index: u32) -> Option<&crate::ImageFile> {
+        None
+    }
+}
+
+/// Splits the `Data(File)` extents of `map` that lie over holes of their host file
+/// (found with `SEEK_DATA`/`SEEK_HOLE`) into [`crate::ExtentKind::Zero`]: holes read as
+/// zeros, and need neither reading nor storing.
+pub fn refine_host_holes(map: BlockMap, reader: &dyn ImageReader) -> Result<BlockMap> {
+    use crate::{ExtentKind, Location};
+    let mut out = BlockMap::new(map.start());
+    for e in map.extents() {
+        let ExtentKind::Data(Location::File { file, offset }) = e.kind else {
+            out.push(e.len, e.kind);
+            continue;
+        };
+        let Some(host) = reader.host_file(file) else {
+            out.push(e.len, e.kind);
+            continue;
+        };
+        let storage = host.storage();
+        let io = |err| crate::Error::io(host.name(), "cannot find data and holes", err);
+        let end = offset.saturating_add(e.len);
+        let mut pos = offset;
+        while pos < end {
+            let data = match storage.next_data(pos).map_err(io)? {
+                Some(d) => d.clamp(pos, end),
+                None => end,
+            };
+            out.push(data - pos, ExtentKind::Zero);
+            if data >= end {
+                break;
+            }
+            let hole = storage.next_hole(data).map_err(io)?.clamp(data, end);
+            let hole = if hole == data { end } else { hole };
+            out.push(
+                hole - data,
+                ExtentKind::Data(Location::File { file, offset: data }),
+            );
+            pos = hole;
+        }
+    }
+    Ok(out)
 }
 
 /// What `check` found, in qemu-img's terms.

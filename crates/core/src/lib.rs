@@ -25,6 +25,7 @@ pub use blockmap::{BlockMap, Extent, ExtentKind, Location};
 pub use error::{Error, Result};
 pub use format::Format;
 pub use identity::Identity;
+pub use image::refine_host_holes;
 pub use image::{
     CheckReport, Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind,
     SnapshotInfo,

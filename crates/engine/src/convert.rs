@@ -296,7 +296,7 @@ impl Reader<'_> {
         while pos < size {
             self.cancel.check()?;
             let end = size.min(pos.saturating_add(window));
-            let map = self.src.block_map(pos..end)?;
+            let map = vconvert_core::refine_host_holes(self.src.block_map(pos..end)?, self.src)?;
             if map.start() != pos || map.end() != end {
                 return Err(Error::invalid(format!(
                     "reader returned a block map of {:#x}..{:#x} for {pos:#x}..{end:#x}",

@@ -162,10 +162,22 @@ pub fn measure(
 fn data_bytes_in_granules(src: &dyn ImageReader, size: u64, granule: u64) -> Result<u64> {
     let mut total = 0u64;
     let mut last_counted: Option<u64> = None;
+    // A fixed VHD is the only VHD without a block size.
+    let fixed_vhd = src.format() == Format::Vpc && src.info()?.cluster_size.is_none();
+    let refine = matches!(src.format(), Format::Vdi | Format::Vmdk) || fixed_vhd;
     let mut pos = 0;
     while pos < size {
         let end = size.min(pos.saturating_add(1 << 30));
-        for e in src.block_map(pos..end)?.extents() {
+        let map = src.block_map(pos..end)?;
+        // qemu refines VDI blocks, VMDK grains and extents and a fixed VHD by the host
+        // file's holes (their block status asks the file layer); for other formats it
+        // counts whole allocations.
+        let map = if refine {
+            vconvert_core::refine_host_holes(map, src)?
+        } else {
+            map
+        };
+        for e in map.extents() {
             if !e.kind.is_data() {
                 continue;
             }

@@ -498,6 +498,14 @@ impl ImageReader for Qcow2Reader {
         out
     }
 
+    fn host_file(&self, index: u32) -> Option<&ImageFile> {
+        match (index, &self.data_file) {
+            (0, _) => Some(&self.file),
+            (1, Some(d)) => Some(d),
+            _ => None,
+        }
+    }
+
     fn check(&self) -> Option<Result<CheckReport>> {
         Some(crate::check::check(self))
     }

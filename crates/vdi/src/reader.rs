@@ -179,6 +179,10 @@ impl ImageReader for VdiReader {
         Ok(info)
     }
 
+    fn host_file(&self, index: u32) -> Option<&ImageFile> {
+        (index == 0).then_some(&self.file)
+    }
+
     fn check(&self) -> Option<Result<CheckReport>> {
         // `open` refuses out-of-range and duplicate entries; what is left to find is a
         // wrong allocation count and blocks cut off by the end of the file.

@@ -639,6 +639,14 @@ impl ImageReader for VmdkReader {
         Ok(info)
     }
 
+    fn host_file(&self, index: u32) -> Option<&ImageFile> {
+        match self.extents.get(index as usize).map(|e| &e.backend) {
+            Some(Backend::Flat { file, .. }) => Some(file),
+            Some(Backend::Sparse(sp)) => Some(&sp.file),
+            _ => None,
+        }
+    }
+
     fn safety_findings(&self) -> Vec<String> {
         self.findings.clone()
     }

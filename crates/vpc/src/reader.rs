@@ -4,8 +4,8 @@ use std::ops::Range;
 use std::path::PathBuf;
 
 use vconvert_core::{
-    read_backing, relative_to, BlockMap, CheckReport, Error, ExtentKind, Format, ImageFile,
-    ImageInfo, ImageReader, Location, Resolver, Result,
+    read_backing, relative_to, BlockMap, Error, ExtentKind, Format, ImageFile, ImageInfo,
+    ImageReader, Location, Resolver, Result,
 };
 
 use crate::dynamic::{utf16, DynamicHeader, BAT_UNUSED, MAX_LOCATOR_BYTES};
@@ -390,6 +390,10 @@ impl ImageReader for VpcReader {
         Ok(info)
     }
 
+    fn host_file(&self, index: u32) -> Option<&ImageFile> {
+        (index == 0).then_some(&self.file)
+    }
+
     fn safety_findings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.footer.checksum_ok() {
@@ -407,14 +411,5 @@ impl ImageReader for VpcReader {
             }
         }
         out
-    }
-
-    fn check(&self) -> Option<Result<CheckReport>> {
-        // The BAT was checked when the image was opened (bounds, overlaps); what is left
-        // are the checksums.
-        Some(Ok(CheckReport {
-            corruptions: self.safety_findings(),
-            ..CheckReport::default()
-        }))
     }
 }

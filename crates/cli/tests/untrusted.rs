@@ -1,0 +1,295 @@
+//! Every attack class an import service meets, against `--untrusted`: the hostile image
+//! is built (with qemu-img where it can, by hand otherwise), then `convert --untrusted`
+//! must fail cleanly (exit 1, the reason named) before creating any output, and
+//! `info --untrusted` must refuse it too. The referenced host file holds a marker that
+//! must never appear in any file we write.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use vconvert_testkit::{qemu, tempdir, Layout, Qemu};
+
+const MARKER: &[u8] = b"HOST-SECRET-0123456789-";
+
+fn vconvert(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vconvert"))
+        .args(args)
+        .output()
+        .expect("run vconvert")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A host file full of the marker.
+fn secret(dir: &Path) -> PathBuf {
+    let p = dir.join("secret.bin");
+    std::fs::write(&p, MARKER.repeat((1 << 20) / MARKER.len() + 1)).unwrap();
+    p
+}
+
+/// Asserts `convert --untrusted` and `info --untrusted` refuse `img` (declared `fmt`)
+/// naming `reason`, with no output file and no marker anywhere new.
+fn assert_refused(dir: &Path, img: &Path, fmt: Option<&str>, reason: &str) {
+    let before: Vec<PathBuf> = vconvert_testkit::dir_entries(dir);
+    let out = dir.join("out.raw");
+    let mut args = vec!["convert", "--untrusted", "-O", "raw"];
+    if let Some(f) = fmt {
+        args.extend(["-f", f]);
+    }
+    args.extend([s(img), s(&out)]);
+    let r = vconvert(&args);
+    let err = String::from_utf8_lossy(&r.stderr).to_lowercase();
+    assert_eq!(
+        r.status.code(),
+        Some(1),
+        "{}: convert: {err}",
+        img.display()
+    );
+    assert!(
+        err.contains(&reason.to_lowercase()),
+        "{}: '{reason}' not in: {err}",
+        img.display()
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "{}: output created", img.display());
+    assert_eq!(vconvert_testkit::dir_entries(dir), before, "files appeared");
+    let mut args = vec!["info", "--untrusted"];
+    if let Some(f) = fmt {
+        args.extend(["-f", f]);
+    }
+    args.push(s(img));
+    let r = vconvert(&args);
+    let err = String::from_utf8_lossy(&r.stderr).to_lowercase();
+    assert_eq!(r.status.code(), Some(1), "{}: info: {err}", img.display());
+    assert!(
+        err.contains(&reason.to_lowercase()),
+        "{}: info: '{reason}' not in: {err}",
+        img.display()
+    );
+}
+
+fn qcow2_with(q: &Qemu, dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let p = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend(extra);
+    args.extend([s(&p), "4M"]);
+    q.img(&args);
+    p
+}
+
+#[test]
+fn qcow2_references_and_flags_are_refused() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let sec = secret(dir.path());
+    let abs = sec.display().to_string();
+    let img = qcow2_with(&q, dir.path(), "backing.qcow2", &["-b", &abs, "-F", "raw"]);
+    assert_refused(dir.path(), &img, None, "backing");
+    let json = format!(r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{abs}"}}}}"#);
+    let img = qcow2_with(
+        &q,
+        dir.path(),
+        "json.qcow2",
+        &["-u", "-b", &json, "-F", "raw"],
+    );
+    assert_refused(dir.path(), &img, None, "json:");
+    let victim = dir.path().join("victim.bin");
+    let img = qcow2_with(
+        &q,
+        dir.path(),
+        "datafile.qcow2",
+        &["-o", &format!("data_file={}", victim.display())],
+    );
+    std::fs::copy(&sec, &victim).unwrap();
+    assert_refused(dir.path(), &img, None, "victim.bin");
+    let img = qcow2_with(
+        &q,
+        dir.path(),
+        "luks.qcow2",
+        &[
+            "--object",
+            "secret,id=s0,data=123456",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+        ],
+    );
+    assert_refused(dir.path(), &img, None, "encrypted");
+    let img = qcow2_with(&q, dir.path(), "corrupt.qcow2", &[]);
+    let mut b = std::fs::read(&img).unwrap();
+    b[79] |= 2;
+    std::fs::write(&img, b).unwrap();
+    assert_refused(dir.path(), &img, None, "corrupt bit");
+    let img = dir.path().join("huge.qcow2");
+    q.img(&["create", "-q", "-f", "qcow2", s(&img), "100T"]);
+    assert_refused(dir.path(), &img, None, "exceeds the limit");
+}
+
+#[test]
+fn declared_format_must_be_the_content_and_only_one_format() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let sec = secret(dir.path());
+    let img = qcow2_with(
+        &q,
+        dir.path(),
+        "raw-claim.img",
+        &["-b", s(&sec), "-F", "raw"],
+    );
+    assert_refused(dir.path(), &img, Some("raw"), "qcow2");
+    // A qcow2 header and an ISO 9660 volume descriptor in one file.
+    let img = dir.path().join("iso.qcow2");
+    q.img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    let mut b = std::fs::read(&img).unwrap();
+    b.resize(b.len().max(40000), 0);
+    b[32769..32774].copy_from_slice(b"CD001");
+    std::fs::write(&img, b).unwrap();
+    assert_refused(dir.path(), &img, Some("qcow2"), "iso");
+}
+
+#[test]
+fn vmdk_extents_outside_the_image_are_refused() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let sec = secret(dir.path());
+    for (name, create_type, path) in [
+        ("abs.vmdk", "monolithicFlat", sec.display().to_string()),
+        (
+            "dotdot.vmdk",
+            "streamOptimized",
+            "../secret.bin".to_string(),
+        ),
+    ] {
+        let sub = dir.path().join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        let img = sub.join(name);
+        std::fs::write(
+            &img,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+                 createType=\"{create_type}\"\n\nRW 2048 FLAT \"{path}\" 0\n\n\
+                 ddb.virtualHWVersion = \"4\"\n"
+            ),
+        )
+        .unwrap();
+        assert_refused(&sub, &img, Some("vmdk"), "secret.bin");
+    }
+    // A sparse VMDK whose embedded descriptor names an extra extent.
+    let img = dir.path().join("embedded.vmdk");
+    q.img(&["create", "-q", "-f", "vmdk", s(&img), "1M"]);
+    let mut b = std::fs::read(&img).unwrap();
+    let text = String::from_utf8_lossy(&b[512..512 + 20 * 512]).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RW "))
+        .unwrap()
+        .to_string();
+    let extra = format!("{line}\nRW 2048 FLAT \"{}\" 0", sec.display());
+    let new = text.replacen(&line, &extra, 1);
+    let new = new.trim_end_matches('\0').as_bytes();
+    b[512..512 + new.len()].copy_from_slice(new);
+    std::fs::write(&img, b).unwrap();
+    assert_refused(dir.path(), &img, Some("vmdk"), "secret.bin");
+    // A flat VMDK made by qemu: its descriptor names its data file.
+    let flat = dir.path().join("flat.vmdk");
+    q.img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&flat),
+        "1M",
+    ]);
+    assert_refused(dir.path(), &flat, Some("vmdk"), "refers to file");
+    // A single-file sparse VMDK whose createType is outside the allow-list.
+    let odd = dir.path().join("odd.vmdk");
+    q.img(&["create", "-q", "-f", "vmdk", s(&odd), "1M"]);
+    let mut b = std::fs::read(&odd).unwrap();
+    let text = String::from_utf8_lossy(&b[512..512 + 20 * 512]).into_owned();
+    let new = text.replacen("monolithicSparse", "twoGbMaxExtentSparse", 1);
+    let new = new.trim_end_matches('\0').as_bytes();
+    b[512..512 + new.len()].copy_from_slice(new);
+    std::fs::write(&odd, b).unwrap();
+    assert_refused(dir.path(), &odd, Some("vmdk"), "createtype");
+}
+
+#[test]
+fn vhd_and_vdi_parents_and_checksums_are_refused() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let sec = secret(dir.path());
+    // A differencing VHD whose parent name is the host file.
+    let vhd = dir.path().join("diff.vhd");
+    q.img(&["create", "-q", "-f", "vpc", s(&vhd), "4M"]);
+    let mut b = std::fs::read(&vhd).unwrap();
+    let fix_footer = |b: &mut Vec<u8>, at: usize| {
+        b[at + 60..at + 64].copy_from_slice(&4u32.to_be_bytes());
+        b[at + 64..at + 68].fill(0);
+        let sum = !b[at..at + 512]
+            .iter()
+            .fold(0u32, |a, &x| a.wrapping_add(x.into()));
+        b[at + 64..at + 68].copy_from_slice(&sum.to_be_bytes());
+    };
+    let len = b.len();
+    fix_footer(&mut b, 0);
+    fix_footer(&mut b, len - 512);
+    let name: Vec<u8> = sec
+        .display()
+        .to_string()
+        .encode_utf16()
+        .flat_map(|u| u.to_be_bytes())
+        .collect();
+    b[512 + 64..512 + 64 + name.len()].copy_from_slice(&name);
+    b[512 + 36..512 + 40].fill(0);
+    let sum = !b[512..1536]
+        .iter()
+        .fold(0u32, |a, &x| a.wrapping_add(x.into()));
+    b[512 + 36..512 + 40].copy_from_slice(&sum.to_be_bytes());
+    std::fs::write(&vhd, &b).unwrap();
+    assert_refused(dir.path(), &vhd, None, "secret.bin");
+    // A VHD whose footer checksum is wrong.
+    let bad = dir.path().join("sum.vhd");
+    q.img(&["create", "-q", "-f", "vpc", s(&bad), "4M"]);
+    let mut b = std::fs::read(&bad).unwrap();
+    b[64] ^= 1;
+    std::fs::write(&bad, b).unwrap();
+    assert_refused(dir.path(), &bad, None, "checksum");
+    // A differencing VDI.
+    let vdi = dir.path().join("diff.vdi");
+    q.img(&["create", "-q", "-f", "vdi", s(&vdi), "4M"]);
+    let mut b = std::fs::read(&vdi).unwrap();
+    b[0x1b8..0x1c8].fill(7);
+    std::fs::write(&vdi, b).unwrap();
+    assert_refused(dir.path(), &vdi, None, "differencing");
+}
+
+#[test]
+fn converted_output_is_inspected_again() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let sec = secret(dir.path());
+    // A legitimate qcow2 whose guest disk starts with a qcow2 header naming a host
+    // file: converting it to raw would leave a trap for the next prober.
+    let inner = qcow2_with(&q, dir.path(), "inner.qcow2", &["-b", s(&sec), "-F", "raw"]);
+    let guest = dir.path().join("guest.raw");
+    let mut disk = std::fs::read(&inner).unwrap();
+    disk.resize(4 << 20, 0);
+    std::fs::write(&guest, disk).unwrap();
+    let outer = dir.path().join("outer.qcow2");
+    q.img(&["convert", "-f", "raw", "-O", "qcow2", s(&guest), s(&outer)]);
+    let out = dir.path().join("out.raw");
+    let r = vconvert(&["convert", "--untrusted", "-O", "raw", s(&outer), s(&out)]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("converted image was removed"), "{err}");
+    assert!(!out.exists());
+    // The same conversion to qcow2 is fine: a qcow2 file is unambiguous.
+    let ok = dir.path().join("out.qcow2");
+    let r = vconvert(&["convert", "--untrusted", "-O", "qcow2", s(&outer), s(&ok)]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    q.assert_same("qcow2", &outer, "qcow2", &ok);
+    let _ = Layout::random(1, 0, 0);
+}
