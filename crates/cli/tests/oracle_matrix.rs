@@ -205,7 +205,7 @@ pub fn assert_info_matches(q: &Qemu, fmt: &str, path: &Path) {
 fn info_json_matches_qemu_img_for_every_source() {
     let Some(q) = qemu() else { return };
     let dir = tempdir();
-    for i in 0..SOURCES.len() {
+    for (i, source) in SOURCES.iter().enumerate() {
         let (src, fmt) = build_source(&q, dir.path(), i);
         assert_info_matches(&q, fmt, &src);
         // check: same exit code and, where qemu checks the format, the same JSON.
@@ -223,7 +223,7 @@ fn info_json_matches_qemu_img_for_every_source() {
         if theirs.status.code() == Some(0) {
             let a: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
             let b: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
-            assert_eq!(a, b, "check {:?}", SOURCES[i]);
+            assert_eq!(a, b, "check {source:?}");
         }
         // measure for a qcow2 target: within 1% of qemu-img's figures.
         let ours: serde_json::Value = serde_json::from_slice(
@@ -256,8 +256,7 @@ fn info_json_matches_qemu_img_for_every_source() {
             let (a, b) = (ours[key].as_f64().unwrap(), theirs[key].as_f64().unwrap());
             assert!(
                 (a - b).abs() <= b * 0.01,
-                "measure {key} of {:?}: ours {a}, qemu-img's {b}",
-                SOURCES[i]
+                "measure {key} of {source:?}: ours {a}, qemu-img's {b}"
             );
         }
     }
