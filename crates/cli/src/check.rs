@@ -101,6 +101,7 @@ pub fn check(
     format: Option<Format>,
     output: &str,
     allow_external_files: bool,
+    leaks_fixed: Option<u64>,
 ) -> Result<u8> {
     let img = vconvert_engine::open(
         path,
@@ -116,10 +117,19 @@ pub fn check(
     };
     let report = report?;
     if output == "json" {
-        let text = serde_json::to_string_pretty(&to_json(path, img.format(), &report))
+        let mut v = to_json(path, img.format(), &report);
+        if let (Some(n), Value::Object(m)) = (leaks_fixed.filter(|n| *n > 0), &mut v) {
+            m.insert("leaks-fixed".into(), json!(n));
+        }
+        let text = serde_json::to_string_pretty(&v)
             .map_err(|e| Error::invalid(format!("cannot format JSON: {e}")))?;
         println!("{text}");
     } else {
+        if let Some(n) = leaks_fixed.filter(|n| *n > 0) {
+            print!(
+                "The following inconsistencies were found and repaired:\n\n    {n} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n"
+            );
+        }
         print!("{}", human(&report));
     }
     Ok(status(&report))

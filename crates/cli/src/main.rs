@@ -44,6 +44,10 @@ struct CheckArgs {
     /// Image format; probed from the content when omitted.
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
+    /// Repair: `leaks` lowers the refcounts of leaked clusters (qcow2); `all` also
+    /// repairs leaks (other corruptions are reported, not repaired).
+    #[arg(short = 'r', value_name = "leaks|all", value_parser = ["leaks", "all"])]
+    repair: Option<String>,
     /// Output format: human or json (qemu-img's keys).
     #[arg(long = "output", value_name = "FMT", default_value = "human", value_parser = ["human", "json"])]
     output: String,
@@ -477,7 +481,11 @@ fn run(cli: Cli) -> Result<u8> {
                 let report = vconvert_engine::inspect(&a.file, format, &Policy::untrusted())?;
                 report.ensure_safe(&a.file.display().to_string())?;
             }
-            check::check(&a.file, format, &a.output, !a.untrusted)
+            let fixed = match a.repair {
+                Some(_) => Some(vconvert_engine::repair_leaks(&a.file, format)?),
+                None => None,
+            };
+            check::check(&a.file, format, &a.output, !a.untrusted, fixed)
         }
     }
 }

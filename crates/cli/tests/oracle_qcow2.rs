@@ -293,6 +293,25 @@ fn check_finds_leaks_and_corruptions_like_qemu_img() {
     let ours = vconvert(&["check", "--output=json", s(&img)]);
     assert_eq!(ours.status.code(), Some(3));
     assert_eq!(json(&ours), qemu_check_json(&img));
+    // Repair: both tools fix the leak the same way.
+    let (mine, theirs) = (
+        dir.path().join("mine.qcow2"),
+        dir.path().join("theirs.qcow2"),
+    );
+    std::fs::copy(&img, &mine).unwrap();
+    std::fs::copy(&img, &theirs).unwrap();
+    let fixed = vconvert(&["check", "-r", "leaks", "--output=json", s(&mine)]);
+    assert_eq!(fixed.status.code(), Some(0));
+    let qfixed = Command::new("qemu-img")
+        .args(["check", "-r", "leaks", "--output=json", s(&theirs)])
+        .output()
+        .unwrap();
+    let mut ja = json(&fixed);
+    let mut jb: serde_json::Value = serde_json::from_slice(&qfixed.stdout).unwrap();
+    ja.as_object_mut().unwrap().remove("filename");
+    jb.as_object_mut().unwrap().remove("filename");
+    assert_eq!(ja, jb);
+    assert_eq!(q.check("qcow2", &mine).0, 0);
     // Corruption: a data cluster's refcount dropped to 0.
     let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
     let l2 =

@@ -6,7 +6,9 @@ use vconvert_core::{
     CreateParams, Error, Format, ImageFile, ImageReader, ImageWriter, Options, Output, Resolver,
     Result,
 };
-use vconvert_qcow2::{Qcow2OpenOptions, Qcow2Reader, Qcow2Writer};
+use vconvert_qcow2::{
+    repair_leaks as qcow2_repair_leaks, Qcow2OpenOptions, Qcow2Reader, Qcow2Writer,
+};
 use vconvert_raw::{RawReader, RawWriter};
 use vconvert_vdi::{VdiReader, VdiWriter};
 use vconvert_vmdk::{VmdkReader, VmdkWriter};
@@ -174,6 +176,42 @@ fn open_with(
         Format::Vpc => Ok(Box::new(VpcReader::open(file, resolver)?)),
         Format::Vmdk => Ok(Box::new(VmdkReader::open(file, resolver)?)),
     }
+}
+
+/// Repairs leaked clusters of the qcow2 image at `path` (qemu-img `check -r leaks`):
+/// their refcounts are lowered to their references. Returns the number fixed.
+pub fn repair_leaks(path: &Path, format: Option<Format>) -> Result<u64> {
+    let file = ImageFile::open(path)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe(&file)?,
+    };
+    if format != Format::Qcow2 {
+        return Err(Error::unsupported(
+            file.name(),
+            format!("repairing {format} images (only qcow2 leaks are repaired)"),
+        ));
+    }
+    let options = OpenOptions {
+        allow_external_files: true,
+        allow_corrupt: true,
+    };
+    let resolver = ChainResolver {
+        options: options.clone(),
+        chain: std::fs::canonicalize(path).into_iter().collect(),
+    };
+    let reader = Qcow2Reader::open(
+        file,
+        &resolver,
+        Qcow2OpenOptions {
+            allow_corrupt: true,
+        },
+    )?;
+    let rw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path.display().to_string(), "cannot open for repair", e))?;
+    qcow2_repair_leaks(&reader, &rw)
 }
 
 /// Something to do with a freshly created writer of any format.

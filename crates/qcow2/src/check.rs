@@ -40,6 +40,56 @@ impl Counter {
 
 /// Checks `r`'s metadata.
 pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
+    check_collecting(r, &mut Vec::new())
+}
+
+/// Lowers the stored refcount of every leaked cluster of the image `r` reads to its
+/// number of references (qemu-img `check -r leaks`), writing through `file` (the same
+/// image opened for writing). Returns the number of clusters fixed.
+pub fn repair_leaks(r: &Qcow2Reader, file: &std::fs::File) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut leaks = Vec::new();
+    check_collecting(r, &mut leaks)?;
+    let h = r.header();
+    let cs = h.cluster_size();
+    let bits = u64::from(h.refcount_bits());
+    let per_block = cs * 8 / bits;
+    let img = r.file();
+    let rt = img.read_vec(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        crate::header::MAX_REFTABLE_BYTES,
+        "refcount table",
+    )?;
+    let name = img.name().to_string();
+    let io = |e| vconvert_core::Error::io(&name, "cannot write a refcount block", e);
+    for &(cluster, refs) in &leaks {
+        let i = (cluster / per_block) as usize;
+        let Some(w) = rt.get(8 * i..8 * i + 8) else {
+            continue;
+        };
+        let block = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) & !511;
+        let bit = (cluster % per_block) * bits;
+        if bits < 8 {
+            let at = block + bit / 8;
+            let mut byte = [0u8];
+            img.read_exact_at(&mut byte, at, "refcount block")?;
+            let mask = (((1u16 << bits) - 1) as u8) << (bit % 8);
+            byte[0] = (byte[0] & !mask) | (((refs as u8) << (bit % 8)) & mask);
+            file.write_all_at(&byte, at).map_err(io)?;
+        } else {
+            let n = (bits / 8) as usize;
+            let be = refs.to_be_bytes();
+            file.write_all_at(&be[8 - n..], block + bit / 8)
+                .map_err(io)?;
+        }
+    }
+    file.sync_all().map_err(io)?;
+    Ok(leaks.len() as u64)
+}
+
+/// Checks `r`, collecting `(cluster, references)` of every leaked cluster.
+fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<CheckReport> {
     let h = r.header();
     let file = r.file();
     let cs = h.cluster_size();
@@ -235,6 +285,7 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
             ));
         } else if have > refs {
             leaked += 1;
+            leaks.push((i, refs));
             c.report.leaks.push(format!(
                 "cluster {i}: refcount {have} but {refs} references (leaked)"
             ));

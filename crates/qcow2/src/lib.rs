@@ -10,6 +10,7 @@
 //! and placed in guest order).
 
 mod check;
+pub use check::repair_leaks;
 pub mod compressed;
 mod header;
 pub mod l2;
