@@ -10,8 +10,13 @@ use crate::header::CompressionType;
 /// Window bits qemu uses for deflate (a 4 KiB window: qemu inflates with the same, so
 /// a larger window would make clusters qemu cannot read).
 pub const DEFLATE_WINDOW_BITS: u8 = 12;
-/// The deflate level qemu uses (zlib's default).
-pub const DEFLATE_LEVEL: u32 = 6;
+/// The deflate level for compressed clusters. qemu uses zlib's default (6), but
+/// zlib-rs (zlib-ng's algorithms) compresses less at the same level: measured on 200 MB
+/// of /usr/lib in 64 KiB clusters with qemu's 4 KiB window, zlib 6 gives 74.46 MB at
+/// 28 MB/s per core; zlib-rs 6 gives +3.6% (74 MB/s), 7 +2.8% (46 MB/s), 9 -0.5%
+/// (34 MB/s). Level 9 keeps the output no larger than qemu-img's and is still faster
+/// per core; `-o compression_level=6` trades 3-4% of size for twice the speed.
+pub const DEFLATE_LEVEL: u32 = 9;
 
 /// Decompresses one cluster of `out.len()` bytes from `src` (which may carry trailing
 /// bytes after the stream). Fails unless the stream fills `out` exactly.

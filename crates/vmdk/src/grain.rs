@@ -83,12 +83,19 @@ pub fn inflate(input: &[u8], out: &mut [u8]) -> Result<usize, String> {
     }
 }
 
+/// The deflate level for grains. zlib-rs (zlib-ng's algorithms) compresses less than
+/// the system zlib qemu uses at the same level: measured on 200 MB of /usr/lib in
+/// 64 KiB grains, zlib level 6 gives 70.10 MB at 22.6 MB/s per core; zlib-rs level 6
+/// gives +3.0% (56 MB/s), level 7 +2.2% (38 MB/s), level 9 -0.6% (20 MB/s). Level 9
+/// keeps our output no larger than qemu-img's; the speed comes from using every core.
+pub const GRAIN_DEFLATE_LEVEL: u32 = 9;
+
 /// Deflates `data` as one zlib stream (with header), as VMware and qemu write grains.
 pub fn deflate(data: &[u8]) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
     let mut e = ZlibEncoder::new(
         Vec::with_capacity(data.len() / 2 + 64),
-        Compression::default(),
+        Compression::new(GRAIN_DEFLATE_LEVEL),
     );
     e.write_all(data)?;
     e.finish()
