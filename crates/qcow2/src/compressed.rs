@@ -141,4 +141,30 @@ mod tests {
             assert!(!c.compress(&noise, &mut out).unwrap());
         }
     }
+
+    /// Regression: zlib-rs panicked ("buf.len() must fit in remaining()") when its
+    /// output buffer was only as large as the input and the input was incompressible
+    /// (seen with 4 KiB clusters under -c). The compressor now always gives it room.
+    #[test]
+    fn incompressible_clusters_of_every_size_and_level_do_not_panic() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for cs in [512usize, 4096, 65536, 2 << 20] {
+            let noise: Vec<u8> = (0..cs)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 32) as u8
+                })
+                .collect();
+            for level in [1, 6, 9] {
+                let mut c = Compressor::new(CompressionType::Zlib, level).unwrap();
+                let mut out = Vec::new();
+                assert!(!c.compress(&noise, &mut out).unwrap(), "{cs} {level}");
+                let mut half = noise.clone();
+                half[cs / 2..].fill(0);
+                assert!(c.compress(&half, &mut out).unwrap(), "{cs} {level}");
+            }
+        }
+    }
 }
