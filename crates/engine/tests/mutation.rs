@@ -108,6 +108,7 @@ fn exercise(name: &str, bytes: Vec<u8>, dir: &std::path::Path) {
             continue;
         };
         let _ = img.info();
+        let _ = img.check();
         let size = img.virtual_size();
         let Ok(map) = img.block_map(0..size.min(1 << 40)) else {
             continue;
@@ -169,4 +170,33 @@ fn mutated_fixtures_never_panic_hang_or_balloon() {
         }
     }
     assert!(total >= CASES_PER_FIXTURE);
+}
+
+#[test]
+fn regression_inputs_never_panic_or_hang() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/regressions");
+    let work = vconvert_testkit::tempdir();
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "md") {
+            continue;
+        }
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&p).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let case_dir = work.path().to_path_buf();
+        let n = name.clone();
+        std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(move || exercise(&n, bytes, &case_dir));
+            let _ = tx.send(r.is_ok());
+        });
+        match rx.recv_timeout(CASE_TIME_LIMIT) {
+            Ok(true) => {}
+            Ok(false) => panic!("{name}: panicked"),
+            Err(_) => panic!("{name}: did not finish within {CASE_TIME_LIMIT:?}"),
+        }
+        seen += 1;
+    }
+    assert!(seen > 0, "no regression inputs in {}", dir.display());
 }
