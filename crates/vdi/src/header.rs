@@ -6,6 +6,11 @@ use vconvert_core::{Error, ImageFile, Result};
 pub const SIGNATURE: u32 = 0xbeda_107f;
 /// Header version 1.1 (major 1 in the high half, minor 1 in the low half).
 pub const VERSION_1_1: u32 = 0x0001_0001;
+/// Header version 1.0: the 1.1 layout without the trailing LCHS geometry.
+pub const VERSION_1_0: u32 = 0x0001_0000;
+/// Bytes of pre-header plus a major-version-0 header (`VDIHEADER0`); the block map of
+/// such an image follows right after, and the data after the block map.
+pub const HEADER0_END: u32 = 0x1a4;
 /// The text qemu and vconvert write at the start of the file.
 pub const PRE_HEADER_TEXT: &[u8] = b"<<< QEMU VM Virtual Disk Image >>>\n";
 /// Bytes of pre-header plus header that we read and write (qemu's layout: the block map
@@ -215,11 +220,16 @@ impl VdiHeader {
             ));
         }
         let version = u32_at(&b, OFF_VERSION);
-        if version != VERSION_1_1 {
+        if version >> 16 == 0 {
+            let h = Self::from_header0(file, &b)?;
+            h.validate(file)?;
+            return Ok(h);
+        }
+        if version != VERSION_1_1 && version != VERSION_1_0 {
             return Err(Error::unsupported(
                 file.name(),
                 format!(
-                    "VDI header version {}.{} (only 1.1 is read)",
+                    "VDI header version {}.{} (0.x, 1.0 and 1.1 are read)",
                     version >> 16,
                     version & 0xffff
                 ),
@@ -257,6 +267,40 @@ impl VdiHeader {
         };
         h.validate(file)?;
         Ok(h)
+    }
+
+    /// A major-version-0 header (`VDIHEADER0`, written by the first innotek releases):
+    /// type, flags, comment, legacy geometry, disk size, block size, block counts and
+    /// three UUIDs from 0x48; no offsets (the block map follows the header at 0x1a4),
+    /// no block extra data, no parent UUID.
+    fn from_header0(file: &ImageFile, b: &[u8; HEADER_BYTES]) -> Result<Self> {
+        let type_raw = u32_at(b, 0x48);
+        let image_type = ImageType::from_u32(type_raw).ok_or_else(|| {
+            file.corrupt("VDI header", 0x48, format!("unknown image type {type_raw}"))
+        })?;
+        let blocks = u32_at(b, 0x16c);
+        let data_offset = u64::from(HEADER0_END) + 4 * u64::from(blocks);
+        let data_offset = u32::try_from(data_offset).map_err(|_| {
+            file.corrupt("VDI header", 0x16c, format!("{blocks} blocks is too many"))
+        })?;
+        Ok(VdiHeader {
+            header_size: HEADER0_END - 0x48,
+            image_type,
+            image_flags: u32_at(b, 0x4c),
+            block_map_offset: HEADER0_END,
+            data_offset,
+            geometry: (u32_at(b, 0x150), u32_at(b, 0x154), u32_at(b, 0x158)),
+            sector_size: SECTOR_SIZE,
+            disk_size: u64_at(b, 0x160),
+            block_size: u32_at(b, 0x168),
+            block_extra: 0,
+            blocks,
+            blocks_allocated: u32_at(b, 0x170),
+            uuid_image: uuid_at(b, 0x174),
+            uuid_last_snap: uuid_at(b, 0x184),
+            uuid_link: uuid_at(b, 0x194),
+            uuid_parent: [0; 16],
+        })
     }
 
     fn validate(&self, file: &ImageFile) -> Result<()> {
@@ -325,7 +369,13 @@ impl VdiHeader {
             );
         }
         let map_end = u64::from(self.block_map_offset) + 4 * u64::from(self.blocks);
-        if (self.block_map_offset as usize) < OFF_UUID_PARENT + 16 {
+        // A version 0 header ends at 0x1a4; version 1 headers at 0x1c8.
+        let header_end = if self.header_size == HEADER0_END - 0x48 {
+            HEADER0_END
+        } else {
+            (OFF_UUID_PARENT + 16) as u32
+        };
+        if self.block_map_offset < header_end {
             return bad(
                 OFF_BLOCK_MAP,
                 format!(

@@ -131,3 +131,44 @@ fn wrong_allocation_count_is_a_check_corruption() {
     let report = img.check().unwrap().unwrap();
     assert_eq!(report.corruptions.len(), 1, "{report:?}");
 }
+
+#[test]
+fn older_header_versions_read_like_1_1() {
+    // Version 1.0: the 1.1 layout.
+    let h = header(2, 1);
+    let mut bytes = image(&h, &[0, 0xffff_ffff]);
+    bytes[0x44..0x48].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+    let img = open(bytes).unwrap();
+    let all = read_all(&img).unwrap();
+    assert!(all[..BS as usize].iter().all(|&b| b == 1));
+    assert!(all[BS as usize..].iter().all(|&b| b == 0));
+
+    // Version 0.x (VDIHEADER0): the block map right after the header at 0x1a4, data
+    // right after the map.
+    let mut b = vec![0u8; 0x1a4];
+    b[..8].copy_from_slice(b"<<< Inno");
+    b[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+    b[0x44..0x48].copy_from_slice(&0x0000_0001u32.to_le_bytes());
+    b[0x48..0x4c].copy_from_slice(&1u32.to_le_bytes()); // dynamic
+    b[0x160..0x168].copy_from_slice(&(3 * u64::from(BS)).to_le_bytes());
+    b[0x168..0x16c].copy_from_slice(&BS.to_le_bytes());
+    b[0x16c..0x170].copy_from_slice(&3u32.to_le_bytes());
+    b[0x170..0x174].copy_from_slice(&1u32.to_le_bytes());
+    for e in [0xffff_ffffu32, 0, 0xffff_fffe] {
+        b.extend_from_slice(&e.to_le_bytes());
+    }
+    b.extend(std::iter::repeat_n(0x5a, BS as usize));
+    let img = open(b).unwrap();
+    check_reader_consistency(&img).unwrap();
+    let all = read_all(&img).unwrap();
+    let bs = BS as usize;
+    assert_eq!(all.len(), 3 * bs);
+    assert!(all[..bs].iter().all(|&x| x == 0));
+    assert!(all[bs..2 * bs].iter().all(|&x| x == 0x5a));
+    assert!(all[2 * bs..].iter().all(|&x| x == 0));
+    // Unknown majors are refused by name.
+    let mut bytes = image(&h, &[0, 0xffff_ffff]);
+    bytes[0x44..0x48].copy_from_slice(&0x0002_0000u32.to_le_bytes());
+    let e = open(bytes).unwrap_err().to_string();
+    assert!(e.contains("version 2.0"), "{e}");
+}
