@@ -77,8 +77,6 @@ pub struct Qcow2Writer {
     next_free: u64,
     /// Refcounts of host clusters shared by compressed clusters (others have 1).
     shared: HashMap<u64, u64>,
-    /// Plain data waiting to be written: host offset and bytes.
-    pending: Option<(u64, Vec<u8>)>,
 }
 
 /// qemu-img's `preallocation` for qcow2.
@@ -231,7 +229,6 @@ impl Qcow2Writer {
             l2: None,
             next_free: (1 + l1_clusters) * cluster_size,
             shared: HashMap::new(),
-            pending: None,
         })
     }
 
@@ -256,11 +253,16 @@ impl Qcow2Writer {
         })
     }
 
-    fn flush_pending(&mut self) -> Result<()> {
-        if let Some((host, bytes)) = self.pending.take() {
-            self.write_at(&bytes, host, "data clusters")?;
-        }
-        Ok(())
+    /// Writes a run of data clusters from `chunk` (see [`ImageWriter::place`]).
+    fn write_run(&self, chunk: &Chunk, run: Option<(u64, usize, usize)>) -> Result<()> {
+        let Some((host, at, len)) = run else {
+            return Ok(());
+        };
+        let bytes = chunk
+            .data
+            .get(at..at + len)
+            .ok_or_else(|| Error::invalid("chunk holds no data for a data cluster"))?;
+        self.write_at(bytes, host, "data clusters")
     }
 
     /// A fresh host cluster (after any partly used one).
@@ -276,7 +278,6 @@ impl Qcow2Writer {
         let Some((index, words)) = self.l2.take() else {
             return Ok(());
         };
-        self.flush_pending()?;
         let host = self.alloc_cluster();
         let mut bytes = Vec::with_capacity(words.len() * 8);
         for w in &words {
@@ -309,20 +310,6 @@ impl Qcow2Writer {
         Ok(())
     }
 
-    /// Appends plain bytes for a new host cluster, merging with the pending write.
-    fn queue_data(&mut self, host: u64, bytes: &[u8]) -> Result<()> {
-        match &mut self.pending {
-            Some((start, buf)) if *start + buf.len() as u64 == host && buf.len() < 8 << 20 => {
-                buf.extend_from_slice(bytes)
-            }
-            _ => {
-                self.flush_pending()?;
-                self.pending = Some((host, bytes.to_vec()));
-            }
-        }
-        Ok(())
-    }
-
     /// Places a compressed cluster's bytes, packed after the previous ones.
     fn place_compressed(&mut self, bytes: &[u8]) -> Result<u64> {
         let cs = self.cs();
@@ -343,7 +330,6 @@ impl Qcow2Writer {
         for c in first..=last {
             *self.shared.entry(c).or_insert(0) += 1;
         }
-        self.flush_pending()?;
         self.write_at(bytes, host, "compressed cluster")?;
         self.next_free = host + len;
         Ok(host)
@@ -523,6 +509,9 @@ impl ImageWriter for Qcow2Writer {
 
     fn place(&mut self, chunk: &Chunk, plans: Vec<ClusterPlan>) -> Result<()> {
         let cs = self.cs();
+        // Consecutive data clusters land on consecutive host clusters: one write each
+        // run, straight from the chunk (host offset, chunk offset, length).
+        let mut run: Option<(u64, usize, usize)> = None;
         for (k, plan) in plans.into_iter().enumerate() {
             let start = chunk.offset + k as u64 * cs;
             let cluster = start / cs;
@@ -538,8 +527,16 @@ impl ImageWriter for Qcow2Writer {
                 }
                 ClusterPlan::Data { alloc, zero } => {
                     let host = self.alloc_cluster();
-                    let bytes = chunk.bytes(start, len).unwrap_or_default();
-                    self.queue_data(host, bytes)?;
+                    let at = (start - chunk.offset) as usize;
+                    run = match run {
+                        Some((h, s, l)) if h + l as u64 == host && s + l == at => {
+                            Some((h, s, l + len as usize))
+                        }
+                        prev => {
+                            self.write_run(chunk, prev)?;
+                            Some((host, at, len as usize))
+                        }
+                    };
                     let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
                     self.set_entry(cluster, host | COPIED, bitmap)?;
                 }
@@ -554,12 +551,11 @@ impl ImageWriter for Qcow2Writer {
                 }
             }
         }
-        Ok(())
+        self.write_run(chunk, run)
     }
 
     fn finish(mut self) -> Result<()> {
         self.flush_l2()?;
-        self.flush_pending()?;
         let cs = self.cs();
         // Refcount table and blocks at the end, sized to count themselves.
         let data_clusters = self.next_free.div_ceil(cs);
