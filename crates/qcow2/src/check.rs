@@ -11,7 +11,7 @@ use crate::l2::{decode, ClusterMapping, COPIED, OFFSET_MASK};
 use crate::reader::Qcow2Reader;
 
 /// Most host clusters we count (a larger file is refused by `check`).
-const MAX_CLUSTERS: u64 = 1 << 28;
+const MAX_CLUSTERS: u64 = 1 << 26;
 
 struct Counter {
     cluster_bits: u32,

@@ -107,6 +107,25 @@ impl Qcow2Reader {
             entries.push(off);
             raw_entries.push(e);
         }
+        // Two L1 entries sharing an L2 table is corruption (qemu's check reports the
+        // refcount), and would let a tiny file map the same clusters without bound.
+        let mut sorted: Vec<(u64, usize)> = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, &o)| o != 0)
+            .map(|(i, &o)| (o, i))
+            .collect();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(file.corrupt(
+                "L1 table",
+                header.l1_table_offset + 8 * w[1].1 as u64,
+                format!(
+                    "entries {} and {} both use the L2 table at {:#x}",
+                    w[0].1, w[1].1, w[0].0
+                ),
+            ));
+        }
         let data_file = if header.incompatible_features & incompatible::DATA_FILE != 0 {
             let name = header.data_file.clone().unwrap_or_default();
             Some(resolver.open_file(&file, &relative_to(file.path(), &name))?)
