@@ -343,6 +343,25 @@ fn read_gd(file: &ImageFile, h: &SparseExtentHeader, gd_sector: u64) -> Result<V
                 })?;
         }
     }
+    // Two directory entries sharing a grain table would let a tiny file map the same
+    // grains over and over; no writer produces that.
+    let mut sorted: Vec<(u32, usize)> = gd
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != GTE_UNALLOCATED)
+        .map(|(i, &e)| (e, i))
+        .collect();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(file.corrupt(
+            "grain directory",
+            at + w[1].1 as u64 * ENTRY_SIZE,
+            format!(
+                "entries {} and {} both use the grain table at sector {}",
+                w[0].1, w[1].1, w[0].0
+            ),
+        ));
+    }
     Ok(gd)
 }
 
