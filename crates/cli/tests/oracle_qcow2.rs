@@ -387,3 +387,29 @@ fn compressed_output_is_deterministic_and_as_small_as_qemu_img() {
         }
     }
 }
+
+#[test]
+fn persistent_bitmaps_are_listed_and_counted_like_qemu_img() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let img = dir.path().join("bm.qcow2");
+    q.build(&Layout::random(16 << 20, 4, 21), "qcow2", "", &img);
+    q.img(&["bitmap", "--add", s(&img), "b0"]);
+    q.img(&["bitmap", "--add", "-g", "128k", s(&img), "second"]);
+    q.io("qcow2", &img, &["write -P 0x3c 2M 1M".into()]);
+    assert_eq!(
+        json(&ok(&["info", "--output=json", s(&img)])),
+        q.info_json(None, &img)
+    );
+    let ours = String::from_utf8(ok(&["info", s(&img)]).stdout).unwrap();
+    let theirs = String::from_utf8(q.img(&["info", s(&img)]).stdout).unwrap();
+    assert_eq!(ours, theirs);
+    // Bitmap tables and data are referenced: no leaks.
+    assert_eq!(
+        json(&ok(&["check", "--output=json", s(&img)])),
+        qemu_check_json(&img)
+    );
+    let out = dir.path().join("bm.raw");
+    ok(&["convert", "-O", "raw", s(&img), s(&out)]);
+    q.assert_same("qcow2", &img, "raw", &out);
+}

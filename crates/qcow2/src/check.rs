@@ -114,6 +114,23 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
     );
     let snapshots_len: u64 = r.snapshots().iter().map(|s| s.entry_len).sum();
     c.inc(h.snapshots_offset, snapshots_len, "snapshot table");
+    if !r.bitmaps().is_empty() {
+        if let Some((size, offset)) = h.bitmap_directory {
+            c.inc(offset, size, "bitmap directory");
+        }
+        for b in r.bitmaps() {
+            let (offset, entries) = b.table;
+            let raw = file.read_vec(offset, 8 * u64::from(entries), 64 << 20, "bitmap table")?;
+            c.inc(offset, raw.len() as u64, "bitmap table");
+            for w in raw.chunks_exact(8) {
+                let e = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+                let data = e & OFFSET_MASK;
+                if data != 0 {
+                    c.inc(data, cs, "bitmap data");
+                }
+            }
+        }
+    }
 
     let mut total = 0u64;
     let mut allocated = 0u64;

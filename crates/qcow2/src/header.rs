@@ -151,6 +151,8 @@ pub struct Qcow2Header {
     pub feature_names: Vec<FeatureName>,
     /// Number of persistent bitmaps (extension), if the extension is present.
     pub nb_bitmaps: Option<u32>,
+    /// Bitmap directory: byte size and offset (extension).
+    pub bitmap_directory: Option<(u64, u64)>,
     /// The image carries a full disk encryption header extension.
     pub has_encryption_header: bool,
 }
@@ -260,6 +262,7 @@ impl Qcow2Header {
             data_file: None,
             feature_names: Vec::new(),
             nb_bitmaps: None,
+            bitmap_directory: None,
             has_encryption_header: false,
         };
         if version == 3 {
@@ -365,7 +368,10 @@ impl Qcow2Header {
                 }
                 extension::DATA_FILE_NAME => self.data_file = Some(text()),
                 extension::FULL_DISK_ENCRYPTION => self.has_encryption_header = true,
-                extension::BITMAPS if d.len() >= 4 => self.nb_bitmaps = Some(be32(d, 0)),
+                extension::BITMAPS if d.len() >= 24 => {
+                    self.nb_bitmaps = Some(be32(d, 0));
+                    self.bitmap_directory = Some((be64(d, 8), be64(d, 16)));
+                }
                 extension::FEATURE_NAMES => {
                     for e in d.chunks_exact(48) {
                         let name = String::from_utf8_lossy(&e[2..])

@@ -9,6 +9,7 @@
 //! [`Qcow2Writer`] (v2/v3, qemu-img's create options, clusters compressed in parallel
 //! and placed in guest order).
 
+mod bitmap;
 mod check;
 pub use check::repair_leaks;
 pub mod compressed;
@@ -18,6 +19,7 @@ mod reader;
 mod snapshot;
 mod writer;
 
+pub use bitmap::Bitmap;
 pub use header::{
     autoclear, compatible, extension, incompatible, CompressionType, FeatureName, Qcow2Header,
 };

@@ -10,6 +10,7 @@ use vconvert_core::{
     ImageFile, ImageInfo, ImageReader, Location, Resolver, Result,
 };
 
+use crate::bitmap::Bitmap;
 use crate::compressed::decompress;
 use crate::header::{autoclear, compatible, incompatible, Qcow2Header};
 use crate::l2::{decode, ClusterMapping, OFFSET_MASK, SUBCLUSTERS};
@@ -49,6 +50,7 @@ pub struct Qcow2Reader {
     backing: Option<Box<dyn ImageReader>>,
     backing_full: Option<String>,
     snapshots: Vec<Snapshot>,
+    bitmaps: Vec<Bitmap>,
     cache: Mutex<L2Cache>,
 }
 
@@ -133,6 +135,7 @@ impl Qcow2Reader {
             None
         };
         let snapshots = Snapshot::read_table(&file, &header)?;
+        let bitmaps = Bitmap::read_directory(&file, &header)?;
         let mut reader = Qcow2Reader {
             file,
             data_file,
@@ -144,6 +147,7 @@ impl Qcow2Reader {
             backing: None,
             backing_full: None,
             snapshots,
+            bitmaps,
             cache: Mutex::new(L2Cache::default()),
         };
         if let Some(name) = reader.header.backing_file.clone() {
@@ -185,6 +189,11 @@ impl Qcow2Reader {
     /// Internal snapshots.
     pub fn snapshots(&self) -> &[Snapshot] {
         &self.snapshots
+    }
+
+    /// Persistent bitmaps.
+    pub fn bitmaps(&self) -> &[Bitmap] {
+        &self.bitmaps
     }
 
     /// The L1 entries (host offsets of L2 tables).
@@ -491,6 +500,16 @@ impl ImageReader for Qcow2Reader {
                 "lazy-refcounts".into(),
                 json!(h.compatible_features & compatible::LAZY_REFCOUNTS != 0),
             );
+            if !self.bitmaps.is_empty() {
+                let list: Vec<Value> = self
+                    .bitmaps
+                    .iter()
+                    .map(
+                        |b| json!({"flags": b.flags, "name": b.name, "granularity": b.granularity}),
+                    )
+                    .collect();
+                data.insert("bitmaps".into(), Value::Array(list));
+            }
             data.insert("refcount-bits".into(), json!(h.refcount_bits()));
             if let Some(df) = &h.data_file {
                 data.insert("data-file".into(), json!(df));

@@ -169,6 +169,10 @@ impl Qemu {
             .ops
             .iter()
             .filter_map(|op| match *op {
+                // Every other zero write may unmap (qcow2 then drops the host cluster).
+                Op::Zero { offset, len } if (offset / 512) % 2 == 1 => {
+                    Some(format!("write -z -u {offset} {len}"))
+                }
                 Op::Zero { offset, len } => Some(format!("write -z {offset} {len}")),
                 Op::Discard { offset, len } => Some(format!("discard {offset} {len}")),
                 Op::Data { .. } => None,
