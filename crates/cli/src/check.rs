@@ -109,6 +109,7 @@ pub fn check(
         &OpenOptions {
             allow_external_files,
             allow_corrupt: true,
+            snapshot: None,
         },
     )?;
     let Some(report) = img.check() else {

@@ -260,6 +260,7 @@ pub fn info(
     let options = OpenOptions {
         allow_external_files,
         allow_corrupt: true,
+        snapshot: None,
     };
     let mut chain: Vec<(std::path::PathBuf, ImageInfo)> = Vec::new();
     let mut next = Some((path.to_path_buf(), format));

@@ -102,6 +102,7 @@ fn measure(args: MeasureArgs) -> Result<()> {
                 &OpenOptions {
                     allow_external_files: true,
                     allow_corrupt: true,
+                    snapshot: None,
                 },
             )?;
             vconvert_engine::measure(Some(src.as_ref()), 0, target, &options)?
@@ -128,6 +129,10 @@ struct ConvertArgs {
     /// Source format (raw, qcow2, vdi, vmdk, vpc); probed from the content when omitted.
     #[arg(short = 'f', value_name = "FMT")]
     source_format: Option<String>,
+    /// Convert this internal snapshot (qcow2) instead of the current state: an id or a
+    /// name, or qemu-img's `snapshot.id=ID` / `snapshot.name=NAME`.
+    #[arg(short = 'l', value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     /// Output format (raw, qcow2, vdi, vmdk, vpc).
     #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
     output_format: String,
@@ -262,6 +267,7 @@ fn compare(args: CompareArgs) -> Result<u8> {
     let trusted = OpenOptions {
         allow_external_files: true,
         allow_corrupt: args.force_share,
+        snapshot: None,
     };
     let fa = args.format_a.as_deref().map(parse_format).transpose()?;
     let fb = args.format_b.as_deref().map(parse_format).transpose()?;
@@ -370,6 +376,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         &OpenOptions {
             allow_external_files: !args.untrusted,
             allow_corrupt: args.force_share && !args.untrusted,
+            snapshot: args.snapshot.as_deref().map(snapshot_name),
         },
     )?;
     let cancel = CancelToken::new();
@@ -420,6 +427,18 @@ fn convert(args: ConvertArgs) -> Result<()> {
         result = inspect_output(&args.target, output_format);
     }
     result
+}
+
+/// The snapshot id or name in qemu-img's `-l` syntax (`snapshot.name=X`, `snapshot.id=X`
+/// or plain `X`).
+fn snapshot_name(s: &str) -> String {
+    s.split(',')
+        .find_map(|kv| {
+            kv.strip_prefix("snapshot.name=")
+                .or_else(|| kv.strip_prefix("snapshot.id="))
+        })
+        .unwrap_or(s)
+        .to_string()
 }
 
 /// Under `--untrusted`, the converted image is inspected again: its content must be the

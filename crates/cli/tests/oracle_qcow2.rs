@@ -413,3 +413,33 @@ fn persistent_bitmaps_are_listed_and_counted_like_qemu_img() {
     ok(&["convert", "-O", "raw", s(&img), s(&out)]);
     q.assert_same("qcow2", &img, "raw", &out);
 }
+
+#[test]
+fn convert_reads_an_internal_snapshot_with_l() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let img = dir.path().join("snap.qcow2");
+    q.build(&Layout::random(6 << 20, 4, 31), "qcow2", "", &img);
+    q.img(&["snapshot", "-c", "before", s(&img)]);
+    q.io(
+        "qcow2",
+        &img,
+        &["write -P 0x99 0 2M".into(), "discard 3M 1M".into()],
+    );
+    for (arg, name) in [("before", "a"), ("snapshot.name=before", "b"), ("1", "c")] {
+        let ours = dir.path().join(format!("{name}.raw"));
+        let theirs = dir.path().join(format!("{name}-q.raw"));
+        ok(&["convert", "-l", arg, "-O", "raw", s(&img), s(&ours)]);
+        q.img(&["convert", "-l", arg, "-O", "raw", s(&img), s(&theirs)]);
+        q.assert_same("raw", &ours, "raw", &theirs);
+    }
+    // The current state differs from the snapshot.
+    let now = dir.path().join("now.raw");
+    ok(&["convert", "-O", "raw", s(&img), s(&now)]);
+    assert_ne!(q.compare("raw", &now, "raw", &dir.path().join("a.raw")), 0);
+    let err = fails(&["convert", "-l", "nope", "-O", "raw", s(&img), s(&now)]);
+    assert!(
+        err.contains("no snapshot 'nope'") && err.contains("before"),
+        "{err}"
+    );
+}

@@ -156,6 +156,7 @@ pub fn inspect_file(file: ImageFile, declared: Option<Format>, policy: &Policy) 
         allow_external_files: policy.allow_external_files,
         // A corrupt bit is reported as a finding, not an open error.
         allow_corrupt: true,
+        snapshot: None,
     };
     let actual_size = file.allocated_bytes().unwrap_or(0);
     let name = file.name().to_string();

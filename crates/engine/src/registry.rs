@@ -26,6 +26,9 @@ pub struct OpenOptions {
     /// Read images marked corrupt (a qcow2 corrupt bit), as qemu-img's `-U`-style
     /// override; refused by default.
     pub allow_corrupt: bool,
+    /// Read this internal snapshot of the image (qcow2; qemu-img convert's `-l`).
+    /// Backing images are always read in their current state.
+    pub snapshot: Option<String>,
 }
 
 /// The engine's [`Resolver`]: applies [`OpenOptions`], limits chain depth to
@@ -85,10 +88,13 @@ impl Resolver for ChainResolver {
         let mut chain = self.chain.clone();
         chain.push(canon);
         let inner = ChainResolver {
-            options: self.options.clone(),
+            options: OpenOptions {
+                snapshot: None,
+                ..self.options.clone()
+            },
             chain,
         };
-        open_with(ImageFile::open(path)?, format, &self.options, &inner)
+        open_with(ImageFile::open(path)?, format, &inner.options, &inner)
     }
 
     fn open_file(&self, referrer: &ImageFile, path: &Path) -> Result<ImageFile> {
@@ -170,6 +176,7 @@ fn open_with(
             resolver,
             Qcow2OpenOptions {
                 allow_corrupt: options.allow_corrupt,
+                snapshot: options.snapshot.clone(),
             },
         )?)),
         Format::Vdi => Ok(Box::new(VdiReader::open(file)?)),
@@ -195,6 +202,7 @@ pub fn repair_leaks(path: &Path, format: Option<Format>) -> Result<u64> {
     let options = OpenOptions {
         allow_external_files: true,
         allow_corrupt: true,
+        snapshot: None,
     };
     let resolver = ChainResolver {
         options: options.clone(),
@@ -205,6 +213,7 @@ pub fn repair_leaks(path: &Path, format: Option<Format>) -> Result<u64> {
         &resolver,
         Qcow2OpenOptions {
             allow_corrupt: true,
+            snapshot: None,
         },
     )?;
     let rw = std::fs::OpenOptions::new()

@@ -20,10 +20,12 @@ use crate::snapshot::Snapshot;
 const L2_CACHE_BYTES: u64 = 32 << 20;
 
 /// How a qcow2 image is opened.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Qcow2OpenOptions {
     /// Read an image whose corrupt bit is set (qemu-img's `-U`-style override).
     pub allow_corrupt: bool,
+    /// Read this internal snapshot (by id or name) instead of the current state.
+    pub snapshot: Option<String>,
 }
 
 /// L2 tables recently read, keyed by host offset (oldest evicted first).
@@ -66,7 +68,42 @@ impl std::fmt::Debug for Qcow2Reader {
 impl Qcow2Reader {
     /// Opens `file`; backing images and the external data file go through `resolver`.
     pub fn open(file: ImageFile, resolver: &dyn Resolver, opts: Qcow2OpenOptions) -> Result<Self> {
-        let header = Qcow2Header::read(&file)?;
+        let mut header = Qcow2Header::read(&file)?;
+        let snapshots = Snapshot::read_table(&file, &header)?;
+        if let Some(want) = &opts.snapshot {
+            let s = snapshots
+                .iter()
+                .find(|s| s.info.id == *want)
+                .or_else(|| snapshots.iter().find(|s| s.info.name == *want))
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{}: no snapshot '{want}' (snapshots: {})",
+                        file.name(),
+                        snapshots
+                            .iter()
+                            .map(|s| format!("{} '{}'", s.info.id, s.info.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?;
+            let cs = header.cluster_size();
+            let size = s.disk_size.unwrap_or(header.size);
+            let needed = size.div_ceil(cs * header.l2_entries());
+            if s.l1_table_offset % cs != 0
+                || u64::from(s.l1_size) < needed
+                || 8 * u64::from(s.l1_size) > crate::header::MAX_L1_BYTES
+                || size > crate::header::MAX_VIRTUAL_SIZE
+            {
+                return Err(file.corrupt(
+                    "qcow2 snapshot table",
+                    s.l1_table_offset,
+                    format!("snapshot '{want}' has an invalid L1 table or size"),
+                ));
+            }
+            header.l1_table_offset = s.l1_table_offset;
+            header.l1_size = s.l1_size;
+            header.size = size;
+        }
         if header.incompatible_features & incompatible::CORRUPT != 0 && !opts.allow_corrupt {
             return Err(Error::Refused {
                 file: file.name().to_string(),
@@ -134,7 +171,6 @@ impl Qcow2Reader {
         } else {
             None
         };
-        let snapshots = Snapshot::read_table(&file, &header)?;
         let bitmaps = Bitmap::read_directory(&file, &header)?;
         let mut reader = Qcow2Reader {
             file,

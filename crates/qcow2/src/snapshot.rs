@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub l1_size: u32,
     /// What `info` shows.
     pub info: SnapshotInfo,
+    /// The guest disk size at the snapshot, when recorded.
+    pub disk_size: Option<u64>,
     /// Bytes the entry takes in the table (padded to 8).
     pub entry_len: u64,
 }
@@ -82,6 +84,7 @@ impl Snapshot {
                     icount,
                 },
                 entry_len,
+                disk_size: (extra.len() >= 16).then(|| be64(extra, 8)),
             });
             pos += entry_len;
         }
