@@ -177,8 +177,11 @@ struct ConvertArgs {
     /// file but the one named; inspect the output again.
     #[arg(long)]
     untrusted: bool,
-    /// Accepted for qemu-img compatibility: target cache mode (ignored).
-    #[arg(short = 't', value_name = "CACHE")]
+    /// Target cache mode, as qemu-img: `unsafe` renames the finished target into place
+    /// without flushing it to disk (faster; a crash soon after may lose it); every other
+    /// mode (writeback, the default here; none, directsync, writethrough) flushes it
+    /// first.
+    #[arg(short = 't', value_name = "CACHE", value_parser = ["writeback", "unsafe", "none", "directsync", "writethrough"])]
     cache: Option<String>,
     /// Accepted for qemu-img compatibility: source cache mode (ignored).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
@@ -359,12 +362,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         Some(n) => n,
         None => 0,
     };
-    let _ = (
-        args.out_of_order,
-        args.force_share,
-        args.cache,
-        args.src_cache,
-    );
+    let _ = (args.out_of_order, args.force_share, &args.src_cache);
 
     if args.untrusted {
         let report = vconvert_engine::inspect(&args.source, source_format, &Policy::untrusted())?;
@@ -411,6 +409,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         cancel,
         progress: Some(&progress),
         identity_seed: identity_seed()?,
+        no_sync: args.cache.as_deref() == Some("unsafe"),
         rate_limit: args.rate_limit.as_deref().map(parse_size).transpose()?,
         ..ConvertOptions::default()
     };

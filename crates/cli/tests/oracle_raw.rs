@@ -141,6 +141,27 @@ fn progress_and_options() {
     std::fs::write(&unsparse, vec![0xeeu8; 8 << 20]).unwrap();
     ok(&["convert", "-n", "-O", "raw", s(&src), s(&unsparse)]);
     q.assert_same("raw", &src, "raw", &unsparse);
+    // -t unsafe skips the flush, not the atomic rename: same result, no temporaries.
+    let unsafe_out = dir.path().join("unsafe.raw");
+    ok(&[
+        "convert",
+        "-t",
+        "unsafe",
+        "-O",
+        "raw",
+        s(&src),
+        s(&unsafe_out),
+    ]);
+    q.assert_same("raw", &src, "raw", &unsafe_out);
+    assert!(dir_entries(dir.path())
+        .iter()
+        .all(|p| !p.to_string_lossy().contains(".tmp")));
+    let bad = vconvert(&["convert", "-t", "bogus", s(&src), s(&unsafe_out)]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "clap rejects an unknown cache mode"
+    );
 }
 
 #[test]

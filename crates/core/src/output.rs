@@ -106,8 +106,15 @@ impl Output {
 
     /// Syncs every file, renames the temporaries to their final names and syncs their
     /// directories.
-    pub fn commit(mut self) -> Result<()> {
-        for f in &self.files {
+    pub fn commit(self) -> Result<()> {
+        self.commit_with(true)
+    }
+
+    /// Like [`Output::commit`]; with `sync` false the files are renamed into place
+    /// complete but not flushed to stable storage (qemu-img's `-t unsafe`, its default
+    /// for `convert`): a crash soon after may leave them incomplete.
+    pub fn commit_with(mut self, sync: bool) -> Result<()> {
+        for f in self.files.iter().filter(|_| sync) {
             f.file
                 .sync_all()
                 .map_err(|e| Error::io(f.final_path.display().to_string(), "cannot sync", e))?;
@@ -123,7 +130,7 @@ impl Output {
                 })?;
             }
         }
-        for f in &self.files {
+        for f in self.files.iter().filter(|_| sync) {
             if let Some(dir) = f.final_path.parent() {
                 let dir = if dir.as_os_str().is_empty() {
                     Path::new(".")

@@ -62,6 +62,9 @@ pub struct ConvertOptions<'a> {
     pub sparse_size: u64,
     /// Bound on in-flight buffers per thread, in bytes.
     pub mem_per_thread: u64,
+    /// Rename the finished target into place without flushing it to stable storage
+    /// (qemu-img's `-t unsafe`). Off by default: a finished conversion is durable.
+    pub no_sync: bool,
     /// Write into an existing target (`-n`).
     pub existing: bool,
     /// The existing target already reads as zeros (`--target-is-zero`).
@@ -84,6 +87,7 @@ impl Default for ConvertOptions<'_> {
             threads: 0,
             sparse_size: 4096,
             mem_per_thread: 64 << 20,
+            no_sync: false,
             existing: false,
             target_is_zero: false,
             compress: false,
@@ -127,7 +131,7 @@ pub fn convert(
         },
     )?;
     opts.cancel.check()?;
-    output.commit()
+    output.commit_with(!opts.no_sync)
 }
 
 struct CopyJob<'a, 'b> {
