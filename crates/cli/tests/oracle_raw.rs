@@ -153,9 +153,11 @@ fn progress_and_options() {
         s(&unsafe_out),
     ]);
     q.assert_same("raw", &src, "raw", &unsafe_out);
-    assert!(dir_entries(dir.path())
-        .iter()
-        .all(|p| !p.to_string_lossy().contains(".tmp")));
+    assert!(dir_entries(dir.path()).iter().all(|p| !p
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .contains(".vconvert-")));
     let bad = vconvert(&["convert", "-t", "bogus", s(&src), s(&unsafe_out)]);
     assert_eq!(
         bad.status.code(),
