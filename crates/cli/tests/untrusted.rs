@@ -191,6 +191,32 @@ fn vmdk_extents_outside_the_image_are_refused() {
     b[512..512 + new.len()].copy_from_slice(new);
     std::fs::write(&img, b).unwrap();
     assert_refused(dir.path(), &img, Some("vmdk"), "secret.bin");
+    // A streamOptimized footer that disagrees with its header (capacity).
+    let stream = dir.path().join("stream.vmdk");
+    let mut b = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/disk-stream.vmdk"),
+    )
+    .unwrap();
+    let foot = b.len() - 1024;
+    assert_eq!(&b[foot..foot + 4], b"KDMV");
+    let cap = u64::from_le_bytes(b[foot + 12..foot + 20].try_into().unwrap());
+    b[foot + 12..foot + 20].copy_from_slice(&(cap * 2).to_le_bytes());
+    std::fs::write(&stream, b).unwrap();
+    assert_refused(dir.path(), &stream, Some("vmdk"), "disagrees");
+    // An embedded descriptor with a line that is no descriptor syntax.
+    let odd_line = dir.path().join("oddline.vmdk");
+    q.img(&["create", "-q", "-f", "vmdk", s(&odd_line), "1M"]);
+    let mut b = std::fs::read(&odd_line).unwrap();
+    let text = String::from_utf8_lossy(&b[512..512 + 20 * 512]).into_owned();
+    let new = text.replacen(
+        "# Extent description",
+        "format c: /y\n# Extent description",
+        1,
+    );
+    let new = new.trim_end_matches('\0').as_bytes();
+    b[512..512 + new.len()].copy_from_slice(new);
+    std::fs::write(&odd_line, b).unwrap();
+    assert_refused(dir.path(), &odd_line, Some("vmdk"), "not a comment");
     // A flat VMDK made by qemu: its descriptor names its data file.
     let flat = dir.path().join("flat.vmdk");
     q.img(&[
