@@ -3,31 +3,14 @@
 //! `qemu-img check` (metadata we write), then converted back to raw by `vconvert`.
 //! Also `info --output=json` of qemu-made images against qemu-img's, key by key.
 
+mod common;
+
+use common::{ok, s, vconvert};
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use vconvert_testkit::{qemu, tempdir, Layout, Qemu};
-
-fn vconvert(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vconvert"))
-        .args(args)
-        .output()
-        .expect("run vconvert")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = vconvert(args);
-    assert!(
-        out.status.success(),
-        "vconvert {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Sources qemu makes: (format, qemu-img -o options, virtual size).
 const SOURCES: &[(&str, &str, u64)] = &[

@@ -3,41 +3,14 @@
 //! snapshots in `info`, `check` of leaks, and compressed output (deterministic across
 //! thread counts, about the size of qemu-img's).
 
+mod common;
+
+use common::{fails, json, ok, s, vconvert};
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use vconvert_testkit::{dir_entries, qemu, tempdir, write_compressible_raw, Layout};
-
-fn vconvert(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vconvert"))
-        .args(args)
-        .output()
-        .expect("run vconvert")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = vconvert(args);
-    assert!(
-        out.status.success(),
-        "vconvert {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = vconvert(args);
-    assert_eq!(out.status.code(), Some(1), "vconvert {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
 
 #[test]
 fn backing_chains_flatten_like_qemu_img() {

@@ -1,30 +1,13 @@
 //! The `vconvert` binary against the qemu-img oracle on raw images.
 
+mod common;
+
+use common::{ok, s, vconvert};
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use vconvert_testkit::{allocated_bytes, dir_entries, qemu, tempdir, Layout};
-
-fn vconvert(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vconvert"))
-        .args(args)
-        .output()
-        .expect("run vconvert")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let out = vconvert(args);
-    assert!(
-        out.status.success(),
-        "vconvert {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn raw_to_raw_is_identical_and_sparse() {

@@ -4,23 +4,15 @@
 //! `info --untrusted` must refuse it too. The referenced host file holds a marker that
 //! must never appear in any file we write.
 
+mod common;
+
+use common::{s, vconvert};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use vconvert_testkit::{qemu, tempdir, Layout, Qemu};
 
 const MARKER: &[u8] = b"HOST-SECRET-0123456789-";
-
-fn vconvert(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vconvert"))
-        .args(args)
-        .output()
-        .expect("run vconvert")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A host file full of the marker.
 fn secret(dir: &Path) -> PathBuf {

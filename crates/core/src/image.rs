@@ -109,6 +109,18 @@ pub trait ImageReader: Send + Sync {
     }
 }
 
+/// Checks that `range` is a forward range inside a virtual disk of `size` bytes; the
+/// error names `file`.
+pub fn check_guest_range(file: &str, range: &Range<u64>, size: u64) -> Result<()> {
+    if range.start > range.end || range.end > size {
+        return Err(crate::Error::invalid(format!(
+            "{file}: range {:#x}..{:#x} is outside the virtual disk ({size} bytes)",
+            range.start, range.end
+        )));
+    }
+    Ok(())
+}
+
 /// Splits the `Data(File)` extents of `map` that lie over holes of their host file
 /// (found with `SEEK_DATA`/`SEEK_HOLE`) into [`crate::ExtentKind::Zero`]: holes read as
 /// zeros, and need neither reading nor storing.
@@ -231,6 +243,24 @@ impl Chunk {
     /// True when any run is data.
     pub fn has_data(&self) -> bool {
         self.runs.iter().any(|r| r.kind == RunKind::Data)
+    }
+
+    /// For each `block`-sized piece of the chunk (the chunk starts on a block boundary;
+    /// the last piece may be short): does it hold a non-zero byte? Block formats (VDI,
+    /// VHD) allocate only those.
+    pub fn nonzero_blocks(&self, block: u64) -> Vec<bool> {
+        let mut out = Vec::new();
+        let end = self.offset + self.len;
+        let mut start = self.offset;
+        while start < end && block > 0 {
+            let len = block.min(end - start);
+            let has_data = self.runs.iter().any(|r| {
+                r.kind == RunKind::Data && r.start < start + len && r.start + r.len > start
+            });
+            out.push(has_data && self.bytes(start, len).is_some_and(|b| !crate::is_zero(b)));
+            start += len;
+        }
+        out
     }
 
     /// The bytes of `[start, start + len)` (guest offsets inside the chunk); `None` when

@@ -25,13 +25,13 @@ pub use blockmap::{BlockMap, Extent, ExtentKind, Location};
 pub use error::{Error, Result};
 pub use format::Format;
 pub use identity::Identity;
-pub use image::refine_host_holes;
+pub use image::{check_guest_range, refine_host_holes};
 pub use image::{
     CheckReport, Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind,
     SnapshotInfo,
 };
 pub use options::{parse_size, Options};
-pub use output::Output;
+pub use output::{write_all_at, Output};
 pub use resolve::{overlay_block_map, read_backing, relative_to, NoReferences, Resolver};
 pub use storage::{FileStorage, ImageFile, MemStorage, Storage};
 pub use zero::{is_zero, zero_runs};

@@ -21,6 +21,22 @@ struct OutputFile {
     file: Arc<File>,
 }
 
+/// Writes all of `buf` at `offset` of `file` (named `name`); the error says what was
+/// being written (`what`), how much and where.
+pub fn write_all_at(file: &File, name: &str, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(buf, offset).map_err(|e| {
+        Error::io(
+            name,
+            format!(
+                "cannot write {what} ({} bytes at offset {offset:#x})",
+                buf.len()
+            ),
+            e,
+        )
+    })
+}
+
 /// The set of files one conversion writes (one, or several for multi-file formats).
 #[derive(Debug)]
 pub struct Output {

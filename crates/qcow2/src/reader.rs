@@ -319,16 +319,7 @@ impl Qcow2Reader {
     }
 
     fn check_range(&self, range: &Range<u64>) -> Result<()> {
-        if range.start > range.end || range.end > self.header.size {
-            return Err(Error::invalid(format!(
-                "{}: range {:#x}..{:#x} is outside the virtual disk ({} bytes)",
-                self.file.name(),
-                range.start,
-                range.end,
-                self.header.size
-            )));
-        }
-        Ok(())
+        vconvert_core::check_guest_range(self.file.name(), range, self.header.size)
     }
 
     /// The map of `range` in this image alone (unallocated where a backing image shows).

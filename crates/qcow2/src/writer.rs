@@ -12,7 +12,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use vconvert_core::{
@@ -241,16 +240,7 @@ impl Qcow2Writer {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
-            Error::io(
-                &self.name,
-                format!(
-                    "cannot write {what} ({} bytes at offset {offset:#x})",
-                    buf.len()
-                ),
-                e,
-            )
-        })
+        vconvert_core::write_all_at(&self.file, &self.name, buf, offset, what)
     }
 
     /// Writes a run of data clusters from `chunk` (see [`ImageWriter::place`]).

@@ -2,12 +2,9 @@
 //! blocks right after the block map (rounded up to a sector), 1 MiB blocks.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use vconvert_core::{
-    is_zero, Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind,
-};
+use vconvert_core::{Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result};
 
 use crate::header::{
     uuid_to_disk, BlockEntry, ImageType, VdiHeader, DEFAULT_BLOCK_SIZE, HEADER_BYTES,
@@ -120,16 +117,7 @@ impl VdiWriter {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
-            Error::io(
-                &self.name,
-                format!(
-                    "cannot write {what} ({} bytes at offset {offset:#x})",
-                    buf.len()
-                ),
-                e,
-            )
-        })
+        vconvert_core::write_all_at(&self.file, &self.name, buf, offset, what)
     }
 
     fn write_metadata(&self) -> Result<()> {
@@ -152,18 +140,7 @@ impl ImageWriter for VdiWriter {
     }
 
     fn encode(&self, chunk: &Chunk) -> Result<Vec<bool>> {
-        let bs = u64::from(self.header.block_size);
-        let mut out = Vec::new();
-        let mut start = chunk.offset;
-        while start < chunk.offset + chunk.len {
-            let len = bs.min(chunk.offset + chunk.len - start);
-            let has_data = chunk.runs.iter().any(|r| {
-                r.kind == RunKind::Data && r.start < start + len && r.start + r.len > start
-            });
-            out.push(has_data && chunk.bytes(start, len).is_some_and(|b| !is_zero(b)));
-            start += len;
-        }
-        Ok(out)
+        Ok(chunk.nonzero_blocks(self.header.block_size.into()))
     }
 
     fn place(&mut self, chunk: &Chunk, nonzero: Vec<bool>) -> Result<()> {

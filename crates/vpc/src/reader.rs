@@ -264,16 +264,7 @@ impl VpcReader {
     }
 
     fn check_range(&self, range: &Range<u64>) -> Result<()> {
-        if range.start > range.end || range.end > self.virtual_size {
-            return Err(Error::invalid(format!(
-                "{}: range {:#x}..{:#x} is outside the virtual disk ({} bytes)",
-                self.file.name(),
-                range.start,
-                range.end,
-                self.virtual_size
-            )));
-        }
-        Ok(())
+        vconvert_core::check_guest_range(self.file.name(), range, self.virtual_size)
     }
 
     /// The map of `range` in this file alone (unallocated where the parent shows).

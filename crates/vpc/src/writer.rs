@@ -3,11 +3,10 @@
 //! footer. Fixed: the data, then the footer.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use vconvert_core::{
-    is_zero, Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind,
+    Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind,
 };
 
 use crate::dynamic::{DynamicHeader, BAT_UNUSED, DEFAULT_BLOCK_SIZE, DYNAMIC_HEADER_SIZE};
@@ -175,16 +174,7 @@ impl VpcWriter {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
-            Error::io(
-                &self.name,
-                format!(
-                    "cannot write {what} ({} bytes at offset {offset:#x})",
-                    buf.len()
-                ),
-                e,
-            )
-        })
+        vconvert_core::write_all_at(&self.file, &self.name, buf, offset, what)
     }
 
     /// Footer(s), dynamic header and BAT.
@@ -230,21 +220,10 @@ impl ImageWriter for VpcWriter {
     }
 
     fn encode(&self, chunk: &Chunk) -> Result<Vec<bool>> {
-        let Some((h, _)) = &self.dynamic else {
-            return Ok(Vec::new());
-        };
-        let bs = u64::from(h.block_size);
-        let mut out = Vec::new();
-        let mut start = chunk.offset;
-        while start < chunk.offset + chunk.len {
-            let len = bs.min(chunk.offset + chunk.len - start);
-            let has_data = chunk.runs.iter().any(|r| {
-                r.kind == RunKind::Data && r.start < start + len && r.start + r.len > start
-            });
-            out.push(has_data && chunk.bytes(start, len).is_some_and(|b| !is_zero(b)));
-            start += len;
+        match &self.dynamic {
+            Some((h, _)) => Ok(chunk.nonzero_blocks(h.block_size.into())),
+            None => Ok(Vec::new()),
         }
-        Ok(out)
     }
 
     fn place(&mut self, chunk: &Chunk, nonzero: Vec<bool>) -> Result<()> {
