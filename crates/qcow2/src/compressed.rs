@@ -18,12 +18,21 @@ pub const DEFLATE_WINDOW_BITS: u8 = 12;
 /// per core; `-o compression_level=6` trades 3-4% of size for twice the speed.
 pub const DEFLATE_LEVEL: u32 = 9;
 
+thread_local! {
+    /// Each reading thread's inflater, reset for every cluster.
+    static INFLATER: std::cell::RefCell<Option<Decompress>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Decompresses one cluster of `out.len()` bytes from `src` (which may carry trailing
 /// bytes after the stream). Fails unless the stream fills `out` exactly.
 pub fn decompress(kind: CompressionType, src: &[u8], out: &mut [u8]) -> Result<(), String> {
     match kind {
-        CompressionType::Zlib => {
-            let mut d = Decompress::new_with_window_bits(false, DEFLATE_WINDOW_BITS);
+        CompressionType::Zlib => INFLATER.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let d = slot.get_or_insert_with(|| {
+                Decompress::new_with_window_bits(false, DEFLATE_WINDOW_BITS)
+            });
+            d.reset(false);
             match d.decompress(src, out, FlushDecompress::Finish) {
                 Ok(Status::StreamEnd) | Ok(Status::Ok) | Ok(Status::BufError)
                     if d.total_out() == out.len() as u64 =>
@@ -37,7 +46,7 @@ pub fn decompress(kind: CompressionType, src: &[u8], out: &mut [u8]) -> Result<(
                 )),
                 Err(e) => Err(format!("deflate stream is invalid: {e}")),
             }
-        }
+        }),
         CompressionType::Zstd => {
             let mut dec = zstd::stream::read::Decoder::with_buffer(src)
                 .map_err(|e| format!("zstd: {e}"))?

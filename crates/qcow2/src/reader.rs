@@ -484,6 +484,12 @@ impl ImageReader for Qcow2Reader {
                 ExtentKind::Data(Location::File { file, offset: host }) => {
                     self.read_host(file, out, host)?
                 }
+                // A whole cluster inflates straight into the caller's buffer.
+                ExtentKind::Data(Location::Compressed { offset: host, .. })
+                    if e.start % cs == 0 && e.len == cs =>
+                {
+                    self.read_compressed(e.start, host, out)?
+                }
                 ExtentKind::Data(Location::Compressed { offset: host, .. }) => {
                     let cluster = e.start / cs * cs;
                     cluster_buf.resize(cs as usize, 0);
