@@ -301,6 +301,17 @@ pub trait ImageWriter: Send + Sync {
     /// may be skipped by the engine when the target already reads as zeros.
     fn place(&mut self, chunk: &Chunk, encoded: Self::Encoded) -> Result<()>;
 
+    /// Places a batch of chunks, in guest order. The default calls
+    /// [`ImageWriter::place`] for each; a writer may instead assign every location in
+    /// order first and then write the batch's data in parallel (it runs inside the
+    /// conversion's thread pool).
+    fn place_batch(&mut self, chunks: &[Chunk], encoded: Vec<Self::Encoded>) -> Result<()> {
+        for (chunk, e) in chunks.iter().zip(encoded) {
+            self.place(chunk, e)?;
+        }
+        Ok(())
+    }
+
     /// Completes the image (metadata, footers) and flushes it.
     fn finish(self) -> Result<()>;
 }

@@ -214,9 +214,8 @@ pub fn copy_image<W: ImageWriter>(
                     .map(|chunk| writer.encode(chunk))
                     .collect()
             });
-            for (chunk, unit) in batch.chunks.iter().zip(encoded) {
-                writer.place(chunk, unit?)?;
-            }
+            let encoded = encoded.into_iter().collect::<Result<Vec<_>>>()?;
+            pool.install(|| writer.place_batch(&batch.chunks, encoded))?;
             for chunk in batch.chunks {
                 buffers.put(chunk.data);
             }

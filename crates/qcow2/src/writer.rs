@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use vconvert_core::{
     is_zero, Chunk, CreateParams, Error, ImageWriter, Options, Output, Result, RunKind,
 };
@@ -241,6 +243,61 @@ impl Qcow2Writer {
 
     fn write_at(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         vconvert_core::write_all_at(&self.file, &self.name, buf, offset, what)
+    }
+
+    /// Assigns host clusters and L2 entries to the clusters of `chunk` in guest order,
+    /// writing metadata and compressed clusters at once and leaving the runs of plain
+    /// data clusters (host offset, chunk offset, length) in `runs` for the caller.
+    fn assign(
+        &mut self,
+        chunk: &Chunk,
+        plans: Vec<ClusterPlan>,
+        runs: &mut Vec<(u64, usize, usize)>,
+    ) -> Result<()> {
+        let cs = self.cs();
+        // Consecutive data clusters land on consecutive host clusters: one run.
+        let mut run: Option<(u64, usize, usize)> = None;
+        for (k, plan) in plans.into_iter().enumerate() {
+            let start = chunk.offset + k as u64 * cs;
+            let cluster = start / cs;
+            let len = cs.min(chunk.offset + chunk.len - start);
+            match plan {
+                ClusterPlan::Unallocated => {}
+                ClusterPlan::Zero => {
+                    if self.extended_l2 {
+                        self.set_entry(cluster, 0, u64::from(u32::MAX) << 32)?;
+                    } else {
+                        self.set_entry(cluster, ZERO, 0)?;
+                    }
+                }
+                ClusterPlan::Data { alloc, zero } => {
+                    let host = self.alloc_cluster();
+                    let at = (start - chunk.offset) as usize;
+                    run = match run {
+                        Some((h, s, l)) if h + l as u64 == host && s + l == at => {
+                            Some((h, s, l + len as usize))
+                        }
+                        prev => {
+                            runs.extend(prev);
+                            Some((host, at, len as usize))
+                        }
+                    };
+                    let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
+                    self.set_entry(cluster, host | COPIED, bitmap)?;
+                }
+                ClusterPlan::Preallocated => {
+                    let host = self.alloc_cluster();
+                    self.set_entry(cluster, host | COPIED, u64::from(u32::MAX))?;
+                }
+                ClusterPlan::Compressed(bytes) => {
+                    let host = self.place_compressed(&bytes)?;
+                    let entry = compressed_entry(host, bytes.len() as u64, self.cluster_bits);
+                    self.set_entry(cluster, entry, 0)?;
+                }
+            }
+        }
+        runs.extend(run);
+        Ok(())
     }
 
     /// Writes a run of data clusters from `chunk` (see [`ImageWriter::place`]).
@@ -498,50 +555,29 @@ impl ImageWriter for Qcow2Writer {
     }
 
     fn place(&mut self, chunk: &Chunk, plans: Vec<ClusterPlan>) -> Result<()> {
-        let cs = self.cs();
-        // Consecutive data clusters land on consecutive host clusters: one write each
-        // run, straight from the chunk (host offset, chunk offset, length).
-        let mut run: Option<(u64, usize, usize)> = None;
-        for (k, plan) in plans.into_iter().enumerate() {
-            let start = chunk.offset + k as u64 * cs;
-            let cluster = start / cs;
-            let len = cs.min(chunk.offset + chunk.len - start);
-            match plan {
-                ClusterPlan::Unallocated => {}
-                ClusterPlan::Zero => {
-                    if self.extended_l2 {
-                        self.set_entry(cluster, 0, u64::from(u32::MAX) << 32)?;
-                    } else {
-                        self.set_entry(cluster, ZERO, 0)?;
-                    }
-                }
-                ClusterPlan::Data { alloc, zero } => {
-                    let host = self.alloc_cluster();
-                    let at = (start - chunk.offset) as usize;
-                    run = match run {
-                        Some((h, s, l)) if h + l as u64 == host && s + l == at => {
-                            Some((h, s, l + len as usize))
-                        }
-                        prev => {
-                            self.write_run(chunk, prev)?;
-                            Some((host, at, len as usize))
-                        }
-                    };
-                    let bitmap = u64::from(alloc) | (u64::from(zero) << 32);
-                    self.set_entry(cluster, host | COPIED, bitmap)?;
-                }
-                ClusterPlan::Preallocated => {
-                    let host = self.alloc_cluster();
-                    self.set_entry(cluster, host | COPIED, u64::from(u32::MAX))?;
-                }
-                ClusterPlan::Compressed(bytes) => {
-                    let host = self.place_compressed(&bytes)?;
-                    let entry = compressed_entry(host, bytes.len() as u64, self.cluster_bits);
-                    self.set_entry(cluster, entry, 0)?;
-                }
-            }
+        let mut runs = Vec::new();
+        self.assign(chunk, plans, &mut runs)?;
+        for &(host, at, len) in &runs {
+            self.write_run(chunk, Some((host, at, len)))?;
         }
-        self.write_run(chunk, run)
+        Ok(())
+    }
+
+    /// Host offsets for the whole batch in guest order (so the layout does not depend
+    /// on the thread count), then the data runs written in parallel at those offsets.
+    fn place_batch(&mut self, chunks: &[Chunk], plans: Vec<Vec<ClusterPlan>>) -> Result<()> {
+        let mut jobs: Vec<(usize, (u64, usize, usize))> = Vec::new();
+        let mut runs = Vec::new();
+        for (i, (chunk, p)) in chunks.iter().zip(plans).enumerate() {
+            runs.clear();
+            self.assign(chunk, p, &mut runs)?;
+            jobs.extend(runs.iter().map(|&r| (i, r)));
+        }
+        let this = &*self;
+        jobs.par_iter().try_for_each(|&(i, run)| match chunks.get(i) {
+            Some(chunk) => this.write_run(chunk, Some(run)),
+            None => Err(Error::invalid("write job for a chunk outside the batch")),
+        })
     }
 
     fn finish(mut self) -> Result<()> {
