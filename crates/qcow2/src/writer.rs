@@ -574,10 +574,11 @@ impl ImageWriter for Qcow2Writer {
             jobs.extend(runs.iter().map(|&r| (i, r)));
         }
         let this = &*self;
-        jobs.par_iter().try_for_each(|&(i, run)| match chunks.get(i) {
-            Some(chunk) => this.write_run(chunk, Some(run)),
-            None => Err(Error::invalid("write job for a chunk outside the batch")),
-        })
+        jobs.par_iter()
+            .try_for_each(|&(i, run)| match chunks.get(i) {
+                Some(chunk) => this.write_run(chunk, Some(run)),
+                None => Err(Error::invalid("write job for a chunk outside the batch")),
+            })
     }
 
     fn finish(mut self) -> Result<()> {
