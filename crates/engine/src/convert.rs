@@ -170,8 +170,13 @@ pub fn copy_image<W: ImageWriter>(
     let chunk_size = writer.chunk_size().max(512);
     // Three batches are in flight: one being read, one queued, one being encoded and
     // placed; each chunk holds its source bytes and, at most, an encoded copy.
-    let batch = (opts.mem_per_thread.saturating_mul(threads as u64) / (6 * chunk_size))
+    let mut batch = (opts.mem_per_thread.saturating_mul(threads as u64) / (6 * chunk_size))
         .clamp(1, 4096) as usize;
+    // Under a rate limit, batches of about a tenth of a second's budget, so the output
+    // grows (and progress moves) smoothly instead of in bursts followed by long sleeps.
+    if let Some(rate) = opts.rate_limit.filter(|r| *r > 0) {
+        batch = batch.min((rate / 10 / chunk_size).max(1) as usize);
+    }
     let report = |done: u64| {
         if let Some(p) = opts.progress {
             p(done, size);
