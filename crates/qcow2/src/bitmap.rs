@@ -1,6 +1,7 @@
 //! Persistent dirty bitmaps (qcow2.txt, "Bitmaps extension" and "Bitmap directory"):
 //! listed by `info`; their directory, tables and data clusters are counted by `check`.
 
+use byteorder::{BigEndian, ByteOrder};
 use vconvert_core::{ImageFile, Result};
 
 use crate::header::{autoclear, Qcow2Header};
@@ -21,16 +22,6 @@ pub struct Bitmap {
     pub flags: Vec<&'static str>,
     /// Offset and entry count of its bitmap table.
     pub table: (u64, u32),
-}
-
-fn be16(b: &[u8], o: usize) -> u16 {
-    u16::from_be_bytes([b[o], b[o + 1]])
-}
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn be64(b: &[u8], o: usize) -> u64 {
-    (u64::from(be32(b, o)) << 32) | u64::from(be32(b, o + 4))
 }
 
 impl Bitmap {
@@ -58,12 +49,12 @@ impl Bitmap {
                 )
             };
             let fixed = dir.get(pos..pos + 24).ok_or_else(bad)?;
-            let table_offset = be64(fixed, 0);
-            let table_size = be32(fixed, 8);
-            let flag_bits = be32(fixed, 12);
+            let table_offset = BigEndian::read_u64(&fixed[0..]);
+            let table_size = BigEndian::read_u32(&fixed[8..]);
+            let flag_bits = BigEndian::read_u32(&fixed[12..]);
             let granularity_bits = u32::from(fixed[17]);
-            let name_size = usize::from(be16(fixed, 18));
-            let extra = be32(fixed, 20) as usize;
+            let name_size = usize::from(BigEndian::read_u16(&fixed[18..]));
+            let extra = BigEndian::read_u32(&fixed[20..]) as usize;
             let name_at = pos + 24 + extra;
             let name = dir.get(name_at..name_at + name_size).ok_or_else(bad)?;
             let mut flags = Vec::new();

@@ -2,6 +2,7 @@
 //! refcount structures and snapshots) against the refcounts stored, as qemu-img check
 //! counts them: stored below referenced is a corruption, above is a leak.
 
+use byteorder::{BigEndian, ByteOrder};
 use std::collections::HashMap;
 
 use vconvert_core::{CheckReport, Result};
@@ -68,7 +69,7 @@ pub fn repair_leaks(r: &Qcow2Reader, file: &std::fs::File) -> Result<u64> {
         let Some(w) = rt.get(8 * i..8 * i + 8) else {
             continue;
         };
-        let block = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) & !511;
+        let block = BigEndian::read_u64(w) & !511;
         let bit = (cluster % per_block) * bits;
         if bits < 8 {
             let at = block + bit / 8;
@@ -123,7 +124,7 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
             let raw = file.read_vec(offset, 8 * u64::from(entries), 64 << 20, "bitmap table")?;
             c.inc(offset, raw.len() as u64, "bitmap table");
             for w in raw.chunks_exact(8) {
-                let e = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+                let e = BigEndian::read_u64(w);
                 let data = e & OFFSET_MASK;
                 if data != 0 {
                     c.inc(data, cs, "bitmap data");
@@ -150,10 +151,7 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
             "snapshot L1 table",
         )?;
         c.inc(s.l1_table_offset, raw.len() as u64, "snapshot L1 table");
-        let words = raw
-            .chunks_exact(8)
-            .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-            .collect();
+        let words = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
         l1s.push((words, false));
     }
     let mut copied_checks: Vec<(u64, bool, String)> = Vec::new();
@@ -248,10 +246,7 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
         crate::header::MAX_REFTABLE_BYTES,
         "refcount table",
     )?;
-    let rt: Vec<u64> = rt
-        .chunks_exact(8)
-        .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-        .collect();
+    let rt: Vec<u64> = rt.chunks_exact(8).map(BigEndian::read_u64).collect();
     let bits = u64::from(h.refcount_bits());
     let per_block = cs * 8 / bits;
     let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();

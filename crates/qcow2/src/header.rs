@@ -1,6 +1,7 @@
 //! The qcow2 header and its extensions (QEMU `docs/interop/qcow2.txt`, "Header" and
 //! "Header extensions").
 
+use byteorder::{BigEndian, ByteOrder};
 use vconvert_core::{Error, ImageFile, Result};
 
 /// `QFI\xfb`.
@@ -157,14 +158,6 @@ pub struct Qcow2Header {
     pub has_encryption_header: bool,
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    (u64::from(be32(b, off)) << 32) | u64::from(be32(b, off + 4))
-}
-
 impl Qcow2Header {
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
@@ -220,17 +213,17 @@ impl Qcow2Header {
         let mut b = [0u8; V3_HEADER_LENGTH as usize];
         let n = file.len().min(b.len() as u64) as usize;
         file.read_exact_at(&mut b[..n], 0, "qcow2 header")?;
-        if be32(&b, 0) != MAGIC {
+        if BigEndian::read_u32(&b[0..]) != MAGIC {
             return Err(corrupt(0, "magic 'QFI\\xfb' not found".into()));
         }
-        let version = be32(&b, 4);
+        let version = BigEndian::read_u32(&b[4..]);
         if version != 2 && version != 3 {
             return Err(Error::unsupported(
                 file.name(),
                 format!("qcow2 version {version} (only 2 and 3 exist)"),
             ));
         }
-        let cluster_bits = be32(&b, 20);
+        let cluster_bits = BigEndian::read_u32(&b[20..]);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(corrupt(
                 20,
@@ -240,17 +233,17 @@ impl Qcow2Header {
         let cs = 1u64 << cluster_bits;
         let mut h = Qcow2Header {
             version,
-            backing_file_offset: be64(&b, 8),
-            backing_file_size: be32(&b, 16),
+            backing_file_offset: BigEndian::read_u64(&b[8..]),
+            backing_file_size: BigEndian::read_u32(&b[16..]),
             cluster_bits,
-            size: be64(&b, 24),
-            crypt_method: be32(&b, 32),
-            l1_size: be32(&b, 36),
-            l1_table_offset: be64(&b, 40),
-            refcount_table_offset: be64(&b, 48),
-            refcount_table_clusters: be32(&b, 56),
-            nb_snapshots: be32(&b, 60),
-            snapshots_offset: be64(&b, 64),
+            size: BigEndian::read_u64(&b[24..]),
+            crypt_method: BigEndian::read_u32(&b[32..]),
+            l1_size: BigEndian::read_u32(&b[36..]),
+            l1_table_offset: BigEndian::read_u64(&b[40..]),
+            refcount_table_offset: BigEndian::read_u64(&b[48..]),
+            refcount_table_clusters: BigEndian::read_u32(&b[56..]),
+            nb_snapshots: BigEndian::read_u32(&b[60..]),
+            snapshots_offset: BigEndian::read_u64(&b[64..]),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -272,11 +265,11 @@ impl Qcow2Header {
                     "file is too short for a version 3 header".into(),
                 ));
             }
-            h.incompatible_features = be64(&b, 72);
-            h.compatible_features = be64(&b, 80);
-            h.autoclear_features = be64(&b, 88);
-            h.refcount_order = be32(&b, 96);
-            h.header_length = be32(&b, 100);
+            h.incompatible_features = BigEndian::read_u64(&b[72..]);
+            h.compatible_features = BigEndian::read_u64(&b[80..]);
+            h.autoclear_features = BigEndian::read_u64(&b[88..]);
+            h.refcount_order = BigEndian::read_u32(&b[96..]);
+            h.header_length = BigEndian::read_u32(&b[100..]);
             if h.header_length < V3_MIN_HEADER_LENGTH
                 || u64::from(h.header_length) > cs
                 || h.header_length % 8 != 0
@@ -343,8 +336,8 @@ impl Qcow2Header {
         let base = pos;
         while pos + 8 <= end {
             let rel = (pos - base) as usize;
-            let ty = be32(&area, rel);
-            let len = u64::from(be32(&area, rel + 4));
+            let ty = BigEndian::read_u32(&area[rel..]);
+            let len = u64::from(BigEndian::read_u32(&area[rel + 4..]));
             if ty == extension::END {
                 break;
             }
@@ -369,8 +362,9 @@ impl Qcow2Header {
                 extension::DATA_FILE_NAME => self.data_file = Some(text()),
                 extension::FULL_DISK_ENCRYPTION => self.has_encryption_header = true,
                 extension::BITMAPS if d.len() >= 24 => {
-                    self.nb_bitmaps = Some(be32(d, 0));
-                    self.bitmap_directory = Some((be64(d, 8), be64(d, 16)));
+                    self.nb_bitmaps = Some(BigEndian::read_u32(&d[0..]));
+                    self.bitmap_directory =
+                        Some((BigEndian::read_u64(&d[8..]), BigEndian::read_u64(&d[16..])));
                 }
                 extension::FEATURE_NAMES => {
                     for e in d.chunks_exact(48) {

@@ -1,5 +1,6 @@
 //! Reading qcow2 images.
 
+use byteorder::{BigEndian, ByteOrder};
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -122,7 +123,7 @@ impl Qcow2Reader {
         let mut entries = Vec::with_capacity(header.l1_size as usize);
         let mut raw_entries = Vec::with_capacity(header.l1_size as usize);
         for (i, w) in raw.chunks_exact(8).enumerate() {
-            let e = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            let e = BigEndian::read_u64(w);
             let off = e & OFFSET_MASK;
             let at = header.l1_table_offset + 8 * i as u64;
             if off != 0 {
@@ -259,10 +260,7 @@ impl Qcow2Reader {
         let mut raw = vec![0u8; cs as usize];
         self.file
             .read_exact_at(&mut raw[..n as usize], offset, "L2 table")?;
-        let words: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|w| u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]))
-            .collect();
+        let words: Vec<u64> = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
         let table = Arc::new(words);
         if let Ok(mut c) = self.cache.lock() {
             while c.bytes + cs > L2_CACHE_BYTES {

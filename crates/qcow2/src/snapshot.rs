@@ -1,6 +1,7 @@
 //! The snapshot table (qcow2.txt, "Snapshots"): listed by `info`; their L1 tables are
 //! followed by `check`.
 
+use byteorder::{BigEndian, ByteOrder};
 use vconvert_core::{ImageFile, Result, SnapshotInfo};
 
 use crate::header::Qcow2Header;
@@ -23,16 +24,6 @@ pub struct Snapshot {
     pub entry_len: u64,
 }
 
-fn be16(b: &[u8], o: usize) -> u16 {
-    u16::from_be_bytes([b[o], b[o + 1]])
-}
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-fn be64(b: &[u8], o: usize) -> u64 {
-    (u64::from(be32(b, o)) << 32) | u64::from(be32(b, o + 4))
-}
-
 impl Snapshot {
     /// Reads the snapshot table of `file`.
     pub fn read_table(file: &ImageFile, h: &Qcow2Header) -> Result<Vec<Snapshot>> {
@@ -41,9 +32,9 @@ impl Snapshot {
         for i in 0..h.nb_snapshots {
             let mut fixed = [0u8; 40];
             file.read_exact_at(&mut fixed, pos, "qcow2 snapshot table")?;
-            let id_len = u64::from(be16(&fixed, 12));
-            let name_len = u64::from(be16(&fixed, 14));
-            let extra_len = be32(&fixed, 36);
+            let id_len = u64::from(BigEndian::read_u16(&fixed[12..]));
+            let name_len = u64::from(BigEndian::read_u16(&fixed[14..]));
+            let extra_len = BigEndian::read_u32(&fixed[36..]);
             if extra_len > MAX_EXTRA_DATA {
                 return Err(file.corrupt(
                     "qcow2 snapshot table",
@@ -58,15 +49,15 @@ impl Snapshot {
             let extra = &rest[..extra_len as usize];
             let id = String::from_utf8_lossy(&rest[extra_len as usize..][..id_len as usize]);
             let name = String::from_utf8_lossy(&rest[(extra_len as u64 + id_len) as usize..]);
-            let l1_size = be32(&fixed, 8);
-            let l1_table_offset = be64(&fixed, 0);
+            let l1_size = BigEndian::read_u32(&fixed[8..]);
+            let l1_table_offset = BigEndian::read_u64(&fixed[0..]);
             let vm_state_size = if extra.len() >= 8 {
-                be64(extra, 0)
+                BigEndian::read_u64(&extra[0..])
             } else {
-                u64::from(be32(&fixed, 32))
+                u64::from(BigEndian::read_u32(&fixed[32..]))
             };
             let icount = if extra.len() >= 24 {
-                Some(be64(extra, 16)).filter(|&c| c != u64::MAX)
+                Some(BigEndian::read_u64(&extra[16..])).filter(|&c| c != u64::MAX)
             } else {
                 None
             };
@@ -78,13 +69,13 @@ impl Snapshot {
                     id: id.into_owned(),
                     name: name.into_owned(),
                     vm_state_size,
-                    date_sec: be32(&fixed, 16).into(),
-                    date_nsec: be32(&fixed, 20).into(),
-                    vm_clock_nsec: be64(&fixed, 24),
+                    date_sec: BigEndian::read_u32(&fixed[16..]).into(),
+                    date_nsec: BigEndian::read_u32(&fixed[20..]).into(),
+                    vm_clock_nsec: BigEndian::read_u64(&fixed[24..]),
                     icount,
                 },
                 entry_len,
-                disk_size: (extra.len() >= 16).then(|| be64(extra, 8)),
+                disk_size: (extra.len() >= 16).then(|| BigEndian::read_u64(&extra[8..])),
             });
             pos += entry_len;
         }

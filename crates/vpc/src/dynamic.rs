@@ -1,6 +1,7 @@
 //! The dynamic disk header (spec section "Dynamic Disk Header Format") and its parent
 //! locator entries.
 
+use byteorder::{BigEndian, ByteOrder};
 use vconvert_core::{ImageFile, Result};
 
 use crate::footer::checksum;
@@ -70,14 +71,6 @@ pub struct DynamicHeader {
     pub locators: Vec<ParentLocator>,
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    (u64::from(be32(b, off)) << 32) | u64::from(be32(b, off + 4))
-}
-
 /// Decodes UTF-16 (big- or little-endian) up to the first NUL.
 pub fn utf16(bytes: &[u8], big_endian: bool) -> String {
     let units: Vec<u16> = bytes
@@ -103,7 +96,7 @@ impl DynamicHeader {
         if &b[..8] != COOKIE {
             return Err(file.corrupt("VHD dynamic header", offset, "cookie 'cxsparse' not found"));
         }
-        let version = be32(&b, OFF_VERSION);
+        let version = BigEndian::read_u32(&b[OFF_VERSION..]);
         if version != HEADER_VERSION {
             return Err(file.corrupt(
                 "VHD dynamic header",
@@ -111,7 +104,7 @@ impl DynamicHeader {
                 format!("version {version:#x} is not 1.0"),
             ));
         }
-        let block_size = be32(&b, OFF_BLOCK_SIZE);
+        let block_size = BigEndian::read_u32(&b[OFF_BLOCK_SIZE..]);
         if !block_size.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&block_size) {
             return Err(file.corrupt(
                 "VHD dynamic header",
@@ -121,7 +114,7 @@ impl DynamicHeader {
                 ),
             ));
         }
-        let max_table_entries = be32(&b, OFF_MAX_ENTRIES);
+        let max_table_entries = BigEndian::read_u32(&b[OFF_MAX_ENTRIES..]);
         if max_table_entries > MAX_TABLE_ENTRIES {
             return Err(file.corrupt(
                 "VHD dynamic header",
@@ -141,18 +134,18 @@ impl DynamicHeader {
             }
             locators.push(ParentLocator {
                 platform,
-                data_len: be32(&b, o + 8),
-                data_offset: be64(&b, o + 16),
+                data_len: BigEndian::read_u32(&b[o + 8..]),
+                data_offset: BigEndian::read_u64(&b[o + 16..]),
             });
         }
         Ok(DynamicHeader {
-            table_offset: be64(&b, OFF_TABLE_OFFSET),
+            table_offset: BigEndian::read_u64(&b[OFF_TABLE_OFFSET..]),
             max_table_entries,
             block_size,
-            checksum: be32(&b, OFF_CHECKSUM),
+            checksum: BigEndian::read_u32(&b[OFF_CHECKSUM..]),
             computed_checksum: checksum(&b, OFF_CHECKSUM),
             parent_id,
-            parent_timestamp: be32(&b, OFF_PARENT_TIMESTAMP),
+            parent_timestamp: BigEndian::read_u32(&b[OFF_PARENT_TIMESTAMP..]),
             parent_name: utf16(
                 &b[OFF_PARENT_NAME..OFF_PARENT_NAME + PARENT_NAME_BYTES],
                 true,

@@ -1,6 +1,7 @@
 //! The hard disk footer (spec section "Hard Disk Footer Format") and CHS geometry
 //! (spec appendix "CHS Calculation").
 
+use byteorder::{BigEndian, ByteOrder};
 use vconvert_core::ImageFile;
 
 use crate::SECTOR_SIZE;
@@ -178,14 +179,6 @@ pub struct Footer {
     pub saved_state: u8,
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    (u64::from(be32(b, off)) << 32) | u64::from(be32(b, off + 4))
-}
-
 impl Footer {
     /// True when `b` starts with the footer cookie.
     pub fn is_footer(b: &[u8]) -> bool {
@@ -198,7 +191,7 @@ impl Footer {
         if !Footer::is_footer(b) {
             return Err(file.corrupt("VHD footer", at, "cookie 'conectix' not found"));
         }
-        let dt = be32(b, OFF_DISK_TYPE);
+        let dt = BigEndian::read_u32(&b[OFF_DISK_TYPE..]);
         let disk_type = DiskType::from_u32(dt).ok_or_else(|| {
             file.corrupt(
                 "VHD footer",
@@ -213,20 +206,20 @@ impl Footer {
         let mut id = [0u8; 16];
         id.copy_from_slice(&b[OFF_UNIQUE_ID..OFF_UNIQUE_ID + 16]);
         Ok(Footer {
-            data_offset: be64(b, OFF_DATA_OFFSET),
-            timestamp: be32(b, OFF_TIMESTAMP),
+            data_offset: BigEndian::read_u64(&b[OFF_DATA_OFFSET..]),
+            timestamp: BigEndian::read_u32(&b[OFF_TIMESTAMP..]),
             creator_app: app,
-            creator_version: be32(b, OFF_CREATOR_VERSION),
+            creator_version: BigEndian::read_u32(&b[OFF_CREATOR_VERSION..]),
             creator_os: os,
-            original_size: be64(b, OFF_ORIGINAL_SIZE),
-            current_size: be64(b, OFF_CURRENT_SIZE),
+            original_size: BigEndian::read_u64(&b[OFF_ORIGINAL_SIZE..]),
+            current_size: BigEndian::read_u64(&b[OFF_CURRENT_SIZE..]),
             geometry: Geometry {
                 cylinders: u16::from_be_bytes([b[OFF_GEOMETRY], b[OFF_GEOMETRY + 1]]),
                 heads: b[OFF_GEOMETRY + 2],
                 sectors: b[OFF_GEOMETRY + 3],
             },
             disk_type,
-            checksum: be32(b, OFF_CHECKSUM),
+            checksum: BigEndian::read_u32(&b[OFF_CHECKSUM..]),
             computed_checksum: checksum(b, OFF_CHECKSUM),
             unique_id: id,
             saved_state: b[OFF_SAVED_STATE],

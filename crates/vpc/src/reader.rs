@@ -1,5 +1,6 @@
 //! Reading VHD images: fixed, dynamic and differencing.
 
+use byteorder::{BigEndian, ByteOrder};
 use std::ops::Range;
 use std::path::PathBuf;
 
@@ -152,7 +153,7 @@ impl VpcReader {
         let mut entries = Vec::with_capacity(header.max_table_entries as usize);
         let mut starts = Vec::new();
         for (i, w) in raw.chunks_exact(4).enumerate() {
-            let e = u32::from_be_bytes([w[0], w[1], w[2], w[3]]);
+            let e = BigEndian::read_u32(w);
             let at = table_at + 4 * i as u64;
             if e != BAT_UNUSED {
                 let start = u64::from(e) * SECTOR_SIZE;
