@@ -136,6 +136,22 @@ fn exercise(name: &str, bytes: Vec<u8>, dir: &std::path::Path) {
     }
 }
 
+/// Runs [`exercise`] on a thread; fails the test, naming `label`, when it panics or
+/// outlives [`CASE_TIME_LIMIT`].
+fn exercise_bounded(label: &str, name: &str, bytes: Vec<u8>, dir: &std::path::Path) {
+    let (tx, rx) = mpsc::channel();
+    let (name, dir) = (name.to_string(), dir.to_path_buf());
+    std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(move || exercise(&name, bytes, &dir));
+        let _ = tx.send(r.is_ok());
+    });
+    match rx.recv_timeout(CASE_TIME_LIMIT) {
+        Ok(true) => {}
+        Ok(false) => panic!("{label}: panicked"),
+        Err(_) => panic!("{label}: did not finish within {CASE_TIME_LIMIT:?}"),
+    }
+}
+
 #[test]
 fn mutated_fixtures_never_panic_hang_or_balloon() {
     let limit = rustix::process::Rlimit {
@@ -153,19 +169,8 @@ fn mutated_fixtures_never_panic_hang_or_balloon() {
         }));
         for case in 0..CASES_PER_FIXTURE {
             let (what, bytes) = mutate(&orig, &mut rng, case);
-            let (tx, rx) = mpsc::channel();
-            let case_dir = dir.path().to_path_buf();
             let label = format!("{name} case {case} ({what})");
-            let n = name.clone();
-            std::thread::spawn(move || {
-                let r = std::panic::catch_unwind(move || exercise(&n, bytes, &case_dir));
-                let _ = tx.send(r.is_ok());
-            });
-            match rx.recv_timeout(CASE_TIME_LIMIT) {
-                Ok(true) => {}
-                Ok(false) => panic!("{label}: panicked"),
-                Err(_) => panic!("{label}: did not finish within {CASE_TIME_LIMIT:?}"),
-            }
+            exercise_bounded(&label, &name, bytes, dir.path());
             total += 1;
         }
     }
@@ -184,18 +189,7 @@ fn regression_inputs_never_panic_or_hang() {
         }
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         let bytes = std::fs::read(&p).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let case_dir = work.path().to_path_buf();
-        let n = name.clone();
-        std::thread::spawn(move || {
-            let r = std::panic::catch_unwind(move || exercise(&n, bytes, &case_dir));
-            let _ = tx.send(r.is_ok());
-        });
-        match rx.recv_timeout(CASE_TIME_LIMIT) {
-            Ok(true) => {}
-            Ok(false) => panic!("{name}: panicked"),
-            Err(_) => panic!("{name}: did not finish within {CASE_TIME_LIMIT:?}"),
-        }
+        exercise_bounded(&name, &name, bytes, work.path());
         seen += 1;
     }
     assert!(seen > 0, "no regression inputs in {}", dir.display());
