@@ -19,6 +19,7 @@ mod options;
 mod output;
 mod resolve;
 mod storage;
+mod time;
 mod zero;
 
 pub use blockmap::{BlockMap, Extent, ExtentKind, Location};
@@ -34,4 +35,5 @@ pub use options::{parse_size, Options};
 pub use output::{write_all_at, Output};
 pub use resolve::{overlay_block_map, read_backing, relative_to, NoReferences, Resolver};
 pub use storage::{FileStorage, ImageFile, MemStorage, Storage};
+pub use time::utc_fields;
 pub use zero::{is_zero, zero_runs};
