@@ -2,11 +2,11 @@
 //! 64 KiB cluster as qcow2 stores it (raw deflate) and VMDK stores a grain (zlib).
 //! Throughput is reported in bytes per second.
 
-use std::io::{Read, Write};
-
 use divan::counter::BytesCount;
 use divan::Bencher;
-use flate2::Compression;
+use vconvert_qcow2::compressed::{decompress, Compressor};
+use vconvert_qcow2::CompressionType;
+use vconvert_vmdk::grain;
 
 fn main() {
     divan::main();
@@ -47,41 +47,45 @@ fn zero_detection(bencher: Bencher, len: usize) {
         .bench(|| vconvert_core::is_zero(divan::black_box(&buf)));
 }
 
-#[divan::bench(args = [1, 6])]
+/// The qcow2 writer's cluster compressor (libdeflate, raw deflate) at a few levels.
+#[divan::bench(args = [1, 4, 6, 9])]
 fn deflate_raw_cluster(bencher: Bencher, level: u32) {
     let data = sample_cluster();
-    bencher.counter(BytesCount::new(CLUSTER)).bench(|| {
-        let mut e = flate2::write::DeflateEncoder::new(
-            Vec::with_capacity(CLUSTER),
-            Compression::new(level),
-        );
-        e.write_all(&data).ok();
-        e.finish().map(|v| v.len()).unwrap_or(0)
+    let mut c = Compressor::new(CompressionType::Zlib, level).expect("compressor");
+    bencher.counter(BytesCount::new(CLUSTER)).bench_local(|| {
+        c.compress(divan::black_box(&data))
+            .ok()
+            .flatten()
+            .map(<[u8]>::len)
     });
 }
 
+/// The qcow2 reader's cluster inflater.
 #[divan::bench]
 fn inflate_raw_cluster(bencher: Bencher) {
     let data = sample_cluster();
-    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), Compression::default());
-    e.write_all(&data).ok();
-    let packed = e.finish().unwrap_or_default();
+    let mut c = Compressor::new(CompressionType::Zlib, 6).expect("compressor");
+    let packed = c
+        .compress(&data)
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+        .to_vec();
     bencher
         .counter(BytesCount::new(CLUSTER))
         .with_inputs(|| vec![0u8; CLUSTER])
         .bench_refs(|out| {
-            let mut d = flate2::read::DeflateDecoder::new(divan::black_box(&packed[..]));
-            d.read_exact(out).is_ok()
+            decompress(CompressionType::Zlib, divan::black_box(&packed), out).is_ok()
         });
 }
 
+/// The VMDK writer's grain compressor (libdeflate, zlib stream).
 #[divan::bench]
 fn zlib_grain(bencher: Bencher) {
     let data = sample_cluster();
     bencher.counter(BytesCount::new(CLUSTER)).bench(|| {
-        let mut e =
-            flate2::write::ZlibEncoder::new(Vec::with_capacity(CLUSTER), Compression::default());
-        e.write_all(&data).ok();
-        e.finish().map(|v| v.len()).unwrap_or(0)
+        grain::deflate(divan::black_box(&data))
+            .map(|v| v.len())
+            .unwrap_or(0)
     });
 }

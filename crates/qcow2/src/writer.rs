@@ -20,7 +20,7 @@ use vconvert_core::{
     is_zero, Chunk, CreateParams, Error, ImageWriter, Options, Output, Result, RunKind,
 };
 
-use crate::compressed::{Compressor, DEFLATE_LEVEL};
+use crate::compressed::{Compressor, DEFLATE_LEVEL, DEFLATE_MAX_LEVEL};
 use crate::header::{
     compatible, incompatible, CompressionType, MAGIC, MAX_L1_BYTES, V2_HEADER_LENGTH,
     V3_HEADER_LENGTH,
@@ -29,6 +29,8 @@ use crate::l2::{compressed_entry, COPIED, SUBCLUSTERS, ZERO};
 
 /// zstd level for compressed clusters (qemu uses zstd's default).
 const ZSTD_LEVEL: u32 = 3;
+/// The highest zstd level `compression_level` accepts.
+const ZSTD_MAX_LEVEL: u32 = 19;
 
 /// How one guest cluster is to be stored.
 #[derive(Debug)]
@@ -154,13 +156,21 @@ impl Qcow2Writer {
                 CompressionType::Zlib => DEFLATE_LEVEL,
                 CompressionType::Zstd => ZSTD_LEVEL,
             },
-            Some(v) => v
-                .parse()
-                .ok()
-                .filter(|l| (1..=19).contains(l))
-                .ok_or_else(|| {
-                    Error::invalid(format!("qcow2: compression_level '{v}' must be 1 to 19"))
-                })?,
+            Some(v) => {
+                let max = match compression_type {
+                    CompressionType::Zlib => DEFLATE_MAX_LEVEL,
+                    CompressionType::Zstd => ZSTD_MAX_LEVEL,
+                };
+                v.parse()
+                    .ok()
+                    .filter(|l| (1..=max).contains(l))
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "qcow2: compression_level '{v}' must be 1 to {max} for {}",
+                            compression_type.name()
+                        ))
+                    })?
+            }
         };
         o.finish("qcow2", Self::OPTIONS)?;
         let v3_only = |what: &str| {
@@ -465,12 +475,7 @@ fn compress_cluster(kind: CompressionType, level: u32, src: &[u8]) -> Result<Opt
         let Some((_, _, c)) = slot.as_mut() else {
             return Err(Error::invalid("compressor missing"));
         };
-        let mut out = Vec::new();
-        if c.compress(src, &mut out).map_err(Error::invalid)? {
-            Ok(Some(out))
-        } else {
-            Ok(None)
-        }
+        Ok(c.compress(src).map_err(Error::invalid)?.map(<[u8]>::to_vec))
     })
 }
 
