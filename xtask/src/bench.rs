@@ -149,8 +149,11 @@ fn vconvert_size(s: &str) -> u64 {
     }
 }
 
-/// One timed run: wall seconds and peak RSS in KiB (from /usr/bin/time).
+/// One timed run: wall seconds and peak RSS in KiB (from /usr/bin/time). Dirty pages
+/// left by the previous run are flushed first (`sync`, not timed), so no run pays for
+/// another's writeback.
 fn timed(cmd: &[String]) -> Option<(f64, Option<u64>)> {
+    let _ = Command::new("sync").status();
     let rss_file = std::env::temp_dir().join(format!("vconvert-bench-rss-{}", std::process::id()));
     let have_time = Path::new("/usr/bin/time").exists();
     let mut c = if have_time {
@@ -490,10 +493,11 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
     }
     let _ = std::fs::remove_dir_all(&out_dir);
     let results = format!(
-        "# Benchmark results\n\nWritten by `cargo xtask bench{}` ({rounds} alternating rounds per tool; medians). \
+        "# Benchmark results\n\nWritten by `cargo xtask bench{}` ({rounds} alternating rounds per tool; medians; `sync` before every timed run so none pays for another's writeback). \
 Speed-up = qemu-img time / vconvert time (above 1: vconvert is faster). Size = allocated bytes of vconvert's output / qemu-img's. \
 RSS = peak resident set size (`/usr/bin/time`). \
-vconvert flushes its output to disk before renaming it into place (no partial or lost output); \
+vconvert flushes its output to disk before renaming it into place (no partial or lost output), \
+writing back in the background while it converts; \
 qemu-img convert's default cache mode, `unsafe`, never flushes, so the `vconvert -t unsafe` column is the like-for-like run.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD and VDI forms made by qemu-img.\n\n## Conversions\n\n{table}\n## Scaling of compressed work\n\n{scaling}",
         if quick { " --quick" } else { "" },
         machine()

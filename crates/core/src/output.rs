@@ -7,7 +7,9 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::{Error, Result};
 
@@ -44,6 +46,17 @@ pub struct Output {
     existing: bool,
     files: Vec<OutputFile>,
     committed: bool,
+    /// The files the background writeback flushes (see [`Output::sync_in_background`]).
+    flushed: Arc<Mutex<Vec<Arc<File>>>>,
+    writeback: Option<Writeback>,
+}
+
+/// A thread that flushes the output files to stable storage at intervals while the
+/// conversion writes them; it stops when its channel is dropped.
+#[derive(Debug)]
+struct Writeback {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 impl Output {
@@ -55,6 +68,48 @@ impl Output {
             existing,
             files: Vec::new(),
             committed: false,
+            flushed: Arc::default(),
+            writeback: None,
+        }
+    }
+
+    /// Starts flushing the files to stable storage every `every` while they are
+    /// written, so that the flush at [`Output::commit`] has little left to do: the disk
+    /// writes during the conversion instead of after it. Without this, the kernel keeps
+    /// everything dirty in memory (up to its dirty limits) and the commit waits for all
+    /// of it. Flush errors are left to the commit's own sync, which reports them.
+    pub fn sync_in_background(&mut self, every: Duration) {
+        if self.writeback.is_some() {
+            return;
+        }
+        let (stop, wake) = mpsc::channel::<()>();
+        let files = self.flushed.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vconvert-writeback".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = wake.recv_timeout(every) {
+                    let now: Vec<Arc<File>> = match files.lock() {
+                        Ok(f) => f.clone(),
+                        Err(_) => return,
+                    };
+                    for f in now {
+                        let _ = f.sync_data();
+                    }
+                }
+            });
+        // Without a thread the commit still syncs everything; only the overlap is lost.
+        if let Ok(thread) = spawned {
+            self.writeback = Some(Writeback { stop, thread });
+        }
+    }
+
+    /// Stops the background writeback; with `wait`, until its last flush has returned.
+    fn stop_writeback(&mut self, wait: bool) {
+        if let Some(w) = self.writeback.take() {
+            drop(w.stop);
+            if wait {
+                let _ = w.thread.join();
+            }
         }
     }
 
@@ -83,6 +138,7 @@ impl Output {
                 temp_path: None,
                 file: file.clone(),
             });
+            self.track(&file);
             return Ok(file);
         }
         let dir = match path.parent() {
@@ -117,7 +173,14 @@ impl Output {
             temp_path: Some(temp),
             file: file.clone(),
         });
+        self.track(&file);
         Ok(file)
+    }
+
+    fn track(&mut self, file: &Arc<File>) {
+        if let Ok(mut f) = self.flushed.lock() {
+            f.push(file.clone());
+        }
     }
 
     /// Syncs every file, renames the temporaries to their final names and syncs their
@@ -130,6 +193,7 @@ impl Output {
     /// complete but not flushed to stable storage (qemu-img's `-t unsafe`, its default
     /// for `convert`): a crash soon after may leave them incomplete.
     pub fn commit_with(mut self, sync: bool) -> Result<()> {
+        self.stop_writeback(true);
         for f in self.files.iter().filter(|_| sync) {
             f.file
                 .sync_all()
@@ -166,6 +230,8 @@ impl Output {
 
 impl Drop for Output {
     fn drop(&mut self) {
+        // A cancelled or failed conversion does not wait for a flush in progress.
+        self.stop_writeback(false);
         if self.committed {
             return;
         }
@@ -205,6 +271,40 @@ mod tests {
         out.commit().unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"abc");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// With background writeback running (and flushing several times meanwhile), the
+    /// commit still yields the complete file and a dropped output still leaves nothing.
+    #[test]
+    fn background_writeback_keeps_commit_and_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.img");
+        let data: Vec<u8> = (0..(4u32 << 20)).map(|i| (i % 253) as u8).collect();
+        for commit in [true, false] {
+            let mut out = Output::new(&target, false);
+            out.sync_in_background(Duration::from_millis(1));
+            let a = out.create_file(&target).unwrap();
+            for (i, piece) in data.chunks(1 << 20).enumerate() {
+                a.write_all_at(piece, (i as u64) << 20).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            // A second file created after the writeback started.
+            let side = dir.path().join("side.img");
+            out.create_file(&side)
+                .unwrap()
+                .write_all_at(b"s", 0)
+                .unwrap();
+            if commit {
+                out.commit().unwrap();
+                assert_eq!(std::fs::read(&target).unwrap(), data);
+                assert_eq!(std::fs::read(&side).unwrap(), b"s");
+                std::fs::remove_file(&target).unwrap();
+                std::fs::remove_file(&side).unwrap();
+            } else {
+                drop(out);
+            }
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
     }
 
     #[test]

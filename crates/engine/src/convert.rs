@@ -20,6 +20,11 @@ use crate::registry::{with_writer, WriterJob};
 /// Largest window of the source's block map fetched at once while it holds no data.
 const MAX_WINDOW: u64 = 1 << 30;
 
+/// How often a durable conversion flushes what it has written so far (see
+/// [`Output::sync_in_background`]): the disk then works while the conversion does,
+/// instead of the final sync writing everything after it.
+const WRITEBACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A shared flag that cancels a running conversion; the target is then removed.
 #[derive(Clone, Debug, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
@@ -112,6 +117,9 @@ pub fn convert(
     opts: &ConvertOptions<'_>,
 ) -> Result<()> {
     let mut output = Output::new(target, opts.existing);
+    if !opts.no_sync {
+        output.sync_in_background(WRITEBACK_INTERVAL);
+    }
     let params = CreateParams {
         virtual_size: src.virtual_size(),
         existing: opts.existing,
