@@ -236,7 +236,7 @@ pub struct Chunk {
     /// Ordered runs covering `[offset, offset + len)`.
     pub runs: Vec<Run>,
     /// `len` bytes when any run is data (zeros outside data runs), else empty.
-    pub data: Vec<u8>,
+    pub data: crate::IoBuffer,
 }
 
 impl Chunk {

@@ -11,6 +11,7 @@
 //! - [`Options`]: `-o key=value` creation options and qemu-style sizes.
 
 mod blockmap;
+mod buffer;
 mod error;
 mod format;
 mod identity;
@@ -23,6 +24,7 @@ mod time;
 mod zero;
 
 pub use blockmap::{BlockMap, Extent, ExtentKind, Location};
+pub use buffer::{IoBuffer, IO_ALIGN};
 pub use error::{Error, Result};
 pub use format::Format;
 pub use identity::Identity;

@@ -386,7 +386,7 @@ fn placement_out_of_order_is_refused() {
             len: 1 << 20,
             kind: RunKind::Data,
         }],
-        data: vec![1u8; 1 << 20],
+        data: vec![1u8; 1 << 20].into(),
     };
     let (a, b) = (chunk(2), chunk(1));
     let ea = w.encode(&a).unwrap();

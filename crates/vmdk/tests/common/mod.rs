@@ -108,7 +108,7 @@ pub fn drive_writer(
             offset: off,
             len,
             runs,
-            data,
+            data: data.into(),
         });
         off += len;
     }
@@ -192,7 +192,7 @@ pub fn drive_sparse(mut w: VmdkWriter, size: u64, pieces: &[(u64, Vec<u8>)]) -> 
             offset: off,
             len,
             runs,
-            data,
+            data: data.into(),
         };
         let e = w.encode(&chunk)?;
         w.place(&chunk, e)?;
