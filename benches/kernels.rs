@@ -1,10 +1,12 @@
-//! Micro-benchmarks of the hot kernels: zero detection, and deflate/inflate of one
-//! 64 KiB cluster as qcow2 stores it (raw deflate) and VMDK stores a grain (zlib).
-//! Throughput is reported in bytes per second.
+//! Micro-benchmarks of the hot kernels: zero detection, deflate/inflate of one 64 KiB
+//! cluster as qcow2 stores it (raw deflate) and VMDK stores a grain (zlib), and the
+//! decoding of a qcow2 L2 table and a VMDK grain table.
+//! Throughput is reported in bytes (or table entries) per second.
 
-use divan::counter::BytesCount;
+use divan::counter::{BytesCount, ItemsCount};
 use divan::Bencher;
 use vconvert_qcow2::compressed::{decompress, Compressor};
+use vconvert_qcow2::l2;
 use vconvert_qcow2::CompressionType;
 use vconvert_vmdk::grain;
 
@@ -88,4 +90,35 @@ fn zlib_grain(bencher: Bencher) {
             .map(|v| v.len())
             .unwrap_or(0)
     });
+}
+
+/// Decoding one qcow2 L2 table of 64 KiB clusters (8192 entries: data, compressed,
+/// zero and unallocated in turn), as the reader does for every table it loads.
+#[divan::bench]
+fn l2_table_decode(bencher: Bencher) {
+    let bits = 16;
+    let entries: Vec<u64> = (0..8192u64)
+        .map(|i| match i % 4 {
+            0 => l2::COPIED | ((i + 1) << bits),
+            1 => l2::compressed_entry((i + 1) << 12, 3000, bits),
+            2 => l2::ZERO,
+            _ => 0,
+        })
+        .collect();
+    bencher.counter(ItemsCount::new(entries.len())).bench(|| {
+        divan::black_box(&entries)
+            .iter()
+            .filter(|&&e| l2::decode(e, None, bits, 3, false).is_ok())
+            .count()
+    });
+}
+
+/// Decoding one VMDK grain table (512 little-endian entries).
+#[divan::bench]
+fn grain_table_decode(bencher: Bencher) {
+    let gt: Vec<u32> = (0..512u32).map(|i| i * 128).collect();
+    let bytes = grain::encode_entries(&gt);
+    bencher
+        .counter(ItemsCount::new(gt.len()))
+        .bench(|| grain::decode_entries(divan::black_box(&bytes)).len());
 }

@@ -149,10 +149,21 @@ fn vconvert_size(s: &str) -> u64 {
     }
 }
 
-/// One timed run: wall seconds and peak RSS in KiB (from /usr/bin/time). Dirty pages
-/// left by the previous run are flushed first (`sync`, not timed), so no run pays for
-/// another's writeback.
-fn timed(cmd: &[String]) -> Option<(f64, Option<u64>)> {
+/// Reads `path` through (not timed), so that each run starts with its source in the page
+/// cache: this VM gives page cache back to the host between runs (seen: 8 GiB cached,
+/// then 4 GiB), which otherwise makes some runs read from disk.
+fn warm(path: &Path) {
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = std::io::copy(&mut f, &mut std::io::sink());
+    }
+}
+
+/// One timed run of `cmd` converting `src`: wall seconds and peak RSS in KiB (from
+/// /usr/bin/time). The source is read into the page cache and dirty pages left by the
+/// previous run are flushed first (`sync`), neither timed, so every run starts alike and
+/// none pays for another's writeback.
+fn timed(src: &Path, cmd: &[String]) -> Option<(f64, Option<u64>)> {
+    warm(src);
     let _ = Command::new("sync").status();
     let rss_file = std::env::temp_dir().join(format!("vconvert-bench-rss-{}", std::process::id()));
     let have_time = Path::new("/usr/bin/time").exists();
@@ -355,7 +366,7 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
                 } else {
                     "qemu-img"
                 };
-                match timed(&convert_cmd(prog, extra, case, &src, &out)) {
+                match timed(&src, &convert_cmd(prog, extra, case, &src, &out)) {
                     Some((t, r)) => {
                         times[i].push(t);
                         rss[i] = rss[i].max(r);
@@ -385,7 +396,7 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
                     raw.display().to_string(),
                     dst.display().to_string(),
                 ];
-                if let Some((s, _)) = timed(&cmd) {
+                if let Some((s, _)) = timed(&raw, &cmd) {
                     t.push(s);
                 }
             }
@@ -471,9 +482,10 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
             let mut v = Vec::new();
             for _ in 0..rounds {
                 let _ = std::fs::remove_file(&out);
-                if let Some((s, _)) =
-                    timed(&convert_cmd(&vconvert, &["-m", &nstr], case, &src, &out))
-                {
+                if let Some((s, _)) = timed(
+                    &src,
+                    &convert_cmd(&vconvert, &["-m", &nstr], case, &src, &out),
+                ) {
                     v.push(s);
                 }
             }
@@ -493,7 +505,7 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
     }
     let _ = std::fs::remove_dir_all(&out_dir);
     let results = format!(
-        "# Benchmark results\n\nWritten by `cargo xtask bench{}` ({rounds} alternating rounds per tool; medians; `sync` before every timed run so none pays for another's writeback). \
+        "# Benchmark results\n\nWritten by `cargo xtask bench{}` ({rounds} alternating rounds per tool; medians; before every timed run the source is read into the page cache and `sync` flushes the previous run's writes, neither timed). \
 Speed-up = qemu-img time / vconvert time (above 1: vconvert is faster). Size = allocated bytes of vconvert's output / qemu-img's. \
 RSS = peak resident set size (`/usr/bin/time`). \
 vconvert flushes its output to disk before renaming it into place (no partial or lost output), \

@@ -76,7 +76,7 @@ pub mod extension {
 /// How compressed clusters are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CompressionType {
-    /// Raw deflate (no zlib header), 4 KiB window.
+    /// Raw deflate (no zlib header); qemu writes it with a 4 KiB window, we with 32 KiB.
     Zlib,
     /// One zstd frame per cluster.
     Zstd,
