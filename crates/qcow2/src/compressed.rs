@@ -66,64 +66,50 @@ pub fn decompress(kind: CompressionType, src: &[u8], out: &mut [u8]) -> Result<(
 /// A reusable compressor for one thread, with its output buffer (a fresh buffer per
 /// cluster cost ~5% of `-c` time in page faults).
 pub struct Compressor {
-    kind: CompressionType,
-    deflate: Option<libdeflater::Compressor>,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    codec: Codec,
     out: Vec<u8>,
+}
+
+enum Codec {
+    Deflate(libdeflater::Compressor),
+    Zstd(zstd::bulk::Compressor<'static>),
 }
 
 impl Compressor {
     /// A compressor of `kind` at `level` (deflate 1–12, higher is clamped; zstd levels
     /// as zstd).
     pub fn new(kind: CompressionType, level: u32) -> Result<Self, String> {
-        let (mut deflate, mut zstd) = (None, None);
-        match kind {
-            CompressionType::Zstd => {
-                zstd = Some(
-                    zstd::bulk::Compressor::new(level as i32).map_err(|e| format!("zstd: {e}"))?,
-                )
-            }
+        let codec = match kind {
             CompressionType::Zlib => {
                 let level = libdeflater::CompressionLvl::new(level.min(DEFLATE_MAX_LEVEL) as i32)
                     .map_err(|e| format!("deflate level {level}: {e:?}"))?;
-                deflate = Some(libdeflater::Compressor::new(level));
+                Codec::Deflate(libdeflater::Compressor::new(level))
             }
-        }
+            CompressionType::Zstd => Codec::Zstd(
+                zstd::bulk::Compressor::new(level as i32).map_err(|e| format!("zstd: {e}"))?,
+            ),
+        };
         Ok(Compressor {
-            kind,
-            deflate,
-            zstd,
+            codec,
             out: Vec::new(),
         })
     }
 
     /// Compresses `src`. Returns `None` when the result would not be smaller than `src`
     /// (the cluster is then stored uncompressed, as qemu does).
-    pub fn compress(&mut self, src: &[u8]) -> Result<Option<&[u8]>, String> {
+    pub fn compress(&mut self, src: &[u8]) -> Option<&[u8]> {
+        let limit = src.len().checked_sub(1)?;
         let out = &mut self.out;
-        let Some(limit) = src.len().checked_sub(1) else {
-            return Ok(None);
-        };
         out.resize(limit, 0);
-        let n = match self.kind {
-            CompressionType::Zlib => {
-                let d = self.deflate.as_mut().ok_or("deflate compressor missing")?;
-                match d.deflate_compress(src, &mut out[..limit]) {
-                    Ok(n) => n,
-                    // The stream would not fit in fewer bytes than the cluster: no gain.
-                    Err(libdeflater::CompressionError::InsufficientSpace) => return Ok(None),
-                }
-            }
-            CompressionType::Zstd => {
-                let z = self.zstd.as_mut().ok_or("zstd compressor missing")?;
-                match z.compress_to_buffer(src, &mut out[..limit]) {
-                    Ok(n) => n,
-                    // "Destination buffer is too small": no gain.
-                    Err(_) => return Ok(None),
-                }
-            }
+        // Either codec fails only when the output would not fit in `limit` bytes (no
+        // gain): libdeflate's InsufficientSpace, zstd's "destination buffer is too small".
+        // A slice, not the Vec: zstd would write a Vec up to its capacity.
+        let room = &mut out[..];
+        let n = match &mut self.codec {
+            Codec::Deflate(d) => d.deflate_compress(src, room).ok(),
+            Codec::Zstd(z) => z.compress_to_buffer(src, room).ok(),
         };
-        Ok(out.get(..n))
+        n.and_then(|n| out.get(..n))
     }
 }
 
@@ -136,7 +122,7 @@ mod tests {
         let src: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
         for kind in [CompressionType::Zlib, CompressionType::Zstd] {
             let mut c = Compressor::new(kind, 3).unwrap();
-            let mut out = c.compress(&src).unwrap().unwrap().to_vec();
+            let mut out = c.compress(&src).unwrap().to_vec();
             assert!(out.len() < src.len() / 4);
             out.extend_from_slice(&[0u8; 300]); // sector padding after the stream
             let mut back = vec![0u8; src.len()];
@@ -153,14 +139,14 @@ mod tests {
                     (x >> 24) as u8
                 })
                 .collect();
-            assert!(c.compress(&noise).unwrap().is_none());
+            assert!(c.compress(&noise).is_none());
         }
     }
 
     /// Regression (from when zlib-rs compressed): it panicked ("buf.len() must fit in
     /// remaining()") when its output buffer was only as large as the input and the input
     /// was incompressible (seen with 4 KiB clusters under -c). Incompressible clusters of
-    /// every size must give "no gain" at every level, never an error.
+    /// every size must give "no gain" at every level, never a failure.
     #[test]
     fn incompressible_clusters_of_every_size_and_level_do_not_panic() {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -175,10 +161,10 @@ mod tests {
                 .collect();
             for level in [1, 6, 9, 12] {
                 let mut c = Compressor::new(CompressionType::Zlib, level).unwrap();
-                assert!(c.compress(&noise).unwrap().is_none(), "{cs} {level}");
+                assert!(c.compress(&noise).is_none(), "{cs} {level}");
                 let mut half = noise.clone();
                 half[cs / 2..].fill(0);
-                assert!(c.compress(&half).unwrap().is_some(), "{cs} {level}");
+                assert!(c.compress(&half).is_some(), "{cs} {level}");
             }
         }
     }

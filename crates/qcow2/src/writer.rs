@@ -475,7 +475,7 @@ fn compress_cluster(kind: CompressionType, level: u32, src: &[u8]) -> Result<Opt
         let Some((_, _, c)) = slot.as_mut() else {
             return Err(Error::invalid("compressor missing"));
         };
-        Ok(c.compress(src).map_err(Error::invalid)?.map(<[u8]>::to_vec))
+        Ok(c.compress(src).map(<[u8]>::to_vec))
     })
 }
 
