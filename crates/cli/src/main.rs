@@ -177,10 +177,11 @@ struct ConvertArgs {
     /// file but the one named; inspect the output again.
     #[arg(long)]
     untrusted: bool,
-    /// Target cache mode, as qemu-img: `unsafe` renames the finished target into place
-    /// without flushing it to disk (faster; a crash soon after may lose it); every other
-    /// mode (writeback, the default here; none, directsync, writethrough) flushes it
-    /// first.
+    /// Target cache mode, as qemu-img: `none` (the default here) and `directsync` write
+    /// the data around the page cache (O_DIRECT) and flush the target before renaming it
+    /// into place; `writeback` and `writethrough` write through the page cache and
+    /// flush; `unsafe` writes through the page cache and renames the target into place
+    /// without flushing it (a crash soon after may lose it).
     #[arg(short = 't', value_name = "CACHE", value_parser = ["writeback", "unsafe", "none", "directsync", "writethrough"])]
     cache: Option<String>,
     /// Accepted for qemu-img compatibility: source cache mode (ignored).
@@ -410,6 +411,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         progress: Some(&progress),
         identity_seed: identity_seed()?,
         no_sync: args.cache.as_deref() == Some("unsafe"),
+        direct: matches!(args.cache.as_deref(), None | Some("none" | "directsync")),
         rate_limit: args.rate_limit.as_deref().map(parse_size).transpose()?,
         ..ConvertOptions::default()
     };

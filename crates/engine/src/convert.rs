@@ -76,6 +76,10 @@ pub struct ConvertOptions<'a> {
     /// Rename the finished target into place without flushing it to stable storage
     /// (qemu-img's `-t unsafe`). Off by default: a finished conversion is durable.
     pub no_sync: bool,
+    /// Write page-aligned data around the page cache (`O_DIRECT`, qemu-img's `-t none`)
+    /// where the filesystem allows it. On by default; used only when the target is
+    /// synced (`no_sync` off), since then the data has to reach the disk anyway.
+    pub direct: bool,
     /// Write into an existing target (`-n`).
     pub existing: bool,
     /// The existing target already reads as zeros (`--target-is-zero`).
@@ -99,6 +103,7 @@ impl Default for ConvertOptions<'_> {
             sparse_size: 4096,
             mem_per_thread: 64 << 20,
             no_sync: false,
+            direct: true,
             existing: false,
             target_is_zero: false,
             compress: false,
@@ -124,6 +129,7 @@ pub fn convert(
 ) -> Result<()> {
     let mut output = Output::new(target, opts.existing);
     if !opts.no_sync {
+        output.write_direct(opts.direct);
         output.sync_in_background(WRITEBACK_INTERVAL);
     }
     let params = CreateParams {
@@ -210,14 +216,22 @@ pub fn copy_image<W: ImageWriter>(
             }
         }
     };
-    // The reader side runs one batch ahead of encoding and placement.
+    // The reader side runs one batch ahead of encoding and placement, on threads of its
+    // own: placement blocks in writes (direct writes wait for the disk), and reads
+    // (with decompression) must go on meanwhile. Measured: compressed qcow2 -> raw
+    // 1.4-1.55 s with one pool for both, 1.07-1.11 s with two.
     let buffers = BufferPool::default();
+    let read_pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("vconvert-read-{i}"))
+        .build()
+        .map_err(|e| Error::invalid(format!("cannot start {threads} reader threads: {e}")))?;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
         let reader = Reader {
             buffers: &buffers,
             src,
-            pool: &pool,
+            pool: &read_pool,
             chunk_size,
             batch,
             sparse_size: opts.sparse_size,
@@ -251,7 +265,7 @@ pub fn copy_image<W: ImageWriter>(
 }
 
 /// Chunk buffers returned after placement, reused by the reader: fresh buffers would
-/// cost a page fault per 4 KiB. They are cache-line aligned ([`IoBuffer`]): the
+/// cost a page fault per 4 KiB. They are page-aligned ([`IoBuffer`]): the
 /// kernel copies into and out of them five times faster than into a plain `Vec`.
 #[derive(Default)]
 struct BufferPool {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use vconvert_core::{
-    is_zero, Chunk, CreateParams, Error, ImageWriter, Options, Output, Result, RunKind,
+    is_zero, Chunk, CreateParams, Error, ImageWriter, Options, Output, Result, RunKind, TargetFile,
 };
 
 use crate::compressed::{Compressor, DEFLATE_LEVEL, DEFLATE_MAX_LEVEL};
@@ -60,7 +60,7 @@ thread_local! {
 /// Writes a qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2Writer {
-    file: Arc<File>,
+    file: Arc<TargetFile>,
     name: String,
     version: u32,
     cluster_bits: u32,

@@ -1,15 +1,22 @@
-//! Writing VDI images in qemu-img's layout: header at 0, block map at 0x200, data
-//! blocks right after the block map (rounded up to a sector), 1 MiB blocks.
+//! Writing VDI images in VirtualBox's layout: header at 0, block map at 0x200, data
+//! blocks from the first 1 MiB boundary after the block map, 1 MiB blocks. (qemu-img
+//! starts the data right after the map, rounded to a sector; aligned blocks can be
+//! written around the page cache, see `vconvert_core::TargetFile`.)
 
-use std::fs::File;
 use std::sync::Arc;
 
-use vconvert_core::{Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result};
+use vconvert_core::{
+    Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, TargetFile,
+};
 
 use crate::header::{
     uuid_to_disk, BlockEntry, ImageType, VdiHeader, DEFAULT_BLOCK_SIZE, HEADER_BYTES,
     HEADER_SIZE_V1_1, MAX_BLOCKS, SECTOR_SIZE,
 };
+
+/// Alignment of the first data block in the file: VirtualBox's `VDI_DATA_ALIGN`
+/// (VDICore.h), 1 MiB.
+const DATA_ALIGN: u64 = 1 << 20;
 
 /// Blocks per chunk the writer asks the engine for.
 const BLOCKS_PER_CHUNK: u64 = 4;
@@ -17,7 +24,7 @@ const BLOCKS_PER_CHUNK: u64 = 4;
 /// Writes a VDI image.
 #[derive(Debug)]
 pub struct VdiWriter {
-    file: Arc<File>,
+    file: Arc<TargetFile>,
     name: String,
     header: VdiHeader,
     entries: Vec<BlockEntry>,
@@ -78,7 +85,7 @@ impl VdiWriter {
             },
             image_flags: 0,
             block_map_offset: HEADER_BYTES as u32,
-            data_offset: (HEADER_BYTES as u64 + map_bytes) as u32,
+            data_offset: (HEADER_BYTES as u64 + map_bytes).next_multiple_of(DATA_ALIGN) as u32,
             geometry: legacy_geometry(disk_size),
             sector_size: SECTOR_SIZE,
             disk_size,
@@ -122,7 +129,8 @@ impl VdiWriter {
 
     fn write_metadata(&self) -> Result<()> {
         self.write_at(&self.header.encode(), 0, "VDI header")?;
-        let map_len = (self.header.data_offset - self.header.block_map_offset) as usize;
+        // The map in whole sectors; the rest up to the data is left a hole.
+        let map_len = (4 * self.entries.len()).next_multiple_of(SECTOR_SIZE as usize);
         let mut map = vec![0u8; map_len];
         for (slot, e) in map.chunks_exact_mut(4).zip(&self.entries) {
             slot.copy_from_slice(&e.to_u32().to_le_bytes());

@@ -13,12 +13,12 @@
 //! guest order, so the output does not depend on the thread count.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vconvert_core::{
     is_zero, Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind,
+    TargetFile,
 };
 
 use crate::descriptor::{Access, ExtentLine, NewDescriptor, CID_NONE};
@@ -135,7 +135,7 @@ struct OutExtent {
     /// Guest bytes `[start, start + len)`.
     start: u64,
     len: u64,
-    file: Arc<File>,
+    file: Arc<TargetFile>,
     name: String,
     kind: OutKind,
 }
@@ -149,7 +149,7 @@ pub struct VmdkWriter {
     extents: Vec<OutExtent>,
     /// The descriptor: embedded in extent 0 or a file of its own.
     descriptor: String,
-    descriptor_file: Option<(Arc<File>, String)>,
+    descriptor_file: Option<(Arc<TargetFile>, String)>,
     /// The last grain placed: placement must move forward (grain tables are written
     /// once, when placement leaves them).
     last_grain: Option<u64>,
@@ -187,7 +187,7 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn write_at(file: &File, name: &str, buf: &[u8], offset: u64) -> Result<()> {
+fn write_at(file: &TargetFile, name: &str, buf: &[u8], offset: u64) -> Result<()> {
     file.write_all_at(buf, offset).map_err(|e| {
         Error::io(
             name,
@@ -773,7 +773,7 @@ fn pad_sector(mut v: Vec<u8>) -> Vec<u8> {
 
 /// Writes the current grain table of a sparse extent to its preallocated place and to
 /// the redundant copy.
-fn flush_sparse_gt(file: &File, name: &str, s: &mut SparseOut) -> Result<()> {
+fn flush_sparse_gt(file: &TargetFile, name: &str, s: &mut SparseOut) -> Result<()> {
     if let Some((gt, entries)) = s.current.take() {
         let bytes = grain::encode_entries(&entries);
         write_at(
@@ -794,7 +794,7 @@ fn flush_sparse_gt(file: &File, name: &str, s: &mut SparseOut) -> Result<()> {
 
 /// Appends the current grain table of a stream after a GT marker and records it in
 /// the grain directory.
-fn flush_stream_gt(file: &File, name: &str, s: &mut StreamOut) -> Result<()> {
+fn flush_stream_gt(file: &TargetFile, name: &str, s: &mut StreamOut) -> Result<()> {
     if let Some((gt, entries)) = s.current.take() {
         let bytes = grain::encode_entries(&entries);
         write_at(

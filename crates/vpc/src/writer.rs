@@ -2,11 +2,10 @@
 //! at 512, BAT at 1536, then blocks (a sector bitmap, then 2 MiB of data), then the
 //! footer. Fixed: the data, then the footer.
 
-use std::fs::File;
 use std::sync::Arc;
 
 use vconvert_core::{
-    Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind,
+    Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind, TargetFile,
 };
 
 use crate::dynamic::{DynamicHeader, BAT_UNUSED, DEFAULT_BLOCK_SIZE, DYNAMIC_HEADER_SIZE};
@@ -25,7 +24,7 @@ const FIXED_CHUNK: u64 = 4 << 20;
 /// Writes a VHD image.
 #[derive(Debug)]
 pub struct VpcWriter {
-    file: Arc<File>,
+    file: Arc<TargetFile>,
     name: String,
     footer: Footer,
     /// Dynamic header and BAT; `None` for fixed disks.
