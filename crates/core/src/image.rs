@@ -274,28 +274,73 @@ impl Chunk {
     }
 }
 
-/// A writable target format.
-///
-/// The engine drives a writer in two phases per batch of chunks: [`encode`] runs in
-/// parallel on many chunks (compression, zero checks), then [`place`] runs once per
-/// chunk **in guest order** with the chunk and its encoding, so placement, and hence the
-/// output, is the same whatever the thread count. Chunks are lent, not given: the engine
-/// reuses their buffers. [`finish`] writes remaining metadata and flushes; the engine
-/// then syncs and renames the files of the [`crate::Output`].
-///
-/// [`encode`]: ImageWriter::encode
-/// [`place`]: ImageWriter::place
-/// [`finish`]: ImageWriter::finish
-pub trait ImageWriter: Send + Sync {
-    /// What [`ImageWriter::encode`] produces (`()` when the chunk's bytes are written
+/// The parallel half of an [`ImageWriter`]: prepares chunks (compression, zero checks)
+/// without knowing where they will go, so that it can run on many chunks at once, and
+/// while the writer places earlier ones.
+pub trait ChunkEncoder: Send + Sync {
+    /// What [`ChunkEncoder::encode`] produces (`()` when the chunk's bytes are written
     /// as they are).
     type Encoded: Send;
 
+    /// Prepares one chunk; runs in parallel with other chunks and with placement.
+    fn encode(&self, chunk: &Chunk) -> Result<Self::Encoded>;
+}
+
+/// The encoder of writers whose chunks need no preparation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlainChunks;
+
+impl ChunkEncoder for PlainChunks {
+    type Encoded = ();
+
+    fn encode(&self, _chunk: &Chunk) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The encoder of writers that allocate fixed-size blocks: for each block of the chunk
+/// (of `block_size` bytes, from the chunk's start), whether it holds non-zero bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct NonzeroBlocks {
+    /// The block size in bytes; 0 for a layout without blocks (nothing is scanned).
+    pub block_size: u64,
+}
+
+impl ChunkEncoder for NonzeroBlocks {
+    type Encoded = Vec<bool>;
+
+    fn encode(&self, chunk: &Chunk) -> Result<Vec<bool>> {
+        Ok(match self.block_size {
+            0 => Vec::new(),
+            b => chunk.nonzero_blocks(b),
+        })
+    }
+}
+
+/// A writable target format.
+///
+/// The engine drives a writer in two phases per batch of chunks: its
+/// [`ChunkEncoder`] runs in parallel on the batch's chunks (compression, zero checks),
+/// then [`place`] runs once per chunk **in guest order** with the chunk and its
+/// encoding, so placement, and hence the output, is the same whatever the thread count.
+/// The engine encodes the next batch while the writer places the current one. Chunks
+/// are lent, not given: the engine reuses their buffers. [`finish`] writes remaining
+/// metadata and flushes; the engine then syncs and renames the files of the
+/// [`crate::Output`].
+///
+/// [`place`]: ImageWriter::place
+/// [`finish`]: ImageWriter::finish
+pub trait ImageWriter: Send + Sync {
+    /// What the encoder produces for each chunk.
+    type Encoded: Send;
+    /// The writer's parallel half.
+    type Encoder: ChunkEncoder<Encoded = Self::Encoded>;
+
+    /// The encoder for this writer's chunks (a copy of the settings it needs).
+    fn encoder(&self) -> Self::Encoder;
+
     /// The chunk size the writer wants (a multiple of its cluster, grain or block size).
     fn chunk_size(&self) -> u64;
-
-    /// Prepares one chunk; runs in parallel with other chunks.
-    fn encode(&self, chunk: &Chunk) -> Result<Self::Encoded>;
 
     /// Writes one chunk and its encoding; called in guest order. Chunks with no data
     /// may be skipped by the engine when the target already reads as zeros.

@@ -30,8 +30,8 @@ pub use format::Format;
 pub use identity::Identity;
 pub use image::{check_guest_range, refine_host_holes};
 pub use image::{
-    CheckReport, Chunk, CreateParams, ImageInfo, ImageReader, ImageWriter, Run, RunKind,
-    SnapshotInfo,
+    CheckReport, Chunk, ChunkEncoder, CreateParams, ImageInfo, ImageReader, ImageWriter,
+    NonzeroBlocks, PlainChunks, Run, RunKind, SnapshotInfo,
 };
 pub use options::{parse_size, Options};
 pub use output::{write_all_at, Output, TargetFile, DIRECT_ALIGN};

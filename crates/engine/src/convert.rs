@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 use vconvert_core::{
-    zero_runs, BlockMap, Chunk, CreateParams, Error, ExtentKind, Format, ImageReader, ImageWriter,
-    IoBuffer, Options, Output, Result, Run, RunKind,
+    zero_runs, BlockMap, Chunk, ChunkEncoder, CreateParams, Error, ExtentKind, Format, ImageReader,
+    ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind,
 };
 
 use crate::registry::{with_writer, WriterJob};
@@ -188,13 +188,13 @@ pub fn copy_image<W: ImageWriter>(
 
     let size = src.virtual_size();
     let chunk_size = writer.chunk_size().max(512);
-    // Three batches are in flight: one being read, one queued, one being encoded and
-    // placed; each chunk holds its source bytes and, at most, an encoded copy.
+    // Four batches are in flight: one being read, one queued, one being encoded and one
+    // being placed; each chunk holds its source bytes and, at most, an encoded copy.
     let budget = opts
         .mem_per_thread
         .saturating_mul(threads as u64)
         .min(MAX_IN_FLIGHT);
-    let mut batch = (budget / (6 * chunk_size)).clamp(1, 4096) as usize;
+    let mut batch = (budget / (8 * chunk_size)).clamp(1, 4096) as usize;
     // Under a rate limit, batches of about a tenth of a second's budget, so the output
     // grows (and progress moves) smoothly instead of in bursts followed by long sleeps.
     if let Some(rate) = opts.rate_limit.filter(|r| *r > 0) {
@@ -239,29 +239,60 @@ pub fn copy_image<W: ImageWriter>(
             cancel: &opts.cancel,
         };
         scope.spawn(move || reader.run(&tx));
+        let encoder = writer.encoder();
+        let mut placed_batch = |placed: Option<Batch>| {
+            if let Some(batch) = placed {
+                processed += batch.chunks.iter().map(|c| c.len).sum::<u64>();
+                for chunk in batch.chunks {
+                    buffers.put(chunk.data);
+                }
+                throttle(processed);
+                report(batch.done);
+            }
+        };
+        // Placement is the serial part: batch N is placed while batch N + 1 is encoded,
+        // so the encoding threads do not wait for it (placement order, and so the
+        // output, stay the same).
+        let mut encoded_batch: Option<(Batch, Vec<W::Encoded>)> = None;
         for msg in rx {
             let batch = msg?;
             opts.cancel.check()?;
-            processed += batch.chunks.iter().map(|c| c.len).sum::<u64>();
-            let encoded: Vec<Result<W::Encoded>> = pool.install(|| {
-                batch
-                    .chunks
-                    .par_iter()
-                    .map(|chunk| writer.encode(chunk))
-                    .collect()
+            let previous = encoded_batch.take();
+            let (encoded, placed) = pool.install(|| {
+                rayon::join(
+                    || {
+                        batch
+                            .chunks
+                            .par_iter()
+                            .map(|chunk| encoder.encode(chunk))
+                            .collect::<Vec<Result<W::Encoded>>>()
+                    },
+                    || place_encoded(&mut *writer, previous),
+                )
             });
+            // Errors in guest order: the earlier batch's placement first, then the first
+            // chunk that failed to encode.
+            placed_batch(placed?);
             let encoded = encoded.into_iter().collect::<Result<Vec<_>>>()?;
-            pool.install(|| writer.place_batch(&batch.chunks, encoded))?;
-            for chunk in batch.chunks {
-                buffers.put(chunk.data);
-            }
-            throttle(processed);
-            report(batch.done);
+            encoded_batch = Some((batch, encoded));
         }
+        placed_batch(pool.install(|| place_encoded(&mut *writer, encoded_batch))?);
         // The reader stops early only by sending an error (handled above) or when the
         // channel closes after the last batch.
         opts.cancel.check()
     })
+}
+
+/// Places an encoded batch, if any, and gives the batch back (to recycle its buffers).
+fn place_encoded<W: ImageWriter>(
+    writer: &mut W,
+    encoded: Option<(Batch, Vec<W::Encoded>)>,
+) -> Result<Option<Batch>> {
+    let Some((batch, encoded)) = encoded else {
+        return Ok(None);
+    };
+    writer.place_batch(&batch.chunks, encoded)?;
+    Ok(Some(batch))
 }
 
 /// Chunk buffers returned after placement, reused by the reader: fresh buffers would

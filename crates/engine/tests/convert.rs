@@ -385,13 +385,24 @@ struct CheckingWriter {
     last_offset: Option<u64>,
 }
 
+/// Encodes a chunk as its offset, so placement can check it got the right encoding.
+struct OffsetEncoder;
+
+impl vconvert_core::ChunkEncoder for OffsetEncoder {
+    type Encoded = u64;
+    fn encode(&self, chunk: &vconvert_core::Chunk) -> Result<u64> {
+        Ok(chunk.offset)
+    }
+}
+
 impl vconvert_core::ImageWriter for CheckingWriter {
     type Encoded = u64;
+    type Encoder = OffsetEncoder;
     fn chunk_size(&self) -> u64 {
         self.chunk_size
     }
-    fn encode(&self, chunk: &vconvert_core::Chunk) -> Result<u64> {
-        Ok(chunk.offset)
+    fn encoder(&self) -> OffsetEncoder {
+        OffsetEncoder
     }
     fn place(&mut self, chunk: &vconvert_core::Chunk, encoded: u64) -> Result<()> {
         assert_eq!(encoded, chunk.offset, "encoding belongs to its chunk");

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use vconvert_core::{
-    is_zero, Chunk, CreateParams, Error, ImageWriter, Options, Output, Result, RunKind, TargetFile,
+    is_zero, Chunk, ChunkEncoder, CreateParams, Error, ImageWriter, Options, Output, Result,
+    RunKind, TargetFile,
 };
 
 use crate::compressed::{Compressor, DEFLATE_LEVEL, DEFLATE_MAX_LEVEL};
@@ -479,15 +480,24 @@ fn compress_cluster(kind: CompressionType, level: u32, src: &[u8]) -> Result<Opt
     })
 }
 
-impl ImageWriter for Qcow2Writer {
+/// The parallel half of [`Qcow2Writer`]: what each cluster of a chunk becomes
+/// (unallocated, zero, data with its subcluster bitmaps, or compressed bytes).
+#[derive(Clone, Copy, Debug)]
+pub struct Qcow2Encoder {
+    cluster_size: u64,
+    version: u32,
+    extended_l2: bool,
+    compress: bool,
+    compression_type: CompressionType,
+    level: u32,
+    preallocation: Preallocation,
+}
+
+impl ChunkEncoder for Qcow2Encoder {
     type Encoded = Vec<ClusterPlan>;
 
-    fn chunk_size(&self) -> u64 {
-        self.cs().max(1 << 20)
-    }
-
     fn encode(&self, chunk: &Chunk) -> Result<Vec<ClusterPlan>> {
-        let cs = self.cs();
+        let cs = self.cluster_size;
         let sc = cs / SUBCLUSTERS;
         let mut plans = Vec::new();
         let mut start = chunk.offset;
@@ -557,6 +567,27 @@ impl ImageWriter for Qcow2Writer {
             start += len;
         }
         Ok(plans)
+    }
+}
+
+impl ImageWriter for Qcow2Writer {
+    type Encoded = Vec<ClusterPlan>;
+    type Encoder = Qcow2Encoder;
+
+    fn chunk_size(&self) -> u64 {
+        self.cs().max(1 << 20)
+    }
+
+    fn encoder(&self) -> Qcow2Encoder {
+        Qcow2Encoder {
+            cluster_size: self.cs(),
+            version: self.version,
+            extended_l2: self.extended_l2,
+            compress: self.compress,
+            compression_type: self.compression_type,
+            level: self.level,
+            preallocation: self.preallocation,
+        }
     }
 
     fn place(&mut self, chunk: &Chunk, plans: Vec<ClusterPlan>) -> Result<()> {

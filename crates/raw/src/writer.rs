@@ -5,7 +5,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use vconvert_core::{
-    Chunk, CreateParams, Error, ImageWriter, Options, Output, Result, RunKind, TargetFile,
+    Chunk, CreateParams, Error, ImageWriter, Options, Output, PlainChunks, Result, RunKind,
+    TargetFile,
 };
 
 /// How the raw target's space is reserved (qemu-img's `preallocation`).
@@ -131,13 +132,14 @@ impl RawWriter {
 
 impl ImageWriter for RawWriter {
     type Encoded = ();
+    type Encoder = PlainChunks;
 
     fn chunk_size(&self) -> u64 {
         CHUNK_SIZE
     }
 
-    fn encode(&self, _chunk: &Chunk) -> Result<()> {
-        Ok(())
+    fn encoder(&self) -> PlainChunks {
+        PlainChunks
     }
 
     fn place(&mut self, chunk: &Chunk, _encoded: ()) -> Result<()> {

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use vconvert_core::{
-    Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, TargetFile,
+    Chunk, CreateParams, Error, Identity, ImageWriter, NonzeroBlocks, Options, Output, Result,
+    TargetFile,
 };
 
 use crate::header::{
@@ -142,13 +143,16 @@ impl VdiWriter {
 impl ImageWriter for VdiWriter {
     /// For each block of the chunk: does it hold non-zero bytes?
     type Encoded = Vec<bool>;
+    type Encoder = NonzeroBlocks;
 
     fn chunk_size(&self) -> u64 {
         BLOCKS_PER_CHUNK * u64::from(self.header.block_size)
     }
 
-    fn encode(&self, chunk: &Chunk) -> Result<Vec<bool>> {
-        Ok(chunk.nonzero_blocks(self.header.block_size.into()))
+    fn encoder(&self) -> NonzeroBlocks {
+        NonzeroBlocks {
+            block_size: self.header.block_size.into(),
+        }
     }
 
     fn place(&mut self, chunk: &Chunk, nonzero: Vec<bool>) -> Result<()> {

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vconvert_core::{
-    is_zero, Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind,
-    TargetFile,
+    is_zero, Chunk, ChunkEncoder, CreateParams, Error, Identity, ImageWriter, Options, Output,
+    Result, RunKind, TargetFile,
 };
 
 use crate::descriptor::{Access, ExtentLine, NewDescriptor, CID_NONE};
@@ -497,12 +497,19 @@ fn grain_bytes(chunk: &Chunk, gs: u64, ge: u64) -> Vec<u8> {
     v
 }
 
-impl ImageWriter for VmdkWriter {
-    type Encoded = EncodedChunk;
+/// The parallel half of [`VmdkWriter`]: which grains of a chunk hold data, and, for
+/// streamOptimized, their compressed grain records.
+#[derive(Clone, Debug)]
+pub struct VmdkEncoder {
+    subformat: Subformat,
+    size: u64,
+    zeroed_grain: bool,
+    /// The first extent's name, for errors.
+    name: String,
+}
 
-    fn chunk_size(&self) -> u64 {
-        CHUNK_SIZE
-    }
+impl ChunkEncoder for VmdkEncoder {
+    type Encoded = EncodedChunk;
 
     fn encode(&self, chunk: &Chunk) -> Result<EncodedChunk> {
         let mut out = EncodedChunk::default();
@@ -535,10 +542,8 @@ impl ImageWriter for VmdkWriter {
             let g = gs / GRAIN_BYTES;
             if nonzero {
                 let bytes = if self.subformat == Subformat::StreamOptimized {
-                    let z = grain::deflate(&grain_bytes(chunk, gs, ge)).map_err(|e| {
-                        let name = self.extents.first().map_or("", |x| x.name.as_str());
-                        Error::io(name, "cannot compress", e)
-                    })?;
+                    let z = grain::deflate(&grain_bytes(chunk, gs, ge))
+                        .map_err(|e| Error::io(&self.name, "cannot compress", e))?;
                     let marker = GrainMarker {
                         lba: gs / SECTOR_SIZE,
                         size: z.len() as u32,
@@ -560,6 +565,28 @@ impl ImageWriter for VmdkWriter {
             gs = ge;
         }
         Ok(out)
+    }
+}
+
+impl ImageWriter for VmdkWriter {
+    type Encoded = EncodedChunk;
+    type Encoder = VmdkEncoder;
+
+    fn chunk_size(&self) -> u64 {
+        CHUNK_SIZE
+    }
+
+    fn encoder(&self) -> VmdkEncoder {
+        VmdkEncoder {
+            subformat: self.subformat,
+            size: self.size,
+            zeroed_grain: self.zeroed_grain,
+            name: self
+                .extents
+                .first()
+                .map(|x| x.name.clone())
+                .unwrap_or_default(),
+        }
     }
 
     fn place(&mut self, chunk: &Chunk, encoded: EncodedChunk) -> Result<()> {

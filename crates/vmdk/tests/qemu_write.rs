@@ -7,7 +7,9 @@ use std::path::Path;
 use common::{
     assert_info_like_qemu, assert_reads_like_qemu, drive_sparse, open, write_vmdk, writer,
 };
-use vconvert_core::{CreateParams, ExtentKind, ImageReader, Options, Output, RunKind};
+use vconvert_core::{
+    ChunkEncoder, CreateParams, ExtentKind, ImageReader, Options, Output, RunKind,
+};
 use vconvert_testkit::{qemu, read_all, tempdir, Qemu, Rng};
 use vconvert_vmdk::VmdkWriter;
 
@@ -389,8 +391,8 @@ fn placement_out_of_order_is_refused() {
         data: vec![1u8; 1 << 20].into(),
     };
     let (a, b) = (chunk(2), chunk(1));
-    let ea = w.encode(&a).unwrap();
-    let eb = w.encode(&b).unwrap();
+    let ea = w.encoder().encode(&a).unwrap();
+    let eb = w.encoder().encode(&b).unwrap();
     w.place(&a, ea).unwrap();
     let e = w.place(&b, eb).unwrap_err().to_string();
     assert!(e.contains("guest order"), "{e}");

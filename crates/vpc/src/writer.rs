@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use vconvert_core::{
-    Chunk, CreateParams, Error, Identity, ImageWriter, Options, Output, Result, RunKind, TargetFile,
+    Chunk, CreateParams, Error, Identity, ImageWriter, NonzeroBlocks, Options, Output, Result,
+    RunKind, TargetFile,
 };
 
 use crate::dynamic::{DynamicHeader, BAT_UNUSED, DEFAULT_BLOCK_SIZE, DYNAMIC_HEADER_SIZE};
@@ -210,6 +211,7 @@ impl VpcWriter {
 impl ImageWriter for VpcWriter {
     /// For each block of the chunk (dynamic disks): does it hold non-zero bytes?
     type Encoded = Vec<bool>;
+    type Encoder = NonzeroBlocks;
 
     fn chunk_size(&self) -> u64 {
         match &self.dynamic {
@@ -218,10 +220,13 @@ impl ImageWriter for VpcWriter {
         }
     }
 
-    fn encode(&self, chunk: &Chunk) -> Result<Vec<bool>> {
-        match &self.dynamic {
-            Some((h, _)) => Ok(chunk.nonzero_blocks(h.block_size.into())),
-            None => Ok(Vec::new()),
+    fn encoder(&self) -> NonzeroBlocks {
+        NonzeroBlocks {
+            // A fixed disk has no blocks to allocate.
+            block_size: self
+                .dynamic
+                .as_ref()
+                .map_or(0, |(h, _)| h.block_size.into()),
         }
     }
 

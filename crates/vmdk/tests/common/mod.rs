@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use vconvert_core::{
-    Chunk, CreateParams, Format, ImageFile, ImageReader, ImageWriter, Options, Output, Resolver,
-    Result, Run, RunKind,
+    Chunk, ChunkEncoder, CreateParams, Format, ImageFile, ImageReader, ImageWriter, Options,
+    Output, Resolver, Result, Run, RunKind,
 };
 use vconvert_testkit::{read_all, Qemu};
 use vconvert_vmdk::{VmdkReader, VmdkWriter};
@@ -116,7 +116,7 @@ pub fn drive_writer(
     let encoded: Vec<_> = chunks
         .iter()
         .rev()
-        .map(|c| w.encode(c))
+        .map(|c| w.encoder().encode(c))
         .collect::<Result<Vec<_>>>()?;
     for (c, e) in chunks.iter().zip(encoded.into_iter().rev()) {
         w.place(c, e)?;
@@ -194,7 +194,7 @@ pub fn drive_sparse(mut w: VmdkWriter, size: u64, pieces: &[(u64, Vec<u8>)]) -> 
             runs,
             data: data.into(),
         };
-        let e = w.encode(&chunk)?;
+        let e = w.encoder().encode(&chunk)?;
         w.place(&chunk, e)?;
     }
     w.finish()
