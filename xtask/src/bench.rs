@@ -342,21 +342,24 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
     let out_dir = corpus.dir.join("out");
     let _ = std::fs::create_dir_all(&out_dir);
     let mut table = String::from(
-        "| case | vconvert s | qemu-img -W -m 16 s | speed-up | qemu-img default s | speed-up | vconvert -t unsafe s | its speed-up vs -W -m 16 | floor (cp --sparse) s | vconvert RSS MiB | qemu-img RSS MiB | size vs qemu | qemu-img compare |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| case | vconvert s | qemu-img -W -m 16 s | speed-up | qemu-img default s | speed-up | qemu-img -t none -W -m 16 s | speed-up | vconvert -t unsafe s | its speed-up vs -W -m 16 | floor (cp --sparse) s | vconvert RSS MiB | qemu-img RSS MiB | size vs qemu | qemu-img compare |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for case in &CASES {
         let src = corpus.dir.join(case.src);
-        // vconvert flushes its output before renaming it into place; qemu-img convert's
-        // default cache mode (unsafe) never flushes. `-t unsafe` is the like-for-like run.
-        let tools: [(&str, Vec<&str>); 4] = [
+        // vconvert flushes its output before renaming it into place (writing its data
+        // with O_DIRECT); qemu-img convert's default cache mode (unsafe) never flushes.
+        // Like for like: vconvert `-t unsafe` against qemu-img's default, and qemu-img
+        // `-t none` (O_DIRECT, flushed at the end) against vconvert's default.
+        let tools: [(&str, Vec<&str>); 5] = [
             ("vconvert", vec![]),
             ("qemu-fast", vec!["-W", "-m", "16"]),
             ("qemu-default", vec![]),
             ("vconvert-unsafe", vec!["-t", "unsafe"]),
+            ("qemu-direct", vec!["-t", "none", "-W", "-m", "16"]),
         ];
-        let mut times: [Vec<f64>; 4] = Default::default();
-        let mut rss: [Option<u64>; 4] = [None; 4];
-        let mut failed = [false; 4];
+        let mut times: [Vec<f64>; 5] = Default::default();
+        let mut rss: [Option<u64>; 5] = [None; 5];
+        let mut failed = [false; 5];
         for _ in 0..rounds {
             for (i, (tool, extra)) in tools.iter().enumerate() {
                 let out = out_dir.join(format!("{tool}.{}", case.out_fmt));
@@ -434,13 +437,15 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
             format!("{:.2}×", m[1] / m[3])
         };
         let row = format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             case.name,
             fmt_t(0),
             fmt_t(1),
             ratio(1),
             fmt_t(2),
             ratio(2),
+            fmt_t(4),
+            ratio(4),
             fmt_t(3),
             unsafe_ratio,
             floor,
@@ -509,8 +514,9 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
 Speed-up = qemu-img time / vconvert time (above 1: vconvert is faster). Size = allocated bytes of vconvert's output / qemu-img's. \
 RSS = peak resident set size (`/usr/bin/time`). \
 vconvert flushes its output to disk before renaming it into place (no partial or lost output), \
-writing back in the background while it converts; \
-qemu-img convert's default cache mode, `unsafe`, never flushes, so the `vconvert -t unsafe` column is the like-for-like run.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD and VDI forms made by qemu-img.\n\n## Conversions\n\n{table}\n## Scaling of compressed work\n\n{scaling}",
+writing its data with O_DIRECT; \
+qemu-img convert's default cache mode, `unsafe`, never flushes, so the `vconvert -t unsafe` column is the like-for-like run against it, \
+and qemu-img `-t none` (O_DIRECT, flushed at the end) the like-for-like run against vconvert's default.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD and VDI forms made by qemu-img.\n\n## Conversions\n\n{table}\n## Scaling of compressed work\n\n{scaling}",
         if quick { " --quick" } else { "" },
         machine()
     );
