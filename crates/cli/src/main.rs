@@ -153,7 +153,8 @@ struct ConvertArgs {
     /// detection off and makes the output fully allocated.
     #[arg(short = 'S', value_name = "SIZE", default_value = "4k")]
     sparse_size: String,
-    /// Worker threads (default: every core).
+    /// Worker threads that compress and write (default: every core); as many again read
+    /// and decompress the source.
     #[arg(short = 'm', long = "threads", value_name = "N")]
     threads: Option<usize>,
     /// Limit the conversion to this many bytes per second (e.g. 100M).

@@ -65,7 +65,8 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 /// How to convert.
 #[derive(Clone)]
 pub struct ConvertOptions<'a> {
-    /// Worker threads (`-m`); 0 means every core.
+    /// Worker threads (`-m`) that encode and write; 0 means every core. Reading (and
+    /// decompressing) the source runs on as many threads again.
     pub threads: usize,
     /// Zero detection granularity in bytes (`-S`, default 4 KiB); 0 disables detection
     /// and makes the output fully allocated, as qemu-img does.
