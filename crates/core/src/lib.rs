@@ -2,11 +2,14 @@
 //!
 //! This crate owns what every format crate and the engine agree on:
 //! - [`BlockMap`]: the sparse map of a guest range (data, zero, unallocated extents);
-//! - [`ImageReader`] and [`ImageWriter`]: the contract a format implements;
+//! - [`ImageReader`] and [`ImageWriter`] (with its parallel half, [`ChunkEncoder`]): the
+//!   contract a format implements;
 //! - [`ImageFile`] and [`Storage`]: bounds-checked positional reads of an image file
 //!   (a real file or bytes in memory, for fuzzing);
 //! - [`Resolver`]: how a reader opens backing and extent files under the caller's policy;
-//! - [`Output`]: the temporary files a conversion writes and renames into place;
+//! - [`Output`]: the temporary files a conversion writes and renames into place, each a
+//!   [`TargetFile`] that sends page-aligned writes around the page cache when asked;
+//! - [`IoBuffer`]: page-aligned buffers for bulk reads and writes;
 //! - [`Error`]: the one error type, naming file, structure and offset;
 //! - [`Options`]: `-o key=value` creation options and qemu-style sizes.
 
