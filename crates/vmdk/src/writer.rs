@@ -596,6 +596,8 @@ impl ImageWriter for VmdkWriter {
         ) {
             return self.place_flat(chunk);
         }
+        // Runs of whole data grains to write: (extent, file offset, guest offset, length).
+        let mut runs: Vec<(usize, u64, u64, u64)> = Vec::new();
         for (g, out) in encoded.grains {
             if self.last_grain.is_some_and(|l| g <= l) {
                 return Err(Error::invalid(format!(
@@ -628,12 +630,20 @@ impl ImageWriter for VmdkWriter {
                                     e.name
                                 ))
                             })?;
-                            write_at(
-                                &e.file,
-                                &e.name,
-                                &grain_bytes(chunk, gs, ge),
-                                sector * SECTOR_SIZE,
-                            )?;
+                            let at = sector * SECTOR_SIZE;
+                            let whole = ge - gs == GRAIN_BYTES && chunk.bytes(gs, 1).is_some();
+                            match runs.last_mut() {
+                                // Whole grains are written from the chunk, runs of
+                                // consecutive ones at once (after the loop).
+                                Some(r)
+                                    if whole && r.0 == i && r.1 + r.3 == at && r.2 + r.3 == gs =>
+                                {
+                                    r.3 += GRAIN_BYTES
+                                }
+                                _ if whole => runs.push((i, at, gs, GRAIN_BYTES)),
+                                // A short last grain, padded with zeros.
+                                _ => write_at(&e.file, &e.name, &grain_bytes(chunk, gs, ge), at)?,
+                            }
                             s.next += GRAIN_SECTORS;
                             gte
                         }
@@ -669,6 +679,15 @@ impl ImageWriter for VmdkWriter {
                 }
                 OutKind::Flat => {}
             }
+        }
+        // The chunk buffer is page-aligned and so are grains (the grain area starts on
+        // a grain boundary): these writes can go around the page cache.
+        for (i, at, gs, len) in runs {
+            let e = &self.extents[i];
+            let bytes = chunk.bytes(gs, len).ok_or_else(|| {
+                Error::invalid(format!("vmdk writer: no data for grains at {gs:#x}"))
+            })?;
+            write_at(&e.file, &e.name, bytes, at)?;
         }
         Ok(())
     }
