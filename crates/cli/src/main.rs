@@ -513,6 +513,7 @@ fn run(cli: Cli) -> Result<u8> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    vconvert_engine::raise_open_file_limit();
     // qemu-img compare exits 2 on errors (1 means "different"); other commands exit 1.
     let error_status = if matches!(cli.command, Command::Compare(_)) {
         2

@@ -37,7 +37,7 @@ pub use image::{
     NonzeroBlocks, PlainChunks, Run, RunKind, SnapshotInfo,
 };
 pub use options::{parse_size, Options};
-pub use output::{write_all_at, Output, TargetFile, DIRECT_ALIGN};
+pub use output::{raise_open_file_limit, write_all_at, Output, TargetFile, DIRECT_ALIGN};
 pub use resolve::{overlay_block_map, read_backing, relative_to, NoReferences, Resolver};
 pub use storage::{FileStorage, ImageFile, MemStorage, Storage};
 pub use time::utc_fields;

@@ -34,6 +34,27 @@ struct OutputFile {
     file: Arc<TargetFile>,
 }
 
+/// Files of one output that get a direct descriptor; later ones (split VMDKs have
+/// thousands of extents, all open until the commit) are written through the page cache
+/// only, so that they do not need twice the file descriptors.
+const MAX_DIRECT_FILES: usize = 256;
+
+/// Raises this process's soft limit on open files to its hard limit, as a program that
+/// writes split images should: a split VMDK keeps every extent file open until the
+/// commit (a 3 TiB `twoGbMaxExtentSparse` target has 1,536). Best effort: the limit
+/// stays as it was when it cannot be read or raised.
+pub fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        let _ = setrlimit(Resource::Nofile, raised);
+    }
+}
+
 /// The alignment of memory, offset and length that a write needs to go through the
 /// direct descriptor: a page, which covers any device's logical block size up to 4 KiB.
 pub const DIRECT_ALIGN: usize = 4096;
@@ -272,9 +293,18 @@ impl Output {
             .create_new(true)
             .open(&temp)
             .map_err(|e| {
+                let hint = if e.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) {
+                    format!(
+                        " ({} files of this output are open; raise the open-file limit, \
+                         `ulimit -n`, or choose a single-file format or subformat)",
+                        self.files.len()
+                    )
+                } else {
+                    String::new()
+                };
                 Error::io(
                     &name,
-                    format!("cannot create temporary file in '{}'", dir.display()),
+                    format!("cannot create temporary file in '{}'{hint}", dir.display()),
                     e,
                 )
             })?;
@@ -289,7 +319,7 @@ impl Output {
     }
 
     fn target_file(&self, file: File, path: &Path) -> TargetFile {
-        if self.direct {
+        if self.direct && self.files.len() < MAX_DIRECT_FILES {
             TargetFile::open_direct(file, path)
         } else {
             TargetFile::buffered(file)
@@ -478,6 +508,24 @@ mod tests {
                 "existing {existing}"
             );
         }
+    }
+
+    /// Outputs of many files (split VMDKs) open direct descriptors for the first ones
+    /// only: the rest must not double the descriptors the conversion holds.
+    #[test]
+    fn direct_descriptors_are_capped_per_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut out = Output::new(&dir.path().join("x.img"), false);
+        out.write_direct(true);
+        let files: Vec<_> = (0..MAX_DIRECT_FILES + 3)
+            .map(|i| out.create_file(&dir.path().join(format!("e{i}"))).unwrap())
+            .collect();
+        assert!(files[MAX_DIRECT_FILES..].iter().all(|f| !f.is_direct()));
+        // Where the filesystem allows O_DIRECT, the first files have it.
+        let fs_direct = files[0].is_direct();
+        assert!(files[..MAX_DIRECT_FILES]
+            .iter()
+            .all(|f| f.is_direct() == fs_direct));
     }
 
     #[test]

@@ -16,4 +16,6 @@ pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
 pub use inspect::{inspect, inspect_file, Policy, Report};
 pub use measure::{measure, Measure, Qcow2Geometry};
 pub use registry::{create, open, open_file, probe, repair_leaks, OpenOptions, MAX_CHAIN_DEPTH};
-pub use vconvert_core::{Error, Format, ImageInfo, ImageReader, Options, Result};
+pub use vconvert_core::{
+    raise_open_file_limit, Error, Format, ImageInfo, ImageReader, Options, Result,
+};

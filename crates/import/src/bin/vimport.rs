@@ -27,6 +27,7 @@ VIMPORT_<KEY> environment variables, which win. Keys and defaults:
 ";
 
 fn main() -> ExitCode {
+    vconvert_engine::raise_open_file_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut config_file = None;
     let mut it = args.iter();
