@@ -317,6 +317,9 @@ impl ChunkEncoder for NonzeroBlocks {
     }
 }
 
+/// What a writer's encoder makes of one chunk.
+pub type Encoded<W> = <<W as ImageWriter>::Encoder as ChunkEncoder>::Encoded;
+
 /// A writable target format.
 ///
 /// The engine drives a writer in two phases per batch of chunks: its
@@ -331,10 +334,8 @@ impl ChunkEncoder for NonzeroBlocks {
 /// [`place`]: ImageWriter::place
 /// [`finish`]: ImageWriter::finish
 pub trait ImageWriter: Send + Sync {
-    /// What the encoder produces for each chunk.
-    type Encoded: Send;
     /// The writer's parallel half.
-    type Encoder: ChunkEncoder<Encoded = Self::Encoded>;
+    type Encoder: ChunkEncoder;
 
     /// The encoder for this writer's chunks (a copy of the settings it needs).
     fn encoder(&self) -> Self::Encoder;
@@ -344,13 +345,13 @@ pub trait ImageWriter: Send + Sync {
 
     /// Writes one chunk and its encoding; called in guest order. Chunks with no data
     /// may be skipped by the engine when the target already reads as zeros.
-    fn place(&mut self, chunk: &Chunk, encoded: Self::Encoded) -> Result<()>;
+    fn place(&mut self, chunk: &Chunk, encoded: Encoded<Self>) -> Result<()>;
 
     /// Places a batch of chunks, in guest order. The default calls
     /// [`ImageWriter::place`] for each; a writer may instead assign every location in
     /// order first and then write the batch's data in parallel (it runs inside the
     /// conversion's thread pool).
-    fn place_batch(&mut self, chunks: &[Chunk], encoded: Vec<Self::Encoded>) -> Result<()> {
+    fn place_batch(&mut self, chunks: &[Chunk], encoded: Vec<Encoded<Self>>) -> Result<()> {
         for (chunk, e) in chunks.iter().zip(encoded) {
             self.place(chunk, e)?;
         }

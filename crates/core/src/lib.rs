@@ -33,7 +33,7 @@ pub use format::Format;
 pub use identity::Identity;
 pub use image::{check_guest_range, refine_host_holes};
 pub use image::{
-    CheckReport, Chunk, ChunkEncoder, CreateParams, ImageInfo, ImageReader, ImageWriter,
+    CheckReport, Chunk, ChunkEncoder, CreateParams, Encoded, ImageInfo, ImageReader, ImageWriter,
     NonzeroBlocks, PlainChunks, Run, RunKind, SnapshotInfo,
 };
 pub use options::{parse_size, Options};

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 use vconvert_core::{
-    zero_runs, BlockMap, Chunk, ChunkEncoder, CreateParams, Error, ExtentKind, Format, ImageReader,
-    ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind,
+    zero_runs, BlockMap, Chunk, ChunkEncoder, CreateParams, Encoded, Error, ExtentKind, Format,
+    ImageReader, ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind,
 };
 
 use crate::registry::{with_writer, WriterJob};
@@ -254,7 +254,7 @@ pub fn copy_image<W: ImageWriter>(
         // Placement is the serial part: batch N is placed while batch N + 1 is encoded,
         // so the encoding threads do not wait for it (placement order, and so the
         // output, stay the same).
-        let mut encoded_batch: Option<(Batch, Vec<W::Encoded>)> = None;
+        let mut encoded_batch: Option<(Batch, Vec<Encoded<W>>)> = None;
         for msg in rx {
             let batch = msg?;
             opts.cancel.check()?;
@@ -266,7 +266,7 @@ pub fn copy_image<W: ImageWriter>(
                             .chunks
                             .par_iter()
                             .map(|chunk| encoder.encode(chunk))
-                            .collect::<Vec<Result<W::Encoded>>>()
+                            .collect::<Vec<Result<Encoded<W>>>>()
                     },
                     || place_encoded(&mut *writer, previous),
                 )
@@ -287,7 +287,7 @@ pub fn copy_image<W: ImageWriter>(
 /// Places an encoded batch, if any, and gives the batch back (to recycle its buffers).
 fn place_encoded<W: ImageWriter>(
     writer: &mut W,
-    encoded: Option<(Batch, Vec<W::Encoded>)>,
+    encoded: Option<(Batch, Vec<Encoded<W>>)>,
 ) -> Result<Option<Batch>> {
     let Some((batch, encoded)) = encoded else {
         return Ok(None);

@@ -396,7 +396,6 @@ impl vconvert_core::ChunkEncoder for OffsetEncoder {
 }
 
 impl vconvert_core::ImageWriter for CheckingWriter {
-    type Encoded = u64;
     type Encoder = OffsetEncoder;
     fn chunk_size(&self) -> u64 {
         self.chunk_size

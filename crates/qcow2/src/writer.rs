@@ -571,7 +571,6 @@ impl ChunkEncoder for Qcow2Encoder {
 }
 
 impl ImageWriter for Qcow2Writer {
-    type Encoded = Vec<ClusterPlan>;
     type Encoder = Qcow2Encoder;
 
     fn chunk_size(&self) -> u64 {

@@ -131,7 +131,6 @@ impl RawWriter {
 }
 
 impl ImageWriter for RawWriter {
-    type Encoded = ();
     type Encoder = PlainChunks;
 
     fn chunk_size(&self) -> u64 {

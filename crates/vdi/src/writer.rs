@@ -142,7 +142,6 @@ impl VdiWriter {
 
 impl ImageWriter for VdiWriter {
     /// For each block of the chunk: does it hold non-zero bytes?
-    type Encoded = Vec<bool>;
     type Encoder = NonzeroBlocks;
 
     fn chunk_size(&self) -> u64 {

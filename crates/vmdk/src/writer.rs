@@ -569,7 +569,6 @@ impl ChunkEncoder for VmdkEncoder {
 }
 
 impl ImageWriter for VmdkWriter {
-    type Encoded = EncodedChunk;
     type Encoder = VmdkEncoder;
 
     fn chunk_size(&self) -> u64 {

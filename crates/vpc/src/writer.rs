@@ -210,7 +210,6 @@ impl VpcWriter {
 
 impl ImageWriter for VpcWriter {
     /// For each block of the chunk (dynamic disks): does it hold non-zero bytes?
-    type Encoded = Vec<bool>;
     type Encoder = NonzeroBlocks;
 
     fn chunk_size(&self) -> u64 {
