@@ -630,7 +630,7 @@ impl ImageWriter for VmdkWriter {
                                 ))
                             })?;
                             let at = sector * SECTOR_SIZE;
-                            let whole = ge - gs == GRAIN_BYTES && chunk.bytes(gs, 1).is_some();
+                            let whole = ge - gs == GRAIN_BYTES && !chunk.data.is_empty();
                             match runs.last_mut() {
                                 // Whole grains are written from the chunk, runs of
                                 // consecutive ones at once (after the loop).
