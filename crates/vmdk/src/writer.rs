@@ -12,6 +12,7 @@
 //! and compresses stream grains in parallel; [`ImageWriter::place`] lays them out in
 //! guest order, so the output does not depend on the thread count.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -487,14 +488,19 @@ fn stream_layout(capacity: u64, zeroed_grain: bool) -> StreamOut {
     }
 }
 
-/// The guest bytes of grain `[gs, ge)` of `chunk`, padded with zeros to a full grain
-/// when the grain is the disk's partial last one.
-fn grain_bytes(chunk: &Chunk, gs: u64, ge: u64) -> Vec<u8> {
-    let mut v = vec![0u8; GRAIN_BYTES as usize];
-    if let Some(b) = chunk.bytes(gs, ge - gs) {
-        v[..b.len()].copy_from_slice(b);
+/// The guest bytes of grain `[gs, ge)` of `chunk`: borrowed from the chunk when the
+/// grain is whole, a zero-padded copy when it is the disk's partial last one.
+fn grain_bytes(chunk: &Chunk, gs: u64, ge: u64) -> Cow<'_, [u8]> {
+    match chunk.bytes(gs, ge - gs) {
+        Some(b) if b.len() as u64 == GRAIN_BYTES => Cow::Borrowed(b),
+        b => {
+            let mut v = vec![0u8; GRAIN_BYTES as usize];
+            if let Some(b) = b {
+                v[..b.len()].copy_from_slice(b);
+            }
+            Cow::Owned(v)
+        }
     }
-    v
 }
 
 /// The parallel half of [`VmdkWriter`]: which grains of a chunk hold data, and, for
@@ -630,18 +636,17 @@ impl ImageWriter for VmdkWriter {
                                 ))
                             })?;
                             let at = sector * SECTOR_SIZE;
-                            let whole = ge - gs == GRAIN_BYTES && !chunk.data.is_empty();
-                            match runs.last_mut() {
+                            match (grain_bytes(chunk, gs, ge), runs.last_mut()) {
                                 // Whole grains are written from the chunk, runs of
                                 // consecutive ones at once (after the loop).
-                                Some(r)
-                                    if whole && r.0 == i && r.1 + r.3 == at && r.2 + r.3 == gs =>
+                                (Cow::Borrowed(_), Some(r))
+                                    if r.0 == i && r.1 + r.3 == at && r.2 + r.3 == gs =>
                                 {
                                     r.3 += GRAIN_BYTES
                                 }
-                                _ if whole => runs.push((i, at, gs, GRAIN_BYTES)),
+                                (Cow::Borrowed(_), _) => runs.push((i, at, gs, GRAIN_BYTES)),
                                 // A short last grain, padded with zeros.
-                                _ => write_at(&e.file, &e.name, &grain_bytes(chunk, gs, ge), at)?,
+                                (Cow::Owned(padded), _) => write_at(&e.file, &e.name, &padded, at)?,
                             }
                             s.next += GRAIN_SECTORS;
                             gte
