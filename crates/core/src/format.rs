@@ -18,16 +18,19 @@ pub enum Format {
     Vmdk,
     /// Virtual PC / Hyper-V VHD.
     Vpc,
+    /// Hyper-V VHDX.
+    Vhdx,
 }
 
 impl Format {
     /// Every format, in the order `--help` lists them.
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Raw,
         Format::Qcow2,
         Format::Vdi,
         Format::Vmdk,
         Format::Vpc,
+        Format::Vhdx,
     ];
 
     /// qemu-img's name of the format.
@@ -38,6 +41,7 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vmdk => "vmdk",
             Format::Vpc => "vpc",
+            Format::Vhdx => "vhdx",
         }
     }
 }
@@ -74,7 +78,7 @@ mod tests {
         for f in Format::ALL {
             assert_eq!(f.name().parse::<Format>().unwrap(), f);
         }
-        let err = "vhdx".parse::<Format>().unwrap_err().to_string();
-        assert!(err.contains("vhdx") && err.contains("qcow2, vdi"), "{err}");
+        let err = "qed".parse::<Format>().unwrap_err().to_string();
+        assert!(err.contains("qed") && err.contains("qcow2, vdi"), "{err}");
     }
 }

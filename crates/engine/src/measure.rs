@@ -119,7 +119,9 @@ impl Qcow2Geometry {
 /// `format` with creation `options`. Raw and qcow2 are computed as qemu-img does (raw:
 /// the virtual size; qcow2: the clusters holding data plus metadata for the whole
 /// disk). For vdi, vmdk and vpc the figures are upper bounds: the data extents rounded
-/// to 64 KiB, plus table space for the whole disk.
+/// to 64 KiB, plus table space for the whole disk; for vhdx, the payload blocks holding
+/// data (all of them for `subformat=fixed`) plus the header section, log, BAT and
+/// metadata region of the layout its writer makes.
 pub fn measure(
     src: Option<&dyn ImageReader>,
     size: u64,
@@ -144,6 +146,23 @@ pub fn measure(
         return Ok(Measure {
             required: data + meta,
             fully_allocated: round_up(size, c) + meta,
+        });
+    }
+    if format == Format::Vhdx {
+        // Whole payload blocks after the header section, log, BAT and metadata.
+        let layout = vconvert_vhdx::Layout::from_options(size, &mut options.clone())?;
+        let bs = layout.block_size;
+        let meta = layout.metadata_bytes();
+        let full = round_up(layout.size, bs);
+        let data = match src {
+            Some(_) if layout.fixed => full,
+            Some(src) => data_bytes_in_granules(src, size, bs)?,
+            None if layout.fixed => full,
+            None => 0,
+        };
+        return Ok(Measure {
+            required: data.saturating_add(meta),
+            fully_allocated: full.saturating_add(meta),
         });
     }
     let data = match src {
@@ -214,6 +233,19 @@ mod tests {
         let v = measure(None, 10 << 30, Format::Vdi, &none).unwrap();
         assert!(v.required < 8 << 20, "{v:?}");
         assert!(v.fully_allocated > 10 << 30);
+        // VHDX: 1 MiB header section, 1 MiB log, 1 MiB BAT, 1 MiB metadata; whole
+        // 16 MiB blocks (qemu-img's default for 10 GiB).
+        let x = measure(None, 10 << 30, Format::Vhdx, &none).unwrap();
+        assert_eq!(
+            x,
+            Measure {
+                required: 4 << 20,
+                fully_allocated: (10 << 30) + (4 << 20)
+            }
+        );
+        let f = Options::parse("subformat=fixed,log_size=8M").unwrap();
+        let x = measure(None, 10 << 30, Format::Vhdx, &f).unwrap();
+        assert_eq!(x.required, (10 << 30) + (11 << 20));
     }
 
     #[test]

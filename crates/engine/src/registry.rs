@@ -11,6 +11,7 @@ use vconvert_qcow2::{
 };
 use vconvert_raw::{RawReader, RawWriter};
 use vconvert_vdi::{VdiReader, VdiWriter};
+use vconvert_vhdx::{VhdxReader, VhdxWriter};
 use vconvert_vmdk::{VmdkReader, VmdkWriter};
 use vconvert_vpc::{VpcReader, VpcWriter};
 
@@ -124,6 +125,9 @@ pub fn probe(file: &ImageFile) -> Result<Format> {
     if head.starts_with(b"conectix") {
         return Ok(Format::Vpc);
     }
+    if head.starts_with(b"vhdxfile") {
+        return Ok(Format::Vhdx);
+    }
     // A fixed VHD has its footer only at the end (qemu's probe misses it; ours does not).
     if file.len() >= 1024 && file.len() % 512 == 0 {
         let mut foot = [0u8; 8];
@@ -182,6 +186,7 @@ fn open_with(
         Format::Vdi => Ok(Box::new(VdiReader::open(file)?)),
         Format::Vpc => Ok(Box::new(VpcReader::open(file, resolver)?)),
         Format::Vmdk => Ok(Box::new(VmdkReader::open(file, resolver)?)),
+        Format::Vhdx => Ok(Box::new(VhdxReader::open(file, resolver)?)),
     }
 }
 
@@ -242,6 +247,7 @@ pub(crate) fn with_writer<J: WriterJob>(
         Format::Vdi => job.run(VdiWriter::create(output, params, options)?),
         Format::Vpc => job.run(VpcWriter::create(output, params, options)?),
         Format::Vmdk => job.run(VmdkWriter::create(output, params, options)?),
+        Format::Vhdx => job.run(VhdxWriter::create(output, params, options)?),
     }
 }
 
@@ -295,6 +301,9 @@ mod tests {
         let mut fixed = vec![0u8; 4096];
         fixed[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
         assert_eq!(probe_bytes(fixed), Format::Vpc);
+        let mut x = b"vhdxfile".to_vec();
+        x.resize(2048, 0);
+        assert_eq!(probe_bytes(x), Format::Vhdx);
         assert_eq!(probe_bytes(vec![0u8; 10]), Format::Raw);
         assert_eq!(probe_bytes(Vec::new()), Format::Raw);
     }
