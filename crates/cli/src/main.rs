@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vconvert_core::{parse_size, Error, Format, Options, Result};
 use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
 
-/// Convert virtual disk images between raw, qcow2, vdi, vmdk and vpc (VHD).
+/// Convert virtual disk images between raw, qcow2, vdi, vmdk, vpc (VHD) and vhdx.
 ///
 /// Command-line compatible with qemu-img: scripts that call `qemu-img convert` or
 /// `qemu-img info` work with `vconvert` instead.
@@ -69,7 +69,7 @@ struct MeasureArgs {
     /// Source format; probed when omitted.
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
-    /// Target format (raw, qcow2, vdi, vmdk, vpc).
+    /// Target format (raw, qcow2, vdi, vmdk, vpc, vhdx).
     #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
     output_format: String,
     /// Target creation options (qcow2: cluster_size, refcount_bits, extended_l2).
@@ -126,14 +126,14 @@ fn measure(args: MeasureArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 struct ConvertArgs {
-    /// Source format (raw, qcow2, vdi, vmdk, vpc); probed from the content when omitted.
+    /// Source format (raw, qcow2, vdi, vmdk, vpc, vhdx); probed from the content when omitted.
     #[arg(short = 'f', value_name = "FMT")]
     source_format: Option<String>,
     /// Convert this internal snapshot (qcow2) instead of the current state: an id or a
     /// name, or qemu-img's `snapshot.id=ID` / `snapshot.name=NAME`.
     #[arg(short = 'l', value_name = "SNAPSHOT")]
     snapshot: Option<String>,
-    /// Output format (raw, qcow2, vdi, vmdk, vpc).
+    /// Output format (raw, qcow2, vdi, vmdk, vpc, vhdx).
     #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
     output_format: String,
     /// Output creation options, `key=value,...` (`-o help` is not needed: a wrong key
@@ -218,7 +218,7 @@ struct InfoArgs {
 
 #[derive(Args, Debug)]
 struct CreateArgs {
-    /// Image format (raw, qcow2, vdi, vmdk, vpc).
+    /// Image format (raw, qcow2, vdi, vmdk, vpc, vhdx).
     #[arg(short = 'f', value_name = "FMT", default_value = "raw")]
     format: String,
     /// Creation options, `key=value,...`.

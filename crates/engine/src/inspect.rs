@@ -87,9 +87,6 @@ fn foreign_signatures(file: &ImageFile, head: &[u8]) -> Result<Vec<&'static str>
     if head.starts_with(b"QED\0") {
         found.push("qed");
     }
-    if head.starts_with(b"vhdxfile") {
-        found.push("vhdx");
-    }
     if head.starts_with(b"QFI\xfb") && head.get(4..8) == Some(&[0, 0, 0, 1]) {
         found.push("qcow");
     }

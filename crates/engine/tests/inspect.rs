@@ -70,7 +70,6 @@ fn formats_we_do_not_convert_are_refused_by_name() {
     for (magic, name) in [
         (&b"LUKS\xba\xbe\0\x01"[..], "luks"),
         (&b"QED\0"[..], "qed"),
-        (&b"vhdxfile"[..], "vhdx"),
         (&b"QFI\xfb\0\0\0\x01"[..], "qcow"),
     ] {
         let mut b = magic.to_vec();

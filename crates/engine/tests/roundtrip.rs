@@ -26,6 +26,12 @@ const VARIANTS: &[(Format, &str)] = &[
     (Format::Vmdk, "subformat=twoGbMaxExtentSparse"),
     (Format::Vmdk, "subformat=streamOptimized"),
     (Format::Vmdk, "zeroed_grain=on"),
+    (Format::Vhdx, "block_size=1M"),
+    (Format::Vhdx, "subformat=fixed,block_size=1M"),
+    (
+        Format::Vhdx,
+        "block_state_zero=off,block_size=2M,log_size=2M",
+    ),
 ];
 
 fn opts(threads: usize, compress: bool) -> ConvertOptions<'static> {
