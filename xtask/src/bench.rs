@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: vconvert against qemu-img, side by side, on a realistic corpus.
 //!
 //! The corpus (an ext4 filesystem of real files, plus its qemu-made qcow2, compressed
-//! qcow2, streamOptimized VMDK, VHD and VDI forms) is built once into
+//! qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms) is built once into
 //! `benches/corpus/` and reused. Each case runs vconvert and qemu-img alternately
 //! (A B C A B C …), reports medians, ratios, peak RSS and output sizes, checks outputs
 //! with `qemu-img compare`, and the run is written to `benches/RESULTS.md`.
@@ -109,7 +109,7 @@ fn build_corpus(c: &Corpus) -> Result<String, String> {
     if kind.is_empty() {
         kind = std::fs::read_to_string(c.dir.join("KIND")).unwrap_or_default();
     }
-    let forms: [(&str, &[&str]); 5] = [
+    let forms: [(&str, &[&str]); 6] = [
         ("disk.qcow2", &["-O", "qcow2"]),
         ("disk-c.qcow2", &["-O", "qcow2", "-c"]),
         (
@@ -118,6 +118,7 @@ fn build_corpus(c: &Corpus) -> Result<String, String> {
         ),
         ("disk.vhd", &["-O", "vpc"]),
         ("disk.vdi", &["-O", "vdi"]),
+        ("disk.vhdx", &["-O", "vhdx"]),
     ];
     for (name, args) in forms {
         let out = c.dir.join(name);
@@ -215,7 +216,7 @@ struct Case {
     cp_floor: bool,
 }
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 9] = [
     Case {
         name: "raw → qcow2",
         src: "disk.raw",
@@ -269,6 +270,22 @@ const CASES: [Case; 7] = [
         src: "disk.vhd",
         src_fmt: "vpc",
         out_fmt: "vdi",
+        args: &[],
+        cp_floor: true,
+    },
+    Case {
+        name: "vhdx → raw",
+        src: "disk.vhdx",
+        src_fmt: "vhdx",
+        out_fmt: "raw",
+        args: &[],
+        cp_floor: true,
+    },
+    Case {
+        name: "raw → vhdx",
+        src: "disk.raw",
+        src_fmt: "raw",
+        out_fmt: "vhdx",
         args: &[],
         cp_floor: true,
     },
@@ -516,7 +533,7 @@ RSS = peak resident set size (`/usr/bin/time`). \
 vconvert flushes its output to disk before renaming it into place (no partial or lost output), \
 writing its data with O_DIRECT; \
 qemu-img convert's default cache mode, `unsafe`, never flushes, so the `vconvert -t unsafe` column is the like-for-like run against it, \
-and qemu-img `-t none` (O_DIRECT, flushed at the end) the like-for-like run against vconvert's default.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD and VDI forms made by qemu-img.\n\n## Conversions\n\n{table}\n## Scaling of compressed work\n\n{scaling}",
+and qemu-img `-t none` (O_DIRECT, flushed at the end) the like-for-like run against vconvert's default.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms made by qemu-img.\n\n## Conversions\n\n{table}\n## Scaling of compressed work\n\n{scaling}",
         if quick { " --quick" } else { "" },
         machine()
     );

@@ -19,11 +19,12 @@ Tasks:
                                (--quick: a small corpus, benches/RESULTS-quick.md)
 ";
 
-const FUZZ_TARGETS: [&str; 6] = [
+const FUZZ_TARGETS: [&str; 7] = [
     "qcow2",
     "vdi",
     "vmdk",
     "vpc",
+    "vhdx",
     "convert_any",
     "probe_inspect",
 ];

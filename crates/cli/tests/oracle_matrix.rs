@@ -40,6 +40,10 @@ const SOURCES: &[(&str, &str, u64)] = &[
     ("vmdk", "subformat=twoGbMaxExtentSparse", (7 << 20) + 3584),
     ("vmdk", "subformat=streamOptimized", 9 << 20),
     ("vmdk", "zeroed_grain=on", 6 << 20),
+    ("vhdx", "", 9 << 20),
+    ("vhdx", "subformat=fixed,block_size=1M", 5 << 20),
+    ("vhdx", "block_size=2M,log_size=2M", (7 << 20) + 3584),
+    ("vhdx", "block_state_zero=off", 6 << 20),
 ];
 
 /// Targets vconvert writes: (format, -o options).
@@ -68,6 +72,10 @@ const TARGETS: &[(&str, &str)] = &[
     ("vmdk", "subformat=twoGbMaxExtentFlat"),
     ("vmdk", "subformat=streamOptimized"),
     ("vmdk", "zeroed_grain=on,adapter_type=lsilogic"),
+    ("vhdx", ""),
+    ("vhdx", "subformat=fixed"),
+    ("vhdx", "block_size=1M,log_size=2M"),
+    ("vhdx", "block_state_zero=off,block_size=32M"),
 ];
 
 /// Splits `-c,rest` into the compress flag and the `-o` options.
@@ -80,7 +88,7 @@ fn compress_and_options(opts: &str) -> (bool, &str) {
 
 /// Formats (and VMDK subformats) `qemu-img check` supports.
 fn checkable(format: &str, options: &str) -> bool {
-    matches!(format, "qcow2" | "vdi") || (format == "vmdk" && !options.contains("Flat"))
+    matches!(format, "qcow2" | "vdi" | "vhdx") || (format == "vmdk" && !options.contains("Flat"))
 }
 
 fn ext(format: &str) -> &str {
@@ -323,6 +331,8 @@ fn create_makes_what_qemu_img_create_makes() {
         ("vmdk", ""),
         ("vmdk", "subformat=streamOptimized"),
         ("vmdk", "subformat=twoGbMaxExtentFlat"),
+        ("vhdx", ""),
+        ("vhdx", "subformat=fixed,block_size=1M"),
     ];
     for (i, (fmt, opts)) in cases.into_iter().enumerate() {
         for size in ["10M", "3000K"] {

@@ -4,6 +4,8 @@
 //! case must end in `Ok` or an error: never a panic, never longer than a time bound,
 //! never more address space than a bound (this test binary runs under RLIMIT_AS).
 
+mod vhdx_build;
+
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -175,6 +177,125 @@ fn mutated_fixtures_never_panic_hang_or_balloon() {
         }
     }
     assert!(total >= CASES_PER_FIXTURE);
+}
+
+/// Hand-made VHDX images: a dynamic one with a dirty log of two entries (a data
+/// sector and a BAT page) and a Hyper-V-style one (4 KiB sectors, ZERO and UNMAPPED
+/// blocks). VHDX structures lie far beyond the first 64 KiB and are all checksummed, so
+/// mutations aim at them, and half the cases fix the checksums afterwards so the
+/// damage reaches the parsers behind them.
+fn vhdx_bases() -> Vec<(String, Vec<u8>, vhdx_build::Placed)> {
+    use vhdx_build::{data, entry, make_dirty, pattern, Block, Vhdx};
+    let mib = 1u64 << 20;
+    let mut v = Vhdx::new(3 * mib + 4096, mib, 512);
+    v.blocks.push((0, Block::Full(pattern(mib as usize, 1))));
+    v.blocks.push((2, Block::Full(pattern(4096, 2))));
+    let (mut dirty, placed) = v.build();
+    let guid = vconvert_vhdx::Guid([7; 16]);
+    let b0 = placed.blocks[0].1;
+    let page = dirty[placed.bat as usize..placed.bat as usize + 4096].to_vec();
+    let e1 = entry(guid, 5, 0, placed.end, &[data(b0 + 4096, pattern(4096, 3))]);
+    let e2 = entry(guid, 6, 0, placed.end, &[data(placed.bat, page)]);
+    make_dirty(&mut dirty, guid, &[e1, e2]);
+    let mut h = Vhdx::new(2 * mib, mib, 4096);
+    h.blocks.push((0, Block::Full(pattern(mib as usize, 4))));
+    h.blocks.push((1, Block::State(3)));
+    let (hv, hv_placed) = h.build();
+    vec![
+        ("dirty.vhdx".into(), dirty, placed),
+        ("hyperv.vhdx".into(), hv, hv_placed),
+    ]
+}
+
+/// Recomputes the CRC-32C of both headers, both region tables and the log's first
+/// two entries, whatever they hold now.
+fn vhdx_reseal(b: &mut [u8], placed: &vhdx_build::Placed) {
+    for (at, len) in [
+        (64usize << 10, 4096usize),
+        (128 << 10, 4096),
+        (192 << 10, 64 << 10),
+        (256 << 10, 64 << 10),
+    ] {
+        if b.len() >= at + len {
+            vconvert_vhdx::seal(&mut b[at..at + len], 4);
+        }
+    }
+    let mut pos = placed.log as usize;
+    for _ in 0..2 {
+        if b.len() < pos + 12 || &b[pos..pos + 4] != b"loge" {
+            break;
+        }
+        let len = u32::from_le_bytes(b[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        if len < 64 || b.len() < pos + len || len > 1 << 20 {
+            break;
+        }
+        vconvert_vhdx::seal(&mut b[pos..pos + len], 4);
+        pos += len;
+    }
+}
+
+#[test]
+fn mutated_vhdx_structures_never_panic_hang_or_balloon() {
+    let limit = rustix::process::Rlimit {
+        current: Some(ADDRESS_SPACE_LIMIT),
+        maximum: Some(ADDRESS_SPACE_LIMIT),
+    };
+    rustix::process::setrlimit(rustix::process::Resource::As, limit).unwrap();
+    let dir = vconvert_testkit::tempdir();
+    for (name, orig, placed) in vhdx_bases() {
+        let mut rng = Rng::new(orig.len() as u64);
+        // (start, length) of every structure.
+        let hot = [
+            (64u64 << 10, 128u64),
+            (128 << 10, 128),
+            (192 << 10, 96),
+            (256 << 10, 96),
+            (placed.log, 12288),
+            (placed.bat, 64),
+            (placed.meta, 256),
+            (placed.meta + (64 << 10), 64),
+        ];
+        for case in 0..CASES_PER_FIXTURE {
+            let mut b = orig.clone();
+            let (start, len) = hot[rng.below(hot.len() as u64) as usize];
+            let at = (start + rng.below(len)) as usize;
+            let what = match case % 4 {
+                0 => {
+                    b[at] ^= 1 << rng.below(8);
+                    format!("bit flip at {at:#x}")
+                }
+                1 => {
+                    let v: [u8; 8] = match rng.below(4) {
+                        0 => [0xff; 8],
+                        1 => [0; 8],
+                        2 => (1u64 << 40).to_le_bytes(),
+                        _ => rng.next_u64().to_le_bytes(),
+                    };
+                    let end = (at + 8).min(b.len());
+                    b[at..end].copy_from_slice(&v[..end - at]);
+                    format!("value {v:02x?} at {at:#x}")
+                }
+                2 => {
+                    let cut = (start + rng.below(len.max(1 << 20))) as usize;
+                    b.truncate(cut.min(b.len()));
+                    format!("truncated to {cut}")
+                }
+                _ => {
+                    let n = (1 + rng.below(64) as usize).min(b.len() - at);
+                    let mut burst = vec![0u8; n];
+                    rng.fill(&mut burst);
+                    b[at..at + n].copy_from_slice(&burst);
+                    format!("{n} random bytes at {at:#x}")
+                }
+            };
+            let resealed = case % 2 == 1;
+            if resealed {
+                vhdx_reseal(&mut b, &placed);
+            }
+            let label = format!("{name} case {case} ({what}, resealed {resealed})");
+            exercise_bounded(&label, &name, b, dir.path());
+        }
+    }
 }
 
 #[test]

@@ -19,6 +19,9 @@ use crate::log::{replay, LogArea, Replay};
 use crate::metadata::{read_metadata, Metadata};
 use crate::region::{read_regions, Regions, BAT_REGION, METADATA_REGION};
 
+/// Findings and check messages listed one by one, at most (then one summary line).
+const MAX_MESSAGES: usize = 1000;
+
 /// Largest BAT we load (64 Mi entries, 512 MiB: a 64 TiB disk of 1 MiB blocks).
 pub const MAX_BAT_ENTRIES: u64 = 64 << 20;
 
@@ -46,9 +49,9 @@ pub struct VhdxReader {
     replay: Option<Replay>,
     /// The file's length as the log leaves it (at least the real length).
     view_len: u64,
-    /// Payload blocks whose entry points past the end of the file: (block, BAT entry
-    /// file offset, block offset). Reading them fails; `check` reports them as qemu does.
-    truncated: Vec<(u64, u64, u64)>,
+    /// Payload blocks whose entry points past the end of the file, ascending. Reading
+    /// them fails; `check` reports them as qemu does.
+    truncated: Vec<u64>,
     parent: Option<Box<dyn ImageReader>>,
     parent_name: Option<String>,
     parent_full: Option<String>,
@@ -314,7 +317,7 @@ impl VhdxReader {
                         ),
                     ));
                 }
-                self.truncated.push((g.block_of_index(i), at, entry.offset));
+                self.truncated.push(g.block_of_index(i));
                 continue;
             }
             if let Some((_, _, name)) = fixed.iter().find(|(s, e, _)| entry.offset < *e && *s < end)
@@ -431,12 +434,13 @@ impl VhdxReader {
                     push(pos, block_end - pos, Seg::Zero)
                 }
                 PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
-                    if let Some(&(_, at, off)) = self.truncated.iter().find(|t| t.0 == block) {
+                    if self.truncated.binary_search(&block).is_ok() {
                         return Err(self.file.corrupt(
                             "VHDX BAT",
-                            at,
+                            bat_at + 8 * index,
                             format!(
-                                "payload block {block} at {off:#x} lies past the end of the file ({} bytes): the image has probably been truncated",
+                                "payload block {block} at {:#x} lies past the end of the file ({} bytes): the image has probably been truncated",
+                                entry.offset,
                                 self.file.len()
                             ),
                         ));
@@ -537,6 +541,20 @@ impl VhdxReader {
         vconvert_core::check_guest_range(self.file.name(), range, self.meta.virtual_disk_size)
     }
 
+    /// (block, BAT entry file offset, block offset) of the blocks past the end.
+    fn truncated_entries(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let bat_at = self
+            .regions
+            .table
+            .find(BAT_REGION)
+            .map_or(0, |r| r.file_offset);
+        self.truncated.iter().map(move |&b| {
+            let index = self.geometry.payload_index(b);
+            let off = BatEntry::decode(self.bat[index as usize]).offset;
+            (b, bat_at + 8 * index, off)
+        })
+    }
+
     /// True when a dirty log was replayed (in memory) to read the image.
     pub fn log_replayed(&self) -> bool {
         self.replay.is_some()
@@ -634,7 +652,14 @@ impl ImageReader for VhdxReader {
         if let Some(p) = &self.regions.other_problem {
             out.push(p.clone());
         }
-        for (block, at, off) in &self.truncated {
+        for (i, (block, at, off)) in self.truncated_entries().enumerate() {
+            if i == MAX_MESSAGES {
+                out.push(format!(
+                    "{} more VHDX payload blocks lie past the end of the file",
+                    self.truncated.len() - MAX_MESSAGES
+                ));
+                break;
+            }
             out.push(format!(
                 "VHDX BAT entry at {at:#x}: payload block {block} at {off:#x} lies past the end of the file"
             ));
@@ -646,7 +671,14 @@ impl ImageReader for VhdxReader {
         // qemu-img checks that no payload block lies past the end of the file or
         // overlaps another (overlaps are refused when opening).
         let mut r = CheckReport::default();
-        for (block, _, off) in &self.truncated {
+        for (i, (block, _, off)) in self.truncated_entries().enumerate() {
+            if i == MAX_MESSAGES {
+                r.corruptions.push(format!(
+                    "{} more VHDX BAT entries point after end of file",
+                    self.truncated.len() - MAX_MESSAGES
+                ));
+                break;
+            }
             r.corruptions.push(format!(
                 "VHDX BAT entry {block} offset {off:#x} points after end of file ({}). Image has probably been truncated.",
                 self.file.len()
