@@ -238,6 +238,8 @@ fn four_k_logical_sectors_are_read_where_qemu_refuses_them() {
     v.blocks.push((0, Block::Full(pattern(bs as usize, 3))));
     v.blocks.push((3, Block::Full(pattern(4096 * 5, 4))));
     v.blocks.push((1, Block::State(3)));
+    // State 5: UNMAPPED as the 0.95 draft numbered it (qemu reads zeros too).
+    v.blocks.push((2, Block::State(5)));
     let (b, _) = v.build();
     let src = dir.path().join("hv.vhdx");
     std::fs::write(&src, &b).unwrap();
@@ -464,4 +466,27 @@ fn check_and_info_follow_qemu_img() {
     assert_eq!(theirs["virtual-size"].as_u64(), Some(info.virtual_size));
     assert_eq!(theirs["cluster-size"].as_u64(), info.cluster_size);
     assert!(theirs.get("format-specific").is_none() && info.format_specific.is_none());
+}
+
+#[test]
+fn sector_bitmap_entries_of_a_dynamic_disk_are_ignored() {
+    // 4097 blocks of 1 MiB with 512-byte sectors: chunk ratio 4096, so entry 4096 is
+    // the first sector bitmap entry; the spec says it must be 0, it is never read.
+    let size = 4097 * MIB;
+    let mut v = Vhdx::new(size, MIB, 512);
+    v.blocks.push((4096, Block::Full(pattern(MIB as usize, 8))));
+    let (mut b, placed) = v.build();
+    let g = vconvert_vhdx::bat::Geometry::new(size, MIB, 512, false);
+    assert_eq!(g.bitmap_index(0), 4096);
+    assert_eq!(g.payload_index(4096), 4097);
+    set_entry(&mut b, placed.bat, 4096, 6 | (1 << 40));
+    let dir = tempdir();
+    let p = dir.path().join("sb.vhdx");
+    std::fs::write(&p, &b).unwrap();
+    let img = open(&p, None, &OpenOptions::default()).unwrap();
+    let map = img.block_map(0..size).unwrap();
+    assert_eq!(map.data_bytes(), MIB);
+    let mut last = vec![0u8; MIB as usize];
+    img.read_at(&mut last, 4096 * MIB).unwrap();
+    assert_eq!(last, pattern(MIB as usize, 8));
 }

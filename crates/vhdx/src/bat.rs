@@ -2,8 +2,10 @@
 //! file offset in MiB in bits 20–63; payload block entries interleaved with one sector
 //! bitmap entry after every `chunk_ratio` payload entries.
 //!
-//! Reserved bits (3–19) are ignored, as Hyper-V does; reserved states (4, 5 for
-//! payload blocks, anything but 0 and 6 for sector bitmaps) are corruption.
+//! Reserved bits (3–19) are ignored, as Hyper-V does; the reserved payload state 4 and
+//! sector bitmap states other than 0 and 6 (in a differencing disk) are corruption.
+//! Sector bitmap entries of fixed and dynamic disks are never read (§2.5.1.2 says they
+//! must be 0), so they are ignored; state 5 reads as unmapped, as qemu reads it.
 
 use crate::MIB;
 
@@ -15,6 +17,9 @@ pub const PAYLOAD_BLOCK_UNDEFINED: u8 = 1;
 pub const PAYLOAD_BLOCK_ZERO: u8 = 2;
 /// Payload block: unmapped by a trim (read as zeros).
 pub const PAYLOAD_BLOCK_UNMAPPED: u8 = 3;
+/// Payload block: unmapped, as the 0.95 draft of the spec numbered it (qemu reads it
+/// as zeros, and so does vconvert).
+pub const PAYLOAD_BLOCK_UNMAPPED_V095: u8 = 5;
 /// Payload block: all of it in this file at the entry's offset.
 pub const PAYLOAD_BLOCK_FULLY_PRESENT: u8 = 6;
 /// Payload block: sectors present per the sector bitmap, the rest in the parent.

@@ -12,7 +12,8 @@ use vconvert_core::{
 use crate::bat::{
     BatEntry, Geometry, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
     PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_UNDEFINED, PAYLOAD_BLOCK_UNMAPPED,
-    PAYLOAD_BLOCK_ZERO, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT, SECTOR_BITMAP_BLOCK,
+    PAYLOAD_BLOCK_UNMAPPED_V095, PAYLOAD_BLOCK_ZERO, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT,
+    SECTOR_BITMAP_BLOCK,
 };
 use crate::header::{read_headers, Headers, HEADER_SECTION_SIZE};
 use crate::log::{replay, LogArea, Replay};
@@ -262,11 +263,12 @@ impl VhdxReader {
             let at = region.file_offset + 8 * i;
             let entry = BatEntry::decode(e);
             let (len, what) = if g.is_bitmap_index(i) {
+                if !self.meta.has_parent {
+                    continue;
+                }
                 match entry.state {
                     SB_BLOCK_NOT_PRESENT => continue,
-                    SB_BLOCK_PRESENT if self.meta.has_parent => {
-                        (SECTOR_BITMAP_BLOCK, format!("sector bitmap entry {i}"))
-                    }
+                    SB_BLOCK_PRESENT => (SECTOR_BITMAP_BLOCK, format!("sector bitmap entry {i}")),
                     s => {
                         return Err(self.file.corrupt(
                             S,
@@ -283,7 +285,8 @@ impl VhdxReader {
                     PAYLOAD_BLOCK_NOT_PRESENT
                     | PAYLOAD_BLOCK_UNDEFINED
                     | PAYLOAD_BLOCK_ZERO
-                    | PAYLOAD_BLOCK_UNMAPPED => continue,
+                    | PAYLOAD_BLOCK_UNMAPPED
+                    | PAYLOAD_BLOCK_UNMAPPED_V095 => continue,
                     PAYLOAD_BLOCK_FULLY_PRESENT => {}
                     PAYLOAD_BLOCK_PARTIALLY_PRESENT if self.meta.has_parent => {}
                     s => {
@@ -427,12 +430,15 @@ impl VhdxReader {
             let absent_means_zero = !self.meta.has_parent;
             match entry.state {
                 PAYLOAD_BLOCK_NOT_PRESENT => push(pos, block_end - pos, Seg::Absent),
-                PAYLOAD_BLOCK_UNDEFINED | PAYLOAD_BLOCK_UNMAPPED if absent_means_zero => {
+                PAYLOAD_BLOCK_UNDEFINED | PAYLOAD_BLOCK_UNMAPPED | PAYLOAD_BLOCK_UNMAPPED_V095
+                    if absent_means_zero =>
+                {
                     push(pos, block_end - pos, Seg::Absent)
                 }
-                PAYLOAD_BLOCK_UNDEFINED | PAYLOAD_BLOCK_UNMAPPED | PAYLOAD_BLOCK_ZERO => {
-                    push(pos, block_end - pos, Seg::Zero)
-                }
+                PAYLOAD_BLOCK_UNDEFINED
+                | PAYLOAD_BLOCK_UNMAPPED
+                | PAYLOAD_BLOCK_UNMAPPED_V095
+                | PAYLOAD_BLOCK_ZERO => push(pos, block_end - pos, Seg::Zero),
                 PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
                     if self.truncated.binary_search(&block).is_ok() {
                         return Err(self.file.corrupt(
