@@ -34,6 +34,8 @@ pub const DESCRIPTOR_SIZE: usize = 32;
 pub const MAX_LOG_LENGTH: u64 = 1 << 30;
 /// Bytes checksummed while scanning, at most, as a multiple of the log's length.
 const SCAN_BUDGET_LOGS: u64 = 32;
+/// Bytes checksummed while scanning, at most, whatever the log's length.
+const MAX_SCAN_BYTES: u64 = 4 << 30;
 /// Steps following chains of entries, at most.
 const CHAIN_BUDGET: u64 = 1 << 20;
 
@@ -242,12 +244,15 @@ pub(crate) fn replay(file: &ImageFile, area: &LogArea) -> Result<Replay> {
     }
     // Every valid entry, by position.
     let mut valid: std::collections::BTreeMap<u64, Entry> = Default::default();
-    let mut budget = SCAN_BUDGET_LOGS * area.length.max(MIB);
+    let mut budget = (SCAN_BUDGET_LOGS * area.length.max(MIB)).min(MAX_SCAN_BYTES);
     let mut pos = 0;
     while pos < area.length {
         match parse_entry(file, area, pos)? {
-            Ok(e) => {
+            Ok(mut e) => {
                 budget = budget.saturating_sub(e.length);
+                // Entries may overlap (only one chain is replayed): keep no data now,
+                // parse the chain's entries again when replaying it.
+                e.updates = Vec::new();
                 valid.insert(pos, e);
             }
             Err(_) => budget = budget.saturating_sub(ENTRY_HEADER_SIZE as u64),
@@ -310,6 +315,13 @@ pub(crate) fn replay(file: &ImageFile, area: &LogArea) -> Result<Replay> {
             overlay: Overlay::default(),
         };
         for e in chain {
+            let e = parse_entry(file, area, e.position)?.map_err(|why| {
+                file.corrupt(
+                    S,
+                    area.offset + e.position,
+                    format!("log entry changed: {why}"),
+                )
+            })?;
             for u in &e.updates {
                 match u {
                     Update::Data { offset, bytes } => out.overlay.write(*offset, bytes.clone()),
