@@ -200,6 +200,7 @@ fn dirty_log_reads_right(lss: u32, bs: u64) {
     assert_eq!(read_all(img.as_ref()).unwrap(), want);
     vconvert_testkit::check_reader_consistency(img.as_ref()).unwrap();
     let info = img.info().unwrap();
+    assert!(info.dirty);
     assert_eq!(
         info.format_specific.as_ref().unwrap()["data"]["log-replayed"],
         true
@@ -466,6 +467,7 @@ fn check_and_info_follow_qemu_img() {
     assert_eq!(theirs["virtual-size"].as_u64(), Some(info.virtual_size));
     assert_eq!(theirs["cluster-size"].as_u64(), info.cluster_size);
     assert!(theirs.get("format-specific").is_none() && info.format_specific.is_none());
+    assert_eq!(theirs["dirty-flag"].as_bool(), Some(info.dirty));
 }
 
 #[test]

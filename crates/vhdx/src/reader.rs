@@ -633,6 +633,8 @@ impl ImageReader for VhdxReader {
         }
         // qemu-img shows no format-specific data for VHDX; vconvert adds it only to say
         // that a dirty log was replayed (qemu-img cannot open such a file read-only).
+        // A log still to replay is what qemu's dirty flag means: not closed cleanly.
+        info.dirty = self.replay.is_some();
         if let Some(r) = &self.replay {
             info.format_specific = Some(serde_json::json!({
                 "type": "vhdx",
