@@ -260,7 +260,7 @@ pub fn info(
         // What `--untrusted` would refuse (checksum mismatches and the like) is a
         // warning here, on stderr so JSON on stdout stays parseable.
         for finding in img.safety_findings() {
-            eprintln!("vconvert: warning: {}: {finding}", p.display());
+            crate::out::eprintln(&format!("vconvert: warning: {}: {finding}", p.display()));
         }
         let info = img.info()?;
         if backing_chain {
@@ -280,10 +280,10 @@ pub fn info(
         };
         let text = serde_json::to_string_pretty(&v)
             .map_err(|e| Error::invalid(format!("cannot format JSON: {e}")))?;
-        println!("{text}");
+        crate::out::println(&text)?;
     } else {
         let texts: Vec<String> = chain.iter().map(|(p, i)| info_human(p, i)).collect();
-        print!("{}", texts.join("\n"));
+        crate::out::print(&texts.join("\n"))?;
     }
     Ok(())
 }

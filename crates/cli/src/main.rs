@@ -3,6 +3,7 @@
 
 mod check;
 mod info;
+mod out;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -111,15 +112,15 @@ fn measure(args: MeasureArgs) -> Result<()> {
         (None, None) => return Err(Error::invalid("measure needs a FILE or --size")),
     };
     if args.output == "json" {
-        println!(
+        out::println(&format!(
             "{{\n    \"required\": {},\n    \"fully-allocated\": {}\n}}",
             m.required, m.fully_allocated
-        );
+        ))?;
     } else {
-        println!(
+        out::println(&format!(
             "required size: {}\nfully allocated size: {}",
             m.required, m.fully_allocated
-        );
+        ))?;
     }
     Ok(())
 }
@@ -283,38 +284,40 @@ fn compare(args: CompareArgs) -> Result<u8> {
         threads: args.threads.unwrap_or(0),
     };
     let result = vconvert_engine::compare(a.as_ref(), b.as_ref(), &opts)?;
-    let say = |s: &str| {
+    let say = |s: &str| -> Result<()> {
         if !args.quiet {
-            println!("{s}");
+            out::println(s)?;
         }
+        Ok(())
     };
-    let mismatch_warning = |m: bool| {
+    let mismatch_warning = |m: bool| -> Result<()> {
         if m {
-            say("Warning: Image size mismatch!");
+            say("Warning: Image size mismatch!")?;
         }
+        Ok(())
     };
     Ok(match result {
         Comparison::Identical { size_mismatch } => {
-            mismatch_warning(size_mismatch);
-            say("Images are identical.");
+            mismatch_warning(size_mismatch)?;
+            say("Images are identical.")?;
             0
         }
         Comparison::ContentMismatch {
             offset,
             size_mismatch,
         } => {
-            mismatch_warning(size_mismatch);
-            say(&format!("Content mismatch at offset {offset}!"));
+            mismatch_warning(size_mismatch)?;
+            say(&format!("Content mismatch at offset {offset}!"))?;
             1
         }
         Comparison::StrictSizeMismatch => {
-            say("Strict mode: Image size mismatch!");
+            say("Strict mode: Image size mismatch!")?;
             1
         }
         Comparison::StrictAllocationMismatch { offset } => {
             say(&format!(
                 "Strict mode: Offset {offset} block status mismatch!"
-            ));
+            ))?;
             1
         }
     })
@@ -469,12 +472,12 @@ fn create(args: CreateArgs) -> Result<()> {
     let size = parse_size(&args.size)?;
     let options = parse_options(&args.options)?;
     if !args.quiet {
-        println!(
+        out::println(&format!(
             "Formatting '{}', fmt={} size={}",
             args.file.display(),
             format,
             size
-        );
+        ))?;
     }
     vconvert_engine::create(&args.file, format, size, options, identity_seed()?)
 }
@@ -523,7 +526,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("vconvert: {e}");
+            out::eprintln(&format!("vconvert: {e}"));
             ExitCode::from(error_status)
         }
     }
