@@ -63,6 +63,9 @@ fn every_command_ends_quietly_on_a_closed_pipe() {
         (vec!["measure", "-O", "qcow2", q], 0),
         (vec!["measure", "--output=json", "--size", "1G"], 0),
         (vec!["create", "-f", "qcow2", "new.qcow2", "1M"], 0),
+        (vec!["map", q], 1),
+        (vec!["map", "--output=json", q], 0),
+        (vec!["map", "-f", "raw", r], 0),
     ];
     for (args, status) in cases {
         let (code, stderr) = run_into_closed_pipe(&args);

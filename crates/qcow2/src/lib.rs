@@ -17,6 +17,7 @@ mod header;
 pub mod l2;
 mod reader;
 mod snapshot;
+mod status;
 mod writer;
 
 pub use bitmap::Bitmap;
