@@ -219,6 +219,15 @@ struct ConvertArgs {
     /// Accepted for qemu-img compatibility: source cache mode (ignored).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
+    /// Make the target an overlay of this backing file (qcow2), as qemu-img does: only
+    /// what the source's own layer stores is written (data, and zeros as zeros); what
+    /// it leaves to its backing image stays unallocated in the target, so BACKING must
+    /// hold the same content as the source's backing image.
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the -B backing file.
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
     /// Source image.
     source: PathBuf,
     /// Target image.
@@ -258,10 +267,20 @@ struct CreateArgs {
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Backing file (qcow2): the new image reads what it does not store from it. A
+    /// relative name is resolved against the new image's directory, as qemu does.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the backing file (required with -b, as in qemu-img).
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Unsafe: do not open the backing file (a SIZE is then required).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
     /// Image file.
     file: PathBuf,
-    /// Virtual size, e.g. 10G.
-    size: String,
+    /// Virtual size, e.g. 10G; with -b it defaults to the backing file's.
+    size: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -381,7 +400,22 @@ fn convert(args: ConvertArgs) -> Result<()> {
         .map(parse_format)
         .transpose()?;
     let output_format = parse_format(&args.output_format)?;
-    let options = parse_options(&args.options)?;
+    let options = with_backing(
+        parse_options(&args.options)?,
+        args.backing.as_deref(),
+        args.backing_format.as_deref(),
+    )?;
+    // The backing file must open (and a format be given), as for `create -b`.
+    let target_backing_size = match vconvert_engine::backing_of(&options).0 {
+        Some(_) => Some(vconvert_engine::overlay_size(
+            &args.target,
+            output_format,
+            None,
+            &options,
+            true,
+        )?),
+        None => None,
+    };
     let sparse_size = parse_size(&args.sparse_size)?;
     if sparse_size % 512 != 0 || sparse_size > 16 << 20 {
         return Err(Error::invalid(format!(
@@ -447,6 +481,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         no_sync: args.cache.as_deref() == Some("unsafe"),
         direct: matches!(args.cache.as_deref(), None | Some("none" | "directsync")),
         rate_limit: args.rate_limit.as_deref().map(parse_size).transpose()?,
+        target_backing_size,
         ..ConvertOptions::default()
     };
     let mut result =
@@ -497,17 +532,57 @@ fn inspect_output(target: &Path, format: Format) -> Result<()> {
     Ok(())
 }
 
+/// Adds `-b`/`-B` and `-F` to the creation options as qemu-img's `backing_file` and
+/// `backing_fmt`.
+fn with_backing(
+    mut options: Options,
+    backing: Option<&str>,
+    backing_format: Option<&str>,
+) -> Result<Options> {
+    let (file, fmt) = vconvert_engine::backing_of(&options);
+    if let Some(b) = backing {
+        if file.as_deref().is_some_and(|f| f != b) {
+            return Err(Error::invalid(
+                "-b and -o backing_file name different backing files",
+            ));
+        }
+        options.set("backing_file", b);
+    }
+    if let Some(f) = backing_format {
+        if fmt.as_deref().is_some_and(|x| x != f) {
+            return Err(Error::invalid(
+                "-F and -o backing_fmt name different backing formats",
+            ));
+        }
+        options.set("backing_fmt", f);
+    }
+    Ok(options)
+}
+
 fn create(args: CreateArgs) -> Result<()> {
     let format = parse_format(&args.format)?;
-    let size = parse_size(&args.size)?;
-    let options = parse_options(&args.options)?;
+    let options = with_backing(
+        parse_options(&args.options)?,
+        args.backing.as_deref(),
+        args.backing_format.as_deref(),
+    )?;
+    let size = args.size.as_deref().map(parse_size).transpose()?;
+    let size =
+        vconvert_engine::overlay_size(&args.file, format, size, &options, !args.unsafe_backing)?;
     if !args.quiet {
-        out::println(&format!(
+        let mut line = format!(
             "Formatting '{}', fmt={} size={}",
             args.file.display(),
             format,
             size
-        ))?;
+        );
+        if let (Some(b), f) = vconvert_engine::backing_of(&options) {
+            line += &format!(" backing_file={b}");
+            if let Some(f) = f {
+                line += &format!(" backing_fmt={f}");
+            }
+        }
+        out::println(&line)?;
     }
     vconvert_engine::create(&args.file, format, size, options, identity_seed()?)
 }

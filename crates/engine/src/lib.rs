@@ -5,6 +5,7 @@
 //! image creation ([`create`]), comparison ([`compare`]), `qemu-img map` ([`map`]) and the safety inspector
 //! ([`inspect`]) that decides whether an untrusted image may be converted.
 
+mod backing;
 mod compare;
 mod convert;
 mod inspect;
@@ -12,6 +13,7 @@ mod map;
 mod measure;
 mod registry;
 
+pub use backing::{backing_of, backing_supported, overlay_size};
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
 pub use inspect::{inspect, inspect_file, Policy, Report};
