@@ -41,6 +41,39 @@ enum Command {
     Check(CheckArgs),
     /// Show how the guest disk maps to the image and its backing chain (qemu-img map).
     Map(MapArgs),
+    /// Change an image's virtual size in place (raw, qcow2), crash-safe.
+    Resize(ResizeArgs),
+}
+
+/// `resize`: grows (or, with `--shrink`, shrinks) the guest disk in place.
+///
+/// raw: the file's length (`--preallocation=falloc|full` reserves or writes the new
+/// space). qcow2: the header and, when needed, a larger L1 table, written in an order
+/// that leaves a consistent image at every step (a crash at worst leaks clusters,
+/// which `check -r leaks` reclaims); shrinking frees the clusters past the new end.
+/// Other formats are refused, as qemu-img refuses them.
+#[derive(Args, Debug)]
+struct ResizeArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Allow the image to shrink (deleting what lies past the new end).
+    #[arg(long)]
+    shrink: bool,
+    /// How the new space is reserved: off (default), falloc or full (raw).
+    #[arg(long, value_name = "MODE", value_parser = ["off", "falloc", "full", "metadata"])]
+    preallocation: Option<String>,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: PathBuf,
+    /// New size (e.g. 10G), or a change of size (+1G, -512M).
+    #[arg(allow_hyphen_values = true)]
+    size: String,
 }
 
 /// `map`: each guest range's status through the backing chain, as qemu-img prints it.
@@ -615,6 +648,23 @@ fn run(cli: Cli) -> Result<u8> {
                 None => None,
             };
             check::check(&a.file, format, &a.output, !a.untrusted, fixed)
+        }
+        Command::Resize(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = a.force_share;
+            vconvert_engine::resize(
+                &a.file,
+                format,
+                &a.size,
+                &vconvert_engine::ResizeOptions {
+                    shrink: a.shrink,
+                    preallocation: a.preallocation.clone(),
+                },
+            )?;
+            if !a.quiet {
+                out::println("Image resized.")?;
+            }
+            Ok(0)
         }
         Command::Map(a) => {
             let format = a.format.as_deref().map(parse_format).transpose()?;

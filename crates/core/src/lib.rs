@@ -45,3 +45,12 @@ pub use status::{status_of_map, LayerStatus};
 pub use storage::{FileStorage, ImageFile, MemStorage, Storage};
 pub use time::utc_fields;
 pub use zero::{is_zero, zero_runs};
+
+/// A test-only crash point: when the environment variable `VCONVERT_FAIL_POINT` names
+/// `point`, the process aborts there at once, as a `kill -9` would stop it (tests use
+/// it to prove that an in-place update leaves a consistent image at every step).
+pub fn fail_point(point: &str) {
+    if std::env::var_os("VCONVERT_FAIL_POINT").is_some_and(|v| v == point) {
+        std::process::abort();
+    }
+}

@@ -12,6 +12,7 @@ mod inspect;
 mod map;
 mod measure;
 mod registry;
+mod resize;
 
 pub use backing::{backing_of, backing_supported, overlay_size};
 pub use compare::{compare, CompareOptions, Comparison};
@@ -20,6 +21,7 @@ pub use inspect::{inspect, inspect_file, Policy, Report};
 pub use map::{map, MapEntry};
 pub use measure::{measure, Measure, Qcow2Geometry};
 pub use registry::{create, open, open_file, probe, repair_leaks, OpenOptions, MAX_CHAIN_DEPTH};
+pub use resize::{new_size, resize, ResizeOptions};
 pub use vconvert_core::{
     raise_open_file_limit, Error, Format, ImageInfo, ImageReader, Options, Result,
 };

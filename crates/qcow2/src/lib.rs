@@ -16,6 +16,7 @@ pub mod compressed;
 mod header;
 pub mod l2;
 mod reader;
+mod resize;
 mod snapshot;
 mod status;
 mod writer;
@@ -25,5 +26,6 @@ pub use header::{
     autoclear, compatible, extension, incompatible, CompressionType, FeatureName, Qcow2Header,
 };
 pub use reader::{L1Table, Qcow2OpenOptions, Qcow2Reader};
+pub use resize::resize;
 pub use snapshot::Snapshot;
 pub use writer::Qcow2Writer;

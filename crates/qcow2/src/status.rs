@@ -95,7 +95,7 @@ pub(crate) fn detect_metadata_preallocation(r: &Qcow2Reader) -> Result<bool> {
     let table = file.read_vec(
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
-        crate::header::MAX_L1_BYTES,
+        crate::header::MAX_REFTABLE_BYTES,
         "refcount table",
     )?;
     let bits = u64::from(h.refcount_bits());
