@@ -43,6 +43,42 @@ enum Command {
     Map(MapArgs),
     /// Change an image's virtual size in place (raw, qcow2), crash-safe.
     Resize(ResizeArgs),
+    /// List, create, apply or delete internal snapshots (qcow2).
+    Snapshot(SnapshotArgs),
+}
+
+/// `snapshot`: qcow2 internal snapshots, as qemu-img manages them.
+///
+/// `-l` prints qemu-img's table; `-c` snapshots the current state (the new snapshot
+/// shares every cluster with it); `-a` reverts the current state to a snapshot;
+/// `-d` deletes one. Reference counts and COPIED flags are kept exact, so the image
+/// stays `qemu-img check`-clean.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("op").required(true).args(["list", "create", "apply", "delete"])))]
+struct SnapshotArgs {
+    /// List the snapshots.
+    #[arg(short = 'l')]
+    list: bool,
+    /// Create a snapshot of the current state named NAME.
+    #[arg(short = 'c', value_name = "NAME")]
+    create: Option<String>,
+    /// Apply (revert to) the snapshot with this id or name.
+    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    apply: Option<String>,
+    /// Delete the snapshot with this id or name.
+    #[arg(short = 'd', value_name = "SNAPSHOT")]
+    delete: Option<String>,
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: PathBuf,
 }
 
 /// `resize`: grows (or, with `--shrink`, shrinks) the guest disk in place.
@@ -648,6 +684,22 @@ fn run(cli: Cli) -> Result<u8> {
                 None => None,
             };
             check::check(&a.file, format, &a.output, !a.untrusted, fixed)
+        }
+        Command::Snapshot(a) => {
+            use vconvert_engine::SnapshotOp;
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = (a.force_share, a.quiet);
+            let op = match (a.create, a.apply, a.delete) {
+                (Some(n), _, _) => SnapshotOp::Create(n),
+                (_, Some(n), _) => SnapshotOp::Apply(n),
+                (_, _, Some(n)) => SnapshotOp::Delete(n),
+                _ => SnapshotOp::List,
+            };
+            let list = vconvert_engine::snapshot(&a.file, format, &op)?;
+            if op == SnapshotOp::List && !list.is_empty() {
+                out::print(&info::snapshot_table(&list))?;
+            }
+            Ok(0)
         }
         Command::Resize(a) => {
             let format = a.format.as_deref().map(parse_format).transpose()?;

@@ -13,6 +13,7 @@ mod map;
 mod measure;
 mod registry;
 mod resize;
+mod snapshot;
 
 pub use backing::{backing_of, backing_supported, overlay_size};
 pub use compare::{compare, CompareOptions, Comparison};
@@ -22,6 +23,7 @@ pub use map::{map, MapEntry};
 pub use measure::{measure, Measure, Qcow2Geometry};
 pub use registry::{create, open, open_file, probe, repair_leaks, OpenOptions, MAX_CHAIN_DEPTH};
 pub use resize::{new_size, resize, ResizeOptions};
+pub use snapshot::{snapshot, SnapshotOp};
 pub use vconvert_core::{
     raise_open_file_limit, Error, Format, ImageInfo, ImageReader, Options, Result,
 };

@@ -18,6 +18,7 @@ pub mod l2;
 mod reader;
 mod resize;
 mod snapshot;
+mod snapshot_edit;
 mod status;
 mod writer;
 
@@ -28,4 +29,5 @@ pub use header::{
 pub use reader::{L1Table, Qcow2OpenOptions, Qcow2Reader};
 pub use resize::resize;
 pub use snapshot::Snapshot;
+pub use snapshot_edit::{apply_snapshot, create_snapshot, delete_snapshot};
 pub use writer::Qcow2Writer;

@@ -32,9 +32,9 @@ const SIZE_FIELD: u64 = 24;
 const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 /// Writes and syncs on the image file opened for writing.
-struct Writer<'a> {
-    r: &'a Qcow2Reader,
-    file: &'a File,
+pub(crate) struct Writer<'a> {
+    pub(crate) r: &'a Qcow2Reader,
+    pub(crate) file: &'a File,
     /// The refcount table, read once (resizing never moves it; entries for new
     /// refcount blocks are added).
     reftable: std::cell::RefCell<Vec<u8>>,
@@ -42,12 +42,29 @@ struct Writer<'a> {
     next_free: std::cell::Cell<u64>,
 }
 
-impl Writer<'_> {
-    fn name(&self) -> &str {
+impl<'a> Writer<'a> {
+    /// A writer for `r`, whose file is open for writing as `file`.
+    pub(crate) fn new(r: &'a Qcow2Reader, file: &'a File) -> Result<Self> {
+        let h = r.header();
+        let reftable = r.file().read_vec(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * h.cluster_size(),
+            MAX_REFTABLE_BYTES,
+            "refcount table",
+        )?;
+        Ok(Writer {
+            r,
+            file,
+            reftable: std::cell::RefCell::new(reftable),
+            next_free: std::cell::Cell::new(0),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
         self.r.file().name()
     }
 
-    fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+    pub(crate) fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| {
             Error::io(
                 self.name(),
@@ -57,13 +74,13 @@ impl Writer<'_> {
         })
     }
 
-    fn sync(&self) -> Result<()> {
+    pub(crate) fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
             .map_err(|e| Error::io(self.name(), "cannot sync", e))
     }
 
-    fn read(&self, buf: &mut [u8], offset: u64, what: &'static str) -> Result<()> {
+    pub(crate) fn read(&self, buf: &mut [u8], offset: u64, what: &'static str) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             Error::io(
                 self.name(),
@@ -156,7 +173,7 @@ impl Writer<'_> {
     }
 
     /// The first cluster-aligned offset past the file and past what was allocated.
-    fn end_cluster(&self) -> Result<u64> {
+    pub(crate) fn end_cluster(&self) -> Result<u64> {
         let cs = self.r.header().cluster_size();
         let len = self
             .file
@@ -185,7 +202,7 @@ impl Writer<'_> {
         Ok((block + bit / 8, bit % 8))
     }
 
-    fn refcount(&self, cluster: u64) -> Result<u64> {
+    pub(crate) fn refcount(&self, cluster: u64) -> Result<u64> {
         if self.block_of(cluster) == 0 {
             return Ok(0);
         }
@@ -202,7 +219,7 @@ impl Writer<'_> {
         Ok(u64::from_be_bytes(b))
     }
 
-    fn set_refcount(&self, cluster: u64, value: u64) -> Result<()> {
+    pub(crate) fn set_refcount(&self, cluster: u64, value: u64) -> Result<()> {
         self.ensure_block(cluster)?;
         let bits = u64::from(self.r.header().refcount_bits());
         let (at, shift) = self.refcount_at(cluster)?;
@@ -218,7 +235,7 @@ impl Writer<'_> {
     }
 
     /// A free cluster at the end of the file (past everything written so far).
-    fn alloc_cluster(&self) -> Result<u64> {
+    pub(crate) fn alloc_cluster(&self) -> Result<u64> {
         let cs = self.r.header().cluster_size();
         let at = self.end_cluster()?;
         if self.refcount(at / cs)? != 0 {
@@ -236,7 +253,7 @@ impl Writer<'_> {
     }
 
     /// Drops one reference from each of `clusters` (a cluster may appear many times).
-    fn release(&self, clusters: &[u64]) -> Result<()> {
+    pub(crate) fn release(&self, clusters: &[u64]) -> Result<()> {
         for &c in clusters {
             let rc = self.refcount(c)?;
             if rc == 0 {
@@ -280,18 +297,7 @@ pub fn resize(r: &Qcow2Reader, file: &File, new_size: u64) -> Result<()> {
             "resizing a qcow2 image with an external data file",
         ));
     }
-    let reftable = r.file().read_vec(
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * h.cluster_size(),
-        MAX_REFTABLE_BYTES,
-        "refcount table",
-    )?;
-    let w = Writer {
-        r,
-        file,
-        reftable: std::cell::RefCell::new(reftable),
-        next_free: std::cell::Cell::new(0),
-    };
+    let w = Writer::new(r, file)?;
     if new_size >= h.size {
         grow(&w, new_size)
     } else {
