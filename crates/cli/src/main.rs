@@ -45,6 +45,26 @@ enum Command {
     Resize(ResizeArgs),
     /// List, create, apply or delete internal snapshots (qcow2).
     Snapshot(SnapshotArgs),
+    /// Change an image's options in place (qcow2 compat, lazy_refcounts).
+    Amend(AmendArgs),
+}
+
+/// `amend`: qcow2 `-o compat=0.10|1.1,lazy_refcounts=on|off` in place. Going down to
+/// 0.10 is refused for images using version 3 features (zero clusters, refcount
+/// widths other than 16, extended L2, zstd, bitmaps, data files).
+#[derive(Args, Debug)]
+struct AmendArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Options to change, `key=value,...` (compat, lazy_refcounts).
+    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
+    options: Vec<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image file.
+    file: PathBuf,
 }
 
 /// `snapshot`: qcow2 internal snapshots, as qemu-img manages them.
@@ -684,6 +704,11 @@ fn run(cli: Cli) -> Result<u8> {
                 None => None,
             };
             check::check(&a.file, format, &a.output, !a.untrusted, fixed)
+        }
+        Command::Amend(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = a.quiet;
+            vconvert_engine::amend(&a.file, format, parse_options(&a.options)?).map(|()| 0)
         }
         Command::Snapshot(a) => {
             use vconvert_engine::SnapshotOp;

@@ -5,6 +5,7 @@
 //! image creation ([`create`]), comparison ([`compare`]), `qemu-img map` ([`map`]) and the safety inspector
 //! ([`inspect`]) that decides whether an untrusted image may be converted.
 
+mod amend;
 mod backing;
 mod compare;
 mod convert;
@@ -15,6 +16,7 @@ mod registry;
 mod resize;
 mod snapshot;
 
+pub use amend::amend;
 pub use backing::{backing_of, backing_supported, overlay_size};
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};

@@ -9,6 +9,7 @@
 //! [`Qcow2Writer`] (v2/v3, qemu-img's create options, clusters compressed in parallel
 //! and placed in guest order).
 
+mod amend;
 mod bitmap;
 mod check;
 pub use check::repair_leaks;
@@ -22,6 +23,7 @@ mod snapshot_edit;
 mod status;
 mod writer;
 
+pub use amend::{amend, AMEND_OPTIONS};
 pub use bitmap::Bitmap;
 pub use header::{
     autoclear, compatible, extension, incompatible, CompressionType, FeatureName, Qcow2Header,
