@@ -47,6 +47,43 @@ enum Command {
     Snapshot(SnapshotArgs),
     /// Change an image's options in place (qcow2 compat, lazy_refcounts).
     Amend(AmendArgs),
+    /// Change an image's backing file (qcow2), keeping its content unless -u.
+    Rebase(RebaseArgs),
+}
+
+/// `rebase`: makes BACKING the image's backing file. Safe mode (the default) first
+/// copies into the image every cluster it leaves to its backing file whose content
+/// differs between the old and the new backing file, so the guest sees the same disk;
+/// `-u` only changes the name (the new file must then hold the same data).
+#[derive(Args, Debug)]
+struct RebaseArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// The new backing file ("" for none); relative names resolve against the image's
+    /// directory.
+    #[arg(short = 'b', value_name = "BACKING", required = true)]
+    backing: String,
+    /// Format of the new backing file (required unless -b "").
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Unsafe: change the name only, compare nothing.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// Accepted for qemu-img compatibility (progress is not shown).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility: cache modes (ignored).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Accepted for qemu-img compatibility: source cache mode (ignored).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Image file.
+    file: PathBuf,
 }
 
 /// `amend`: qcow2 `-o compat=0.10|1.1,lazy_refcounts=on|off` in place. Going down to
@@ -704,6 +741,18 @@ fn run(cli: Cli) -> Result<u8> {
                 None => None,
             };
             check::check(&a.file, format, &a.output, !a.untrusted, fixed)
+        }
+        Command::Rebase(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = (a.progress, a.quiet, &a.cache, &a.src_cache);
+            vconvert_engine::rebase(
+                &a.file,
+                format,
+                &a.backing,
+                a.backing_format.as_deref(),
+                a.unsafe_mode,
+            )
+            .map(|()| 0)
         }
         Command::Amend(a) => {
             let format = a.format.as_deref().map(parse_format).transpose()?;

@@ -16,7 +16,7 @@ mod registry;
 mod resize;
 mod snapshot;
 
-pub use amend::amend;
+pub use amend::{amend, rebase};
 pub use backing::{backing_of, backing_supported, overlay_size};
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};

@@ -68,7 +68,11 @@ pub fn amend(r: &Qcow2Reader, file: &File, mut options: Options) -> Result<()> {
     if version == 2 {
         downgradable(&w)?;
     }
-    let header = encode_header(r, version, lazy)?;
+    let backing = h
+        .backing_file
+        .clone()
+        .map(|b| (b, h.backing_format.clone()));
+    let header = encode_header(r, version, lazy, backing.as_ref())?;
     w.write(&header, 0, "qcow2 header")?;
     w.sync()
 }
@@ -132,8 +136,14 @@ fn downgradable(w: &Writer<'_>) -> Result<()> {
     Ok(())
 }
 
-/// The header, its backing format extension and the backing file name, as `version`.
-fn encode_header(r: &Qcow2Reader, version: u32, lazy: bool) -> Result<Vec<u8>> {
+/// The header, its backing format extension and the backing file name (`backing`:
+/// name and format), as `version`.
+pub(crate) fn encode_header(
+    r: &Qcow2Reader,
+    version: u32,
+    lazy: bool,
+    backing: Option<&(String, Option<String>)>,
+) -> Result<Vec<u8>> {
     let h = r.header();
     let len = if version == 3 {
         V3_HEADER_LENGTH
@@ -170,7 +180,7 @@ fn encode_header(r: &Qcow2Reader, version: u32, lazy: bool) -> Result<Vec<u8>> {
             "changing compat of an image with a data file or bitmaps",
         ));
     }
-    if let Some(f) = &h.backing_format {
+    if let Some(f) = backing.and_then(|(_, f)| f.as_ref()) {
         let mut ext = Vec::new();
         ext.extend_from_slice(&extension::BACKING_FORMAT.to_be_bytes());
         ext.extend_from_slice(&(f.len() as u32).to_be_bytes());
@@ -179,7 +189,7 @@ fn encode_header(r: &Qcow2Reader, version: u32, lazy: bool) -> Result<Vec<u8>> {
         b.extend_from_slice(&ext);
     }
     b.extend_from_slice(&[0u8; 8]);
-    if let Some(name) = &h.backing_file {
+    if let Some((name, _)) = backing {
         let at = b.len() as u64;
         b.extend_from_slice(name.as_bytes());
         BigEndian::write_u64(&mut b[8..], at);

@@ -17,6 +17,7 @@ pub mod compressed;
 mod header;
 pub mod l2;
 mod reader;
+mod rebase;
 mod resize;
 mod snapshot;
 mod snapshot_edit;
@@ -29,6 +30,7 @@ pub use header::{
     autoclear, compatible, extension, incompatible, CompressionType, FeatureName, Qcow2Header,
 };
 pub use reader::{L1Table, Qcow2OpenOptions, Qcow2Reader};
+pub use rebase::rebase;
 pub use resize::resize;
 pub use snapshot::Snapshot;
 pub use snapshot_edit::{apply_snapshot, create_snapshot, delete_snapshot};
