@@ -49,6 +49,36 @@ enum Command {
     Amend(AmendArgs),
     /// Change an image's backing file (qcow2), keeping its content unless -u.
     Rebase(RebaseArgs),
+    /// Write an overlay's data into its backing file (qcow2 overlays).
+    Commit(CommitArgs),
+}
+
+/// `commit`: writes what the image (and, with `-b`, the images between it and BASE)
+/// stores into its backing file (or BASE, raw or qcow2), then empties the image unless
+/// `-d` (`-b` implies `-d`, as in qemu-img). The image's own view does not change
+/// while the base is written, so a crash midway leaves the chain reading as before.
+#[derive(Args, Debug)]
+struct CommitArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// The image of the backing chain to commit into (default: the backing file).
+    #[arg(short = 'b', value_name = "BASE")]
+    base: Option<PathBuf>,
+    /// Keep the image as it is (do not empty it).
+    #[arg(short = 'd')]
+    drop: bool,
+    /// Accepted for qemu-img compatibility (progress is not shown).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility: cache mode (ignored).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Image file.
+    file: PathBuf,
 }
 
 /// `rebase`: makes BACKING the image's backing file. Safe mode (the default) first
@@ -741,6 +771,15 @@ fn run(cli: Cli) -> Result<u8> {
                 None => None,
             };
             check::check(&a.file, format, &a.output, !a.untrusted, fixed)
+        }
+        Command::Commit(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = (a.progress, &a.cache);
+            vconvert_engine::commit(&a.file, format, a.base.as_deref(), a.drop)?;
+            if !a.quiet {
+                out::println("Image committed.")?;
+            }
+            Ok(0)
         }
         Command::Rebase(a) => {
             let format = a.format.as_deref().map(parse_format).transpose()?;

@@ -7,6 +7,7 @@
 
 mod amend;
 mod backing;
+mod commit;
 mod compare;
 mod convert;
 mod inspect;
@@ -18,6 +19,7 @@ mod snapshot;
 
 pub use amend::{amend, rebase};
 pub use backing::{backing_of, backing_supported, overlay_size};
+pub use commit::commit;
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
 pub use inspect::{inspect, inspect_file, Policy, Report};

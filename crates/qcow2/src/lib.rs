@@ -13,6 +13,8 @@ mod amend;
 mod bitmap;
 mod check;
 pub use check::repair_leaks;
+mod commit;
+pub use commit::{make_empty, ClusterWriter};
 pub mod compressed;
 mod header;
 pub mod l2;

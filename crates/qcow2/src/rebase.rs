@@ -99,7 +99,12 @@ fn copy_differences(w: &Writer<'_>, new: Option<&dyn ImageReader>) -> Result<()>
 /// Stores `data` as guest cluster `cluster` (unallocated until now): a new data
 /// cluster written and counted, a new L2 table if needed (written, counted, then named
 /// in the L1 table), then the L2 entry.
-fn write_cluster(w: &Writer<'_>, l1: &mut [u64], cluster: u64, data: &[u8]) -> Result<()> {
+pub(crate) fn write_cluster(
+    w: &Writer<'_>,
+    l1: &mut [u64],
+    cluster: u64,
+    data: &[u8],
+) -> Result<()> {
     let r = w.r;
     let h = r.header();
     let cs = h.cluster_size();

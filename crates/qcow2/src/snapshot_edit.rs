@@ -60,7 +60,12 @@ fn refuse_unsafe(r: &Qcow2Reader) -> Result<()> {
 /// tables and what they name); with `copied_at`, the offset of the active L1 table,
 /// also sets the COPIED flags of those tables (and of `l1`, written there) to the
 /// refcounts.
-fn update_tree(w: &Writer<'_>, l1: &[u64], addend: i64, copied_at: Option<u64>) -> Result<()> {
+pub(crate) fn update_tree(
+    w: &Writer<'_>,
+    l1: &[u64],
+    addend: i64,
+    copied_at: Option<u64>,
+) -> Result<()> {
     let h = w.r.header();
     let cs = h.cluster_size();
     let words = if h.extended_l2() { 2 } else { 1 };
