@@ -51,6 +51,27 @@ enum Command {
     Rebase(RebaseArgs),
     /// Write an overlay's data into its backing file (qcow2 overlays).
     Commit(CommitArgs),
+    /// Copy a range of an image into a new one (qemu-img dd: if= of= bs= count= skip=).
+    Dd(DdArgs),
+}
+
+/// `dd`: qemu-img's subset of dd(1). The output (format `-O`, raw by default) is a
+/// new image holding the input from `skip` blocks up to `count` blocks from the input's
+/// start (qemu-img counts `count` from the start, not from `skip`), copied sparsely.
+#[derive(Args, Debug)]
+struct DdArgs {
+    /// Input format; probed when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (raw, qcow2, vdi, vmdk, vpc).
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    output_format: String,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Operands: if=INPUT of=OUTPUT [bs=SIZE] [count=N] [skip=N].
+    #[arg(value_name = "OPERAND", required = true)]
+    operands: Vec<String>,
 }
 
 /// `commit`: writes what the image (and, with `-b`, the images between it and BASE)
@@ -771,6 +792,35 @@ fn run(cli: Cli) -> Result<u8> {
                 None => None,
             };
             check::check(&a.file, format, &a.output, !a.untrusted, fixed)
+        }
+        Command::Dd(a) => {
+            let _ = a.force_share;
+            let mut opts = vconvert_engine::DdOptions::default();
+            let (mut input, mut output) = (None, None);
+            for op in &a.operands {
+                let (k, v) = op.split_once('=').ok_or_else(|| {
+                    Error::invalid(format!("unrecognized operand '{op}': use key=value"))
+                })?;
+                let number = |v: &str| -> Result<u64> {
+                    v.parse()
+                        .map_err(|_| Error::invalid(format!("invalid number for {k}: '{v}'")))
+                };
+                match k {
+                    "if" => input = Some(PathBuf::from(v)),
+                    "of" => output = Some(PathBuf::from(v)),
+                    "bs" => opts.block_size = parse_size(v)?,
+                    "count" => opts.count = Some(number(v)?),
+                    "skip" => opts.skip = number(v)?,
+                    _ => return Err(Error::invalid(format!("unrecognized operand '{op}'"))),
+                }
+            }
+            let input =
+                input.ok_or_else(|| Error::invalid("Must specify both input and output files"))?;
+            let output =
+                output.ok_or_else(|| Error::invalid("Must specify both input and output files"))?;
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let out_format = parse_format(&a.output_format)?;
+            vconvert_engine::dd(&input, format, &output, out_format, &opts).map(|_| 0)
         }
         Command::Commit(a) => {
             let format = a.format.as_deref().map(parse_format).transpose()?;
