@@ -104,7 +104,7 @@ fn resize_matches_qemu_img() {
     let Some(q) = qemu() else { return };
     let dir = tempdir();
     let mut done = 0;
-    for i in 0..QCOW2.len() {
+    for (i, variant) in QCOW2.iter().enumerate() {
         let img = build_qcow2(&q, dir.path(), i);
         for steps in STEPS {
             done += usize::from(resize_both(
@@ -112,7 +112,7 @@ fn resize_matches_qemu_img() {
                 "qcow2",
                 &img,
                 steps,
-                &format!("{:?}", QCOW2[i]),
+                &format!("{variant:?}"),
             ));
         }
     }

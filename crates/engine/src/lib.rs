@@ -2,8 +2,10 @@
 //!
 //! It owns the format registry ([`open`], [`probe`]), the parallel sparse copy
 //! ([`convert`]) that streams only data extents from any reader to any writer, and
-//! image creation ([`create`]), comparison ([`compare`]), `qemu-img map` ([`map`]) and the safety inspector
-//! ([`inspect`]) that decides whether an untrusted image may be converted.
+//! image creation ([`create`], over a backing file: [`overlay_size`]), comparison
+//! ([`compare`]), `qemu-img map` ([`map`]), the in-place image commands ([`resize`],
+//! [`snapshot`], [`amend`], [`rebase`], [`commit`]) and [`dd`], and the safety
+//! inspector ([`inspect`]) that decides whether an untrusted image may be converted.
 
 mod amend;
 mod backing;

@@ -6,8 +6,11 @@
 //! tables and blocks, the snapshot table; the [`Qcow2Reader`] (every variant qemu writes,
 //! backing chains and external data files through the caller's resolver), `check`
 //! (refcounts recomputed from the tables, as qemu-img counts them) and the
-//! [`Qcow2Writer`] (v2/v3, qemu-img's create options, clusters compressed in parallel
-//! and placed in guest order).
+//! [`Qcow2Writer`] (v2/v3, qemu-img's create options, a backing file, clusters
+//! compressed in parallel and placed in guest order), and the in-place updates of
+//! qemu-img's image commands, each crash-safe up to leaked clusters: [`resize`],
+//! internal snapshots ([`create_snapshot`], [`apply_snapshot`], [`delete_snapshot`]),
+//! [`amend`], [`rebase`], [`ClusterWriter`] and [`make_empty`] for `commit`.
 
 mod amend;
 mod bitmap;
