@@ -113,7 +113,7 @@ pub fn check(
         },
     )?;
     let Some(report) = img.check() else {
-        eprintln!("vconvert: This image format does not support checks");
+        crate::out::eprintln("vconvert: This image format does not support checks");
         return Ok(NOT_SUPPORTED);
     };
     let report = report?;
@@ -124,14 +124,14 @@ pub fn check(
         }
         let text = serde_json::to_string_pretty(&v)
             .map_err(|e| Error::invalid(format!("cannot format JSON: {e}")))?;
-        println!("{text}");
+        crate::out::println(&text)?;
     } else {
         if let Some(n) = leaks_fixed.filter(|n| *n > 0) {
-            print!(
+            crate::out::print(&format!(
                 "The following inconsistencies were found and repaired:\n\n    {n} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n"
-            );
+            ))?;
         }
-        print!("{}", human(&report));
+        crate::out::print(&human(&report))?;
     }
     Ok(status(&report))
 }

@@ -158,29 +158,7 @@ pub fn info_human(path: &Path, info: &ImageInfo) -> String {
         }
     }
     if !info.snapshots.is_empty() {
-        s += "Snapshot list:\n";
-        s += &format!(
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
-        for sn in &info.snapshots {
-            let secs = sn.vm_clock_nsec / 1_000_000_000;
-            s += &format!(
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-                sn.id,
-                sn.name,
-                size_to_str(sn.vm_state_size),
-                utc_date(sn.date_sec),
-                format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    secs / 3600,
-                    (secs / 60) % 60,
-                    secs % 60,
-                    (sn.vm_clock_nsec / 1_000_000) % 1000
-                ),
-                sn.icount.map(|c| c.to_string()).unwrap_or_default()
-            );
-        }
+        s += &snapshot_table(&info.snapshots);
     }
     if let Some(Value::Object(fs)) = &info.format_specific {
         if let Some(Value::Object(data)) = fs.get("data") {
@@ -199,6 +177,35 @@ pub fn info_human(path: &Path, info: &ImageInfo) -> String {
             size_to_str(file["virtual-size"].as_u64().unwrap_or(0)),
             file["virtual-size"].as_u64().unwrap_or(0),
             size_to_str(file["actual-size"].as_u64().unwrap_or(0)),
+        );
+    }
+    s
+}
+
+/// qemu-img's snapshot table (`info` and `snapshot -l`), with its heading.
+pub fn snapshot_table(snapshots: &[vconvert_core::SnapshotInfo]) -> String {
+    let mut s = String::new();
+    s += "Snapshot list:\n";
+    s += &format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snapshots {
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        s += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            sn.id,
+            sn.name,
+            size_to_str(sn.vm_state_size),
+            utc_date(sn.date_sec),
+            format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                secs / 3600,
+                (secs / 60) % 60,
+                secs % 60,
+                (sn.vm_clock_nsec / 1_000_000) % 1000
+            ),
+            sn.icount.map(|c| c.to_string()).unwrap_or_default()
         );
     }
     s
@@ -260,7 +267,7 @@ pub fn info(
         // What `--untrusted` would refuse (checksum mismatches and the like) is a
         // warning here, on stderr so JSON on stdout stays parseable.
         for finding in img.safety_findings() {
-            eprintln!("vconvert: warning: {}: {finding}", p.display());
+            crate::out::eprintln(&format!("vconvert: warning: {}: {finding}", p.display()));
         }
         let info = img.info()?;
         if backing_chain {
@@ -280,10 +287,10 @@ pub fn info(
         };
         let text = serde_json::to_string_pretty(&v)
             .map_err(|e| Error::invalid(format!("cannot format JSON: {e}")))?;
-        println!("{text}");
+        crate::out::println(&text)?;
     } else {
         let texts: Vec<String> = chain.iter().map(|(p, i)| info_human(p, i)).collect();
-        print!("{}", texts.join("\n"));
+        crate::out::print(&texts.join("\n"))?;
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 
 mod check;
 mod info;
+mod map;
+mod out;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,6 +39,212 @@ enum Command {
     Measure(MeasureArgs),
     /// Check an image's metadata (exit 0 clean, 2 corrupt, 3 leaks, 63 not supported).
     Check(CheckArgs),
+    /// Show how the guest disk maps to the image and its backing chain (qemu-img map).
+    Map(MapArgs),
+    /// Change an image's virtual size in place (raw, qcow2), crash-safe.
+    Resize(ResizeArgs),
+    /// List, create, apply or delete internal snapshots (qcow2).
+    Snapshot(SnapshotArgs),
+    /// Change an image's options in place (qcow2 compat, lazy_refcounts).
+    Amend(AmendArgs),
+    /// Change an image's backing file (qcow2), keeping its content unless -u.
+    Rebase(RebaseArgs),
+    /// Write an overlay's data into its backing file (qcow2 overlays).
+    Commit(CommitArgs),
+    /// Copy a range of an image into a new one (qemu-img dd: if= of= bs= count= skip=).
+    Dd(DdArgs),
+}
+
+/// `dd`: qemu-img's subset of dd(1). The output (format `-O`, raw by default) is a
+/// new image holding the input from `skip` blocks up to `count` blocks from the input's
+/// start (qemu-img counts `count` from the start, not from `skip`), copied sparsely.
+#[derive(Args, Debug)]
+struct DdArgs {
+    /// Input format; probed when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (raw, qcow2, vdi, vmdk, vpc).
+    #[arg(short = 'O', value_name = "FMT", default_value = "raw")]
+    output_format: String,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Operands: if=INPUT of=OUTPUT [bs=SIZE] [count=N] [skip=N].
+    #[arg(value_name = "OPERAND", required = true)]
+    operands: Vec<String>,
+}
+
+/// `commit`: writes what the image (and, with `-b`, the images between it and BASE)
+/// stores into its backing file (or BASE, raw or qcow2), then empties the image unless
+/// `-d` (`-b` implies `-d`, as in qemu-img). The image's own view does not change
+/// while the base is written, so a crash midway leaves the chain reading as before.
+#[derive(Args, Debug)]
+struct CommitArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// The image of the backing chain to commit into (default: the backing file).
+    #[arg(short = 'b', value_name = "BASE")]
+    base: Option<PathBuf>,
+    /// Keep the image as it is (do not empty it).
+    #[arg(short = 'd')]
+    drop: bool,
+    /// Accepted for qemu-img compatibility (progress is not shown).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility: cache mode (ignored).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Image file.
+    file: PathBuf,
+}
+
+/// `rebase`: makes BACKING the image's backing file. Safe mode (the default) first
+/// copies into the image every cluster it leaves to its backing file whose content
+/// differs between the old and the new backing file, so the guest sees the same disk;
+/// `-u` only changes the name (the new file must then hold the same data).
+#[derive(Args, Debug)]
+struct RebaseArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// The new backing file ("" for none); relative names resolve against the image's
+    /// directory.
+    #[arg(short = 'b', value_name = "BACKING", required = true)]
+    backing: String,
+    /// Format of the new backing file (required unless -b "").
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Unsafe: change the name only, compare nothing.
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    /// Accepted for qemu-img compatibility (progress is not shown).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility: cache modes (ignored).
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Accepted for qemu-img compatibility: source cache mode (ignored).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Image file.
+    file: PathBuf,
+}
+
+/// `amend`: qcow2 `-o compat=0.10|1.1,lazy_refcounts=on|off` in place. Going down to
+/// 0.10 is refused for images using version 3 features (zero clusters, refcount
+/// widths other than 16, extended L2, zstd, bitmaps, data files).
+#[derive(Args, Debug)]
+struct AmendArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Options to change, `key=value,...` (compat, lazy_refcounts).
+    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
+    options: Vec<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Image file.
+    file: PathBuf,
+}
+
+/// `snapshot`: qcow2 internal snapshots, as qemu-img manages them.
+///
+/// `-l` prints qemu-img's table; `-c` snapshots the current state (the new snapshot
+/// shares every cluster with it); `-a` reverts the current state to a snapshot;
+/// `-d` deletes one. Reference counts and COPIED flags are kept exact, so the image
+/// stays `qemu-img check`-clean.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("op").required(true).args(["list", "create", "apply", "delete"])))]
+struct SnapshotArgs {
+    /// List the snapshots.
+    #[arg(short = 'l')]
+    list: bool,
+    /// Create a snapshot of the current state named NAME.
+    #[arg(short = 'c', value_name = "NAME")]
+    create: Option<String>,
+    /// Apply (revert to) the snapshot with this id or name.
+    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    apply: Option<String>,
+    /// Delete the snapshot with this id or name.
+    #[arg(short = 'd', value_name = "SNAPSHOT")]
+    delete: Option<String>,
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: PathBuf,
+}
+
+/// `resize`: grows (or, with `--shrink`, shrinks) the guest disk in place.
+///
+/// raw: the file's length (`--preallocation=falloc|full` reserves or writes the new
+/// space). qcow2: the header and, when needed, a larger L1 table, written in an order
+/// that leaves a consistent image at every step (a crash at worst leaks clusters,
+/// which `check -r leaks` reclaims); shrinking frees the clusters past the new end.
+/// Other formats are refused, as qemu-img refuses them.
+#[derive(Args, Debug)]
+struct ResizeArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Allow the image to shrink (deleting what lies past the new end).
+    #[arg(long)]
+    shrink: bool,
+    /// How the new space is reserved: off (default), falloc or full (raw).
+    #[arg(long, value_name = "MODE", value_parser = ["off", "falloc", "full", "metadata"])]
+    preallocation: Option<String>,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Accepted for qemu-img compatibility (shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: PathBuf,
+    /// New size (e.g. 10G), or a change of size (+1G, -512M).
+    #[arg(allow_hyphen_values = true)]
+    size: String,
+}
+
+/// `map`: each guest range's status through the backing chain, as qemu-img prints it.
+///
+/// JSON lists every range with `start`, `length`, `depth` (how far down the backing
+/// chain it comes from), `present` (allocated there), `zero` (reads as zeros), `data`,
+/// `compressed` and `offset` (host offset, when the data lies plainly in a file); the
+/// human output lists the plain data ranges with their host offset and file.
+#[derive(Args, Debug)]
+struct MapArgs {
+    /// Image format; probed from the content when omitted.
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format: human or json (qemu-img's layout).
+    #[arg(long = "output", value_name = "FMT", default_value = "human", value_parser = ["human", "json"])]
+    output: String,
+    /// First guest byte to map (e.g. 1M).
+    #[arg(short = 's', long = "start-offset", value_name = "OFFSET")]
+    start_offset: Option<String>,
+    /// Map at most this many bytes (e.g. 1G).
+    #[arg(short = 'l', long = "max-length", value_name = "LENGTH")]
+    max_length: Option<String>,
+    /// Read an image whose qcow2 corrupt bit is set (qemu-img's shared locking is not used).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Image file.
+    file: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -111,15 +319,15 @@ fn measure(args: MeasureArgs) -> Result<()> {
         (None, None) => return Err(Error::invalid("measure needs a FILE or --size")),
     };
     if args.output == "json" {
-        println!(
+        out::println(&format!(
             "{{\n    \"required\": {},\n    \"fully-allocated\": {}\n}}",
             m.required, m.fully_allocated
-        );
+        ))?;
     } else {
-        println!(
+        out::println(&format!(
             "required size: {}\nfully allocated size: {}",
             m.required, m.fully_allocated
-        );
+        ))?;
     }
     Ok(())
 }
@@ -188,6 +396,15 @@ struct ConvertArgs {
     /// Accepted for qemu-img compatibility: source cache mode (ignored).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
+    /// Make the target an overlay of this backing file (qcow2), as qemu-img does: only
+    /// what the source's own layer stores is written (data, and zeros as zeros); what
+    /// it leaves to its backing image stays unallocated in the target, so BACKING must
+    /// hold the same content as the source's backing image.
+    #[arg(short = 'B', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the -B backing file.
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
     /// Source image.
     source: PathBuf,
     /// Target image.
@@ -227,10 +444,20 @@ struct CreateArgs {
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Backing file (qcow2): the new image reads what it does not store from it. A
+    /// relative name is resolved against the new image's directory, as qemu does.
+    #[arg(short = 'b', value_name = "BACKING")]
+    backing: Option<String>,
+    /// Format of the backing file (required with -b, as in qemu-img).
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_format: Option<String>,
+    /// Unsafe: do not open the backing file (a SIZE is then required).
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
     /// Image file.
     file: PathBuf,
-    /// Virtual size, e.g. 10G.
-    size: String,
+    /// Virtual size, e.g. 10G; with -b it defaults to the backing file's.
+    size: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -283,38 +510,40 @@ fn compare(args: CompareArgs) -> Result<u8> {
         threads: args.threads.unwrap_or(0),
     };
     let result = vconvert_engine::compare(a.as_ref(), b.as_ref(), &opts)?;
-    let say = |s: &str| {
+    let say = |s: &str| -> Result<()> {
         if !args.quiet {
-            println!("{s}");
+            out::println(s)?;
         }
+        Ok(())
     };
-    let mismatch_warning = |m: bool| {
+    let mismatch_warning = |m: bool| -> Result<()> {
         if m {
-            say("Warning: Image size mismatch!");
+            say("Warning: Image size mismatch!")?;
         }
+        Ok(())
     };
     Ok(match result {
         Comparison::Identical { size_mismatch } => {
-            mismatch_warning(size_mismatch);
-            say("Images are identical.");
+            mismatch_warning(size_mismatch)?;
+            say("Images are identical.")?;
             0
         }
         Comparison::ContentMismatch {
             offset,
             size_mismatch,
         } => {
-            mismatch_warning(size_mismatch);
-            say(&format!("Content mismatch at offset {offset}!"));
+            mismatch_warning(size_mismatch)?;
+            say(&format!("Content mismatch at offset {offset}!"))?;
             1
         }
         Comparison::StrictSizeMismatch => {
-            say("Strict mode: Image size mismatch!");
+            say("Strict mode: Image size mismatch!")?;
             1
         }
         Comparison::StrictAllocationMismatch { offset } => {
             say(&format!(
                 "Strict mode: Offset {offset} block status mismatch!"
-            ));
+            ))?;
             1
         }
     })
@@ -348,7 +577,22 @@ fn convert(args: ConvertArgs) -> Result<()> {
         .map(parse_format)
         .transpose()?;
     let output_format = parse_format(&args.output_format)?;
-    let options = parse_options(&args.options)?;
+    let options = with_backing(
+        parse_options(&args.options)?,
+        args.backing.as_deref(),
+        args.backing_format.as_deref(),
+    )?;
+    // The backing file must open (and a format be given), as for `create -b`.
+    let target_backing_size = match vconvert_engine::backing_of(&options).0 {
+        Some(_) => Some(vconvert_engine::overlay_size(
+            &args.target,
+            output_format,
+            None,
+            &options,
+            true,
+        )?),
+        None => None,
+    };
     let sparse_size = parse_size(&args.sparse_size)?;
     if sparse_size % 512 != 0 || sparse_size > 16 << 20 {
         return Err(Error::invalid(format!(
@@ -414,6 +658,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
         no_sync: args.cache.as_deref() == Some("unsafe"),
         direct: matches!(args.cache.as_deref(), None | Some("none" | "directsync")),
         rate_limit: args.rate_limit.as_deref().map(parse_size).transpose()?,
+        target_backing_size,
         ..ConvertOptions::default()
     };
     let mut result =
@@ -464,17 +709,57 @@ fn inspect_output(target: &Path, format: Format) -> Result<()> {
     Ok(())
 }
 
+/// Adds `-b`/`-B` and `-F` to the creation options as qemu-img's `backing_file` and
+/// `backing_fmt`.
+fn with_backing(
+    mut options: Options,
+    backing: Option<&str>,
+    backing_format: Option<&str>,
+) -> Result<Options> {
+    let (file, fmt) = vconvert_engine::backing_of(&options);
+    if let Some(b) = backing {
+        if file.as_deref().is_some_and(|f| f != b) {
+            return Err(Error::invalid(
+                "-b and -o backing_file name different backing files",
+            ));
+        }
+        options.set("backing_file", b);
+    }
+    if let Some(f) = backing_format {
+        if fmt.as_deref().is_some_and(|x| x != f) {
+            return Err(Error::invalid(
+                "-F and -o backing_fmt name different backing formats",
+            ));
+        }
+        options.set("backing_fmt", f);
+    }
+    Ok(options)
+}
+
 fn create(args: CreateArgs) -> Result<()> {
     let format = parse_format(&args.format)?;
-    let size = parse_size(&args.size)?;
-    let options = parse_options(&args.options)?;
+    let options = with_backing(
+        parse_options(&args.options)?,
+        args.backing.as_deref(),
+        args.backing_format.as_deref(),
+    )?;
+    let size = args.size.as_deref().map(parse_size).transpose()?;
+    let size =
+        vconvert_engine::overlay_size(&args.file, format, size, &options, !args.unsafe_backing)?;
     if !args.quiet {
-        println!(
+        let mut line = format!(
             "Formatting '{}', fmt={} size={}",
             args.file.display(),
             format,
             size
         );
+        if let (Some(b), f) = vconvert_engine::backing_of(&options) {
+            line += &format!(" backing_file={b}");
+            if let Some(f) = f {
+                line += &format!(" backing_fmt={f}");
+            }
+        }
+        out::println(&line)?;
     }
     vconvert_engine::create(&args.file, format, size, options, identity_seed()?)
 }
@@ -508,6 +793,106 @@ fn run(cli: Cli) -> Result<u8> {
             };
             check::check(&a.file, format, &a.output, !a.untrusted, fixed)
         }
+        Command::Dd(a) => {
+            let _ = a.force_share;
+            let mut opts = vconvert_engine::DdOptions::default();
+            let (mut input, mut output) = (None, None);
+            for op in &a.operands {
+                let (k, v) = op.split_once('=').ok_or_else(|| {
+                    Error::invalid(format!("unrecognized operand '{op}': use key=value"))
+                })?;
+                let number = |v: &str| -> Result<u64> {
+                    v.parse()
+                        .map_err(|_| Error::invalid(format!("invalid number for {k}: '{v}'")))
+                };
+                match k {
+                    "if" => input = Some(PathBuf::from(v)),
+                    "of" => output = Some(PathBuf::from(v)),
+                    "bs" => opts.block_size = parse_size(v)?,
+                    "count" => opts.count = Some(number(v)?),
+                    "skip" => opts.skip = number(v)?,
+                    _ => return Err(Error::invalid(format!("unrecognized operand '{op}'"))),
+                }
+            }
+            let input =
+                input.ok_or_else(|| Error::invalid("Must specify both input and output files"))?;
+            let output =
+                output.ok_or_else(|| Error::invalid("Must specify both input and output files"))?;
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let out_format = parse_format(&a.output_format)?;
+            vconvert_engine::dd(&input, format, &output, out_format, &opts).map(|_| 0)
+        }
+        Command::Commit(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = (a.progress, &a.cache);
+            vconvert_engine::commit(&a.file, format, a.base.as_deref(), a.drop)?;
+            if !a.quiet {
+                out::println("Image committed.")?;
+            }
+            Ok(0)
+        }
+        Command::Rebase(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = (a.progress, a.quiet, &a.cache, &a.src_cache);
+            vconvert_engine::rebase(
+                &a.file,
+                format,
+                &a.backing,
+                a.backing_format.as_deref(),
+                a.unsafe_mode,
+            )
+            .map(|()| 0)
+        }
+        Command::Amend(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = a.quiet;
+            vconvert_engine::amend(&a.file, format, parse_options(&a.options)?).map(|()| 0)
+        }
+        Command::Snapshot(a) => {
+            use vconvert_engine::SnapshotOp;
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = (a.force_share, a.quiet);
+            let op = match (a.create, a.apply, a.delete) {
+                (Some(n), _, _) => SnapshotOp::Create(n),
+                (_, Some(n), _) => SnapshotOp::Apply(n),
+                (_, _, Some(n)) => SnapshotOp::Delete(n),
+                _ => SnapshotOp::List,
+            };
+            let list = vconvert_engine::snapshot(&a.file, format, &op)?;
+            if op == SnapshotOp::List && !list.is_empty() {
+                out::print(&info::snapshot_table(&list))?;
+            }
+            Ok(0)
+        }
+        Command::Resize(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            let _ = a.force_share;
+            vconvert_engine::resize(
+                &a.file,
+                format,
+                &a.size,
+                &vconvert_engine::ResizeOptions {
+                    shrink: a.shrink,
+                    preallocation: a.preallocation.clone(),
+                },
+            )?;
+            if !a.quiet {
+                out::println("Image resized.")?;
+            }
+            Ok(0)
+        }
+        Command::Map(a) => {
+            let format = a.format.as_deref().map(parse_format).transpose()?;
+            map::map(
+                &a.file,
+                format,
+                &a.output,
+                a.start_offset.as_deref(),
+                a.max_length.as_deref(),
+                a.force_share,
+            )
+            .map(|()| 0)
+        }
     }
 }
 
@@ -523,7 +908,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
-            eprintln!("vconvert: {e}");
+            out::eprintln(&format!("vconvert: {e}"));
             ExitCode::from(error_status)
         }
     }

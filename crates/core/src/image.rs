@@ -107,6 +107,25 @@ pub trait ImageReader: Send + Sync {
     fn host_file(&self, _index: u32) -> Option<&crate::ImageFile> {
         None
     }
+
+    /// qemu's block status of `range` (inside the virtual disk) in this image alone,
+    /// as its qemu block driver reports it: unallocated ranges (where a backing image
+    /// shows) carry neither data nor zero. Default: [`crate::status_of_map`] of
+    /// [`ImageReader::block_map`], right for images without a backing image.
+    fn layer_status(&self, range: Range<u64>) -> Result<Vec<crate::LayerStatus>> {
+        Ok(crate::status_of_map(&self.block_map(range)?))
+    }
+
+    /// The backing image (parent) this image reads its unallocated ranges from.
+    fn backing(&self) -> Option<&dyn ImageReader> {
+        None
+    }
+
+    /// Whether the format has backing images (qemu's `supports_backing`): its
+    /// unallocated ranges then read as zeros where no backing image covers them.
+    fn supports_backing(&self) -> bool {
+        false
+    }
 }
 
 /// Checks that `range` is a forward range inside a virtual disk of `size` bytes; the

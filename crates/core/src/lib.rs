@@ -11,7 +11,8 @@
 //!   [`TargetFile`] that sends page-aligned writes around the page cache when asked;
 //! - [`IoBuffer`]: page-aligned buffers for bulk reads and writes;
 //! - [`Error`]: the one error type, naming file, structure and offset;
-//! - [`Options`]: `-o key=value` creation options and qemu-style sizes.
+//! - [`Options`]: `-o key=value` creation options and qemu-style sizes;
+//! - [`LayerStatus`]: qemu's block status of one image layer, for `map`.
 
 mod blockmap;
 mod buffer;
@@ -22,6 +23,7 @@ mod image;
 mod options;
 mod output;
 mod resolve;
+mod status;
 mod storage;
 mod time;
 mod zero;
@@ -39,6 +41,16 @@ pub use image::{
 pub use options::{parse_size, Options};
 pub use output::{raise_open_file_limit, write_all_at, Output, TargetFile, DIRECT_ALIGN};
 pub use resolve::{overlay_block_map, read_backing, relative_to, NoReferences, Resolver};
+pub use status::{status_of_map, LayerStatus};
 pub use storage::{FileStorage, ImageFile, MemStorage, Storage};
 pub use time::utc_fields;
 pub use zero::{is_zero, zero_runs};
+
+/// A test-only crash point: when the environment variable `VCONVERT_FAIL_POINT` names
+/// `point`, the process aborts there at once, as a `kill -9` would stop it (tests use
+/// it to prove that an in-place update leaves a consistent image at every step).
+pub fn fail_point(point: &str) {
+    if std::env::var_os("VCONVERT_FAIL_POINT").is_some_and(|v| v == point) {
+        std::process::abort();
+    }
+}

@@ -95,6 +95,13 @@ pub struct ConvertOptions<'a> {
     pub identity_seed: Option<u64>,
     /// Limit on the guest bytes processed per second (qemu-img's `-r`); `None`: no limit.
     pub rate_limit: Option<u64>,
+    /// The virtual size of the target's backing file, when it has one (qemu-img's `-B`,
+    /// given to the writer as the `backing_file` option): as qemu-img does, only what
+    /// the source's own layer allocates is copied (data, and zeros as zeros); what it
+    /// leaves to its backing image stays unallocated, to read from the target's backing
+    /// file, which must hold the same content. Zeros past the backing file's end are
+    /// not stored (the target reads zeros there).
+    pub target_backing_size: Option<u64>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -112,6 +119,7 @@ impl Default for ConvertOptions<'_> {
             progress: None,
             identity_seed: None,
             rate_limit: None,
+            target_backing_size: None,
         }
     }
 }
@@ -136,7 +144,9 @@ pub fn convert(
     let params = CreateParams {
         virtual_size: src.virtual_size(),
         existing: opts.existing,
-        target_is_zero: !opts.existing || opts.target_is_zero,
+        // Over a backing file, zeros must be written too.
+        target_is_zero: (!opts.existing || opts.target_is_zero)
+            && opts.target_backing_size.is_none(),
         compress: opts.compress,
         identity_seed: opts.identity_seed,
     };
@@ -238,6 +248,7 @@ pub fn copy_image<W: ImageWriter>(
             sparse_size: opts.sparse_size,
             every_chunk: opts.sparse_size == 0 || !params.target_is_zero,
             cancel: &opts.cancel,
+            top_layer: opts.target_backing_size,
         };
         scope.spawn(move || reader.run(&tx));
         let encoder = writer.encoder();
@@ -348,6 +359,9 @@ struct Reader<'a> {
     sparse_size: u64,
     every_chunk: bool,
     cancel: &'a CancelToken,
+    /// Copy the source's own layer only, over a backing file of this size (see
+    /// [`ConvertOptions::target_backing_size`]).
+    top_layer: Option<u64>,
 }
 
 impl Reader<'_> {
@@ -369,6 +383,10 @@ impl Reader<'_> {
             self.cancel.check()?;
             let end = size.min(pos.saturating_add(window));
             let map = vconvert_core::refine_host_holes(self.src.block_map(pos..end)?, self.src)?;
+            let map = match self.top_layer {
+                Some(backing_size) => top_layer_map(self.src, map, backing_size)?,
+                None => map,
+            };
             if map.start() != pos || map.end() != end {
                 return Err(Error::invalid(format!(
                     "reader returned a block map of {:#x}..{:#x} for {pos:#x}..{end:#x}",
@@ -393,6 +411,7 @@ impl Reader<'_> {
                                 &map.clip(r.clone()),
                                 self.sparse_size,
                                 fully_allocated,
+                                self.top_layer.is_some(),
                                 self.buffers,
                             )
                         })
@@ -438,13 +457,89 @@ fn chunks_to_copy(map: &BlockMap, chunk_size: u64, every_chunk: bool) -> Vec<std
     out
 }
 
+/// The map of `full` (the source's map through its chain) with what the source's own
+/// layer leaves to its backing image marked unallocated, and what reads as zeros for
+/// want of a backing image marked zero (a target with a backing file must store it),
+/// except past `backing_size`, the end of the target's backing file (as qemu-img).
+fn top_layer_map(src: &dyn ImageReader, full: BlockMap, backing_size: u64) -> Result<BlockMap> {
+    let range = full.start()..full.end();
+    let covered = match (src.supports_backing(), src.backing()) {
+        (true, Some(b)) => b.virtual_size(),
+        _ => 0,
+    };
+    // Ranges that read through to the backing image, in order.
+    let through: Vec<std::ops::Range<u64>> = src
+        .layer_status(range.clone())?
+        .into_iter()
+        .filter(|s| !s.allocated() && s.start < covered)
+        .map(|s| s.start..s.end().min(covered))
+        .collect();
+    let mut out = BlockMap::new(range.start);
+    let mut j = 0;
+    for e in full.extents() {
+        let mut pos = e.start;
+        while pos < e.end() {
+            while j < through.len() && through[j].end <= pos {
+                j += 1;
+            }
+            let (end, inside) = match through.get(j) {
+                Some(t) if t.start <= pos => (t.end.min(e.end()), true),
+                Some(t) => (t.start.min(e.end()), false),
+                None => (e.end(), false),
+            };
+            let kind = match (inside, e.kind) {
+                (true, _) => ExtentKind::Unallocated,
+                (false, ExtentKind::Unallocated) => ExtentKind::Zero,
+                (false, ExtentKind::Data(vconvert_core::Location::File { file, offset })) => {
+                    ExtentKind::Data(vconvert_core::Location::File {
+                        file,
+                        offset: offset + (pos - e.start),
+                    })
+                }
+                (false, k) => k,
+            };
+            // Zeros past the end of the target's backing file need no storing.
+            let split = backing_size.clamp(pos, end);
+            let zero = matches!(kind, ExtentKind::Zero | ExtentKind::Unallocated);
+            out.push(split - pos, kind);
+            out.push(
+                end - split,
+                if zero {
+                    ExtentKind::Unallocated
+                } else {
+                    kind_from(kind, split - pos)
+                },
+            );
+            pos = end;
+        }
+    }
+    Ok(out)
+}
+
+/// `kind` advanced by `skip` bytes (file data moves its offset).
+fn kind_from(kind: ExtentKind, skip: u64) -> ExtentKind {
+    match kind {
+        ExtentKind::Data(vconvert_core::Location::File { file, offset }) => {
+            ExtentKind::Data(vconvert_core::Location::File {
+                file,
+                offset: offset + skip,
+            })
+        }
+        k => k,
+    }
+}
+
 /// Reads the data of one chunk and splits it into runs, turning all-zero blocks of
-/// `sparse_size` bytes into zero runs.
+/// `sparse_size` bytes into zero runs. With `over_backing` (a target with a backing
+/// file), a chunk that stores anything also carries the bytes of its unallocated runs
+/// (read through the source's chain), for the writer to copy on write, and keeps its
+/// buffer even without data runs (zeros may have to be written as data).
 fn read_chunk(
     src: &dyn ImageReader,
     map: &BlockMap,
     sparse_size: u64,
     fully_allocated: bool,
+    over_backing: bool,
     buffers: &BufferPool,
 ) -> Result<Chunk> {
     let offset = map.start();
@@ -460,7 +555,12 @@ fn read_chunk(
         }
     };
     let mut data = IoBuffer::default();
-    if fully_allocated || map.data_bytes() > 0 {
+    let stores = map
+        .extents()
+        .iter()
+        .any(|e| e.kind != ExtentKind::Unallocated);
+    let keep = over_backing && stores;
+    if fully_allocated || map.data_bytes() > 0 || keep {
         data = buffers.get(len as usize);
     }
     for e in map.extents() {
@@ -483,12 +583,18 @@ fn read_chunk(
                 }
                 push(e.start + p as u64, (buf.len() - p) as u64, RunKind::Data);
             }
+            ExtentKind::Unallocated if over_backing => {
+                if keep {
+                    src.read_at(&mut data[rel.clone()], e.start)?;
+                }
+                push(e.start, e.len, RunKind::Unallocated)
+            }
             _ if fully_allocated => push(e.start, e.len, RunKind::Data),
             ExtentKind::Zero => push(e.start, e.len, RunKind::Zero),
             ExtentKind::Unallocated => push(e.start, e.len, RunKind::Unallocated),
         }
     }
-    if !runs.iter().any(|r| r.kind == RunKind::Data) {
+    if !keep && !runs.iter().any(|r| r.kind == RunKind::Data) {
         buffers.put(std::mem::take(&mut data));
     }
     Ok(Chunk {

@@ -228,6 +228,31 @@ pub fn repair_leaks(path: &Path, format: Option<Format>) -> Result<u64> {
     qcow2_repair_leaks(&reader, &rw)
 }
 
+/// Opens the qcow2 image at `path` for an in-place update: its reader (backing images
+/// opened like qemu-img's, corrupt images refused) and the file opened for writing.
+pub(crate) fn open_qcow2_rw(path: &Path) -> Result<(Qcow2Reader, std::fs::File)> {
+    let options = OpenOptions {
+        allow_external_files: true,
+        allow_corrupt: false,
+        snapshot: None,
+    };
+    let resolver = ChainResolver {
+        options,
+        chain: std::fs::canonicalize(path).into_iter().collect(),
+    };
+    let reader = Qcow2Reader::open(
+        ImageFile::open(path)?,
+        &resolver,
+        Qcow2OpenOptions::default(),
+    )?;
+    let rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path.display().to_string(), "cannot open for writing", e))?;
+    Ok((reader, rw))
+}
+
 /// Something to do with a freshly created writer of any format.
 pub(crate) trait WriterJob {
     fn run<W: ImageWriter>(self, writer: W) -> Result<()>;

@@ -55,6 +55,8 @@ pub struct Qcow2Reader {
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<Bitmap>,
     cache: Mutex<L2Cache>,
+    /// QEMU's metadata-preallocation guess, made on first use (see `status`).
+    preallocated: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Qcow2Reader {
@@ -186,6 +188,7 @@ impl Qcow2Reader {
             snapshots,
             bitmaps,
             cache: Mutex::new(L2Cache::default()),
+            preallocated: std::sync::OnceLock::new(),
         };
         if let Some(name) = reader.header.backing_file.clone() {
             reader.open_backing(&name, resolver)?;
@@ -211,6 +214,16 @@ impl Qcow2Reader {
         self.backing_full = Some(path.display().to_string());
         self.backing = Some(backing);
         Ok(())
+    }
+
+    /// Whether QEMU would take the image for metadata-preallocated (and so look for
+    /// holes of the host file under data clusters); decided once.
+    pub fn metadata_preallocated(&self) -> Result<bool> {
+        if let Some(&v) = self.preallocated.get() {
+            return Ok(v);
+        }
+        let v = crate::status::detect_metadata_preallocation(self)?;
+        Ok(*self.preallocated.get_or_init(|| v))
     }
 
     /// The parsed header.
@@ -321,7 +334,7 @@ impl Qcow2Reader {
     }
 
     /// The map of `range` in this image alone (unallocated where a backing image shows).
-    fn own_map(&self, range: Range<u64>) -> Result<BlockMap> {
+    pub(crate) fn own_map(&self, range: Range<u64>) -> Result<BlockMap> {
         let cs = self.header.cluster_size();
         let per_l2 = cs * self.header.l2_entries();
         let sc = cs / SUBCLUSTERS;
@@ -577,5 +590,18 @@ impl ImageReader for Qcow2Reader {
 
     fn check(&self) -> Option<Result<CheckReport>> {
         Some(crate::check::check(self))
+    }
+
+    fn layer_status(&self, range: Range<u64>) -> Result<Vec<vconvert_core::LayerStatus>> {
+        self.check_range(&range)?;
+        crate::status::layer_status(self, range)
+    }
+
+    fn backing(&self) -> Option<&dyn ImageReader> {
+        self.backing.as_deref()
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
     }
 }

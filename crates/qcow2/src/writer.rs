@@ -23,8 +23,8 @@ use vconvert_core::{
 
 use crate::compressed::{Compressor, DEFLATE_LEVEL, DEFLATE_MAX_LEVEL};
 use crate::header::{
-    compatible, incompatible, CompressionType, MAGIC, MAX_L1_BYTES, V2_HEADER_LENGTH,
-    V3_HEADER_LENGTH,
+    compatible, extension, incompatible, CompressionType, MAGIC, MAX_BACKING_NAME, MAX_L1_BYTES,
+    V2_HEADER_LENGTH, V3_HEADER_LENGTH,
 };
 use crate::l2::{compressed_entry, COPIED, SUBCLUSTERS, ZERO};
 
@@ -81,6 +81,9 @@ pub struct Qcow2Writer {
     next_free: u64,
     /// Refcounts of host clusters shared by compressed clusters (others have 1).
     shared: HashMap<u64, u64>,
+    /// Backing file name and format stored in the header (`backing_file`,
+    /// `backing_fmt`): unallocated clusters then read from it.
+    backing: Option<(String, Option<String>)>,
 }
 
 /// qemu-img's `preallocation` for qcow2.
@@ -108,6 +111,8 @@ impl Qcow2Writer {
         "compression_type",
         "preallocation",
         "compression_level",
+        "backing_file",
+        "backing_fmt",
     ];
 
     /// Creates the qcow2 target in `output` with `options`.
@@ -173,7 +178,16 @@ impl Qcow2Writer {
                     })?
             }
         };
+        let backing_file = o.take("backing_file");
+        let backing_fmt = o.take("backing_fmt");
         o.finish("qcow2", Self::OPTIONS)?;
+        let backing = match (backing_file, backing_fmt) {
+            (Some(f), fmt) => Some((f, fmt)),
+            (None, Some(_)) => {
+                return Err(Error::invalid("qcow2: backing_fmt needs a backing_file"))
+            }
+            (None, None) => None,
+        };
         let v3_only = |what: &str| {
             Error::invalid(format!(
                 "qcow2: {what} requires compat=1.1 (version 3); it is not possible with compat=0.10"
@@ -196,6 +210,12 @@ impl Qcow2Writer {
         if extended_l2 && cluster_size < 16384 {
             return Err(Error::invalid(
                 "qcow2: extended_l2 needs a cluster_size of at least 16K",
+            ));
+        }
+        if backing.is_some() && (params.compress || preallocation != Preallocation::Off) {
+            return Err(Error::unsupported(
+                output.target().display().to_string(),
+                "compression (-c) or preallocation in a qcow2 image with a backing file",
             ));
         }
         if params.compress && preallocation != Preallocation::Off {
@@ -241,6 +261,11 @@ impl Qcow2Writer {
             l2: None,
             next_free: (1 + l1_clusters) * cluster_size,
             shared: HashMap::new(),
+            backing,
+        })
+        .and_then(|w| {
+            // The name and the format extension must fit in cluster 0 with the header.
+            w.encode_header(0, 0).map(|_| w)
         })
     }
 
@@ -397,7 +422,7 @@ impl Qcow2Writer {
         1 << self.refcount_order
     }
 
-    fn encode_header(&self, rt_offset: u64, rt_clusters: u64) -> Vec<u8> {
+    fn encode_header(&self, rt_offset: u64, rt_clusters: u64) -> Result<Vec<u8>> {
         let mut b = vec![0u8; self.cs() as usize];
         let put32 =
             |b: &mut Vec<u8>, o: usize, v: u32| b[o..o + 4].copy_from_slice(&v.to_be_bytes());
@@ -435,10 +460,41 @@ impl Qcow2Writer {
                 CompressionType::Zlib => 0,
                 CompressionType::Zstd => 1,
             };
-        } else {
-            let _ = V2_HEADER_LENGTH;
         }
-        b
+        if let Some((name, fmt)) = &self.backing {
+            // qcow2.txt "Header extensions": the backing format extension, the end of
+            // the extensions, then the backing file name.
+            let mut at = if self.version >= 3 {
+                V3_HEADER_LENGTH
+            } else {
+                V2_HEADER_LENGTH
+            } as usize;
+            let mut ext = Vec::new();
+            if let Some(f) = fmt {
+                ext.extend_from_slice(&extension::BACKING_FORMAT.to_be_bytes());
+                ext.extend_from_slice(&(f.len() as u32).to_be_bytes());
+                ext.extend_from_slice(f.as_bytes());
+                ext.resize(ext.len().next_multiple_of(8), 0);
+            }
+            ext.extend_from_slice(&[0u8; 8]);
+            let end = at + ext.len() + name.len();
+            if name.is_empty() || name.len() > MAX_BACKING_NAME as usize || end > b.len() {
+                return Err(Error::invalid(format!(
+                    "{}: the backing file name '{name}' ({} bytes) does not fit in the first \
+                     cluster (at most {MAX_BACKING_NAME} bytes, and {} bytes with its format \
+                     here)",
+                    self.name,
+                    name.len(),
+                    b.len().saturating_sub(at + ext.len())
+                )));
+            }
+            b[at..at + ext.len()].copy_from_slice(&ext);
+            at += ext.len();
+            b[at..end].copy_from_slice(name.as_bytes());
+            put64(&mut b, 8, at as u64);
+            put32(&mut b, 16, name.len() as u32);
+        }
+        Ok(b)
     }
 
     fn encode_refcount_block(&self, first: u64, count: u64) -> Vec<u8> {
@@ -491,6 +547,58 @@ pub struct Qcow2Encoder {
     compression_type: CompressionType,
     level: u32,
     preallocation: Preallocation,
+    /// The image has a backing file: unallocated runs stay unallocated (they read
+    /// from it), zeros must be stored as zeros.
+    backing: bool,
+}
+
+impl Qcow2Encoder {
+    /// The plan of one cluster of an image with a backing file. Runs unallocated in
+    /// the source keep reading from the backing file where a whole (sub)cluster is
+    /// unallocated; otherwise the (sub)cluster is written, the chunk then holding the
+    /// backing file's bytes for its unallocated runs (as qemu copies on write).
+    fn plan_over_backing(&self, chunk: &Chunk, start: u64, len: u64) -> ClusterPlan {
+        let allocated = |from: u64, to: u64| {
+            chunk
+                .runs
+                .iter()
+                .any(|r| r.kind != RunKind::Unallocated && r.start < to && r.start + r.len > from)
+        };
+        if !allocated(start, start + len) {
+            return ClusterPlan::Unallocated;
+        }
+        let bytes = chunk.bytes(start, len);
+        let zero = bytes.is_none_or(is_zero);
+        if self.extended_l2 {
+            let sc = self.cluster_size / SUBCLUSTERS;
+            let (mut alloc, mut zeros) = (0u32, 0u32);
+            for i in 0..SUBCLUSTERS {
+                let (a, b) = (start + i * sc, (start + (i + 1) * sc).min(start + len));
+                if a >= start + len {
+                    zeros |= 1 << i;
+                    continue;
+                }
+                if !allocated(a, b) {
+                    continue;
+                }
+                match chunk.bytes(a, b - a) {
+                    Some(x) if !is_zero(x) => alloc |= 1 << i,
+                    _ => zeros |= 1 << i,
+                }
+            }
+            return match (alloc, zeros) {
+                (0, u32::MAX) => ClusterPlan::Zero,
+                _ => ClusterPlan::Data { alloc, zero: zeros },
+            };
+        }
+        match (zero, self.version >= 3) {
+            (true, true) => ClusterPlan::Zero,
+            _ => ClusterPlan::Data {
+                alloc: u32::MAX,
+                zero: 0,
+            },
+        }
+    }
 }
 
 impl ChunkEncoder for Qcow2Encoder {
@@ -505,6 +613,11 @@ impl ChunkEncoder for Qcow2Encoder {
         let mut padded = Vec::new();
         while start < end {
             let len = cs.min(end - start);
+            if self.backing {
+                plans.push(self.plan_over_backing(chunk, start, len));
+                start += len;
+                continue;
+            }
             let overlapping = chunk
                 .runs
                 .iter()
@@ -586,6 +699,7 @@ impl ImageWriter for Qcow2Writer {
             compression_type: self.compression_type,
             level: self.level,
             preallocation: self.preallocation,
+            backing: self.backing.is_some(),
         }
     }
 
@@ -658,7 +772,7 @@ impl ImageWriter for Qcow2Writer {
         if self.preallocation == Preallocation::Falloc {
             rustix_fallocate(&self.file, &self.name, end)?;
         }
-        let header = self.encode_header(rt_offset, table);
+        let header = self.encode_header(rt_offset, table)?;
         self.write_at(&header, 0, "qcow2 header")
     }
 }

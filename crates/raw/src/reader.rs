@@ -86,6 +86,20 @@ impl ImageReader for RawReader {
         Ok(())
     }
 
+    /// QEMU's file layer: data and holes of the file, each with its offset (holes read
+    /// as zeros).
+    fn layer_status(&self, range: Range<u64>) -> Result<Vec<vconvert_core::LayerStatus>> {
+        let mut out = vconvert_core::status_of_map(&self.block_map(range)?);
+        for s in &mut out {
+            s.offset = Some((0, s.start));
+        }
+        Ok(out)
+    }
+
+    fn host_file(&self, index: u32) -> Option<&ImageFile> {
+        (index == 0).then_some(&self.file)
+    }
+
     fn info(&self) -> Result<ImageInfo> {
         let mut info = ImageInfo::new(Format::Raw, self.virtual_size);
         info.actual_size = self.file.allocated_bytes();

@@ -151,6 +151,21 @@ impl ImageReader for VdiReader {
         Ok(())
     }
 
+    /// QEMU's vdi driver: blocks with data at their offset (a static image's data over
+    /// holes of the file reads as zeros); free and zero blocks read as zeros.
+    fn layer_status(&self, range: Range<u64>) -> Result<Vec<vconvert_core::LayerStatus>> {
+        let recurse = self.header.image_type == crate::ImageType::Static;
+        let mut out = vconvert_core::status_of_map(&self.block_map(range)?);
+        for s in &mut out {
+            if s.data {
+                s.recurse = recurse;
+            } else {
+                s.zero = true;
+            }
+        }
+        Ok(out)
+    }
+
     fn info(&self) -> Result<ImageInfo> {
         let h = &self.header;
         let mut info = ImageInfo::new(Format::Vdi, self.virtual_size);

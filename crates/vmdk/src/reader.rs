@@ -558,6 +558,31 @@ impl ImageReader for VmdkReader {
         Ok(())
     }
 
+    /// QEMU's vmdk driver: grains with data at their offset (flat extents' data over
+    /// holes of their file reads as zeros), compressed grains without one, zero grains;
+    /// unallocated grains show the parent.
+    fn layer_status(&self, range: Range<u64>) -> Result<Vec<vconvert_core::LayerStatus>> {
+        self.check_range(&range)?;
+        let mut out = vconvert_core::status_of_map(&self.raw_map(range)?);
+        for s in &mut out {
+            if let Some((i, _)) = s.offset {
+                s.recurse = matches!(
+                    self.extents.get(i as usize).map(|e| &e.backend),
+                    Some(Backend::Flat { .. })
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn backing(&self) -> Option<&dyn ImageReader> {
+        self.backing.as_deref()
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
     fn info(&self) -> Result<ImageInfo> {
         let mut info = ImageInfo::new(Format::Vmdk, self.virtual_size);
         let mut actual = self.file.allocated_bytes();

@@ -370,6 +370,47 @@ impl ImageReader for VpcReader {
         Ok(())
     }
 
+    /// QEMU's vpc driver: a fixed disk is its file (data over holes reads as zeros);
+    /// a dynamic disk's allocated blocks are data as a whole (the sector bitmaps are not
+    /// consulted), its unallocated blocks read as zeros.
+    fn layer_status(&self, range: Range<u64>) -> Result<Vec<vconvert_core::LayerStatus>> {
+        use vconvert_core::LayerStatus;
+        self.check_range(&range)?;
+        let Some(bat) = &self.bat else {
+            return Ok(vec![LayerStatus {
+                start: range.start,
+                len: range.end - range.start,
+                data: true,
+                offset: Some((0, range.start)),
+                recurse: true,
+                ..LayerStatus::default()
+            }]);
+        };
+        let bs = u64::from(bat.header.block_size);
+        let bitmap_size = bat.header.bitmap_size();
+        let mut out = Vec::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let block = pos / bs;
+            let end = ((block + 1) * bs).min(range.end);
+            let mut s = LayerStatus {
+                start: pos,
+                len: end - pos,
+                ..LayerStatus::default()
+            };
+            match bat.block_offset(block) {
+                Some(start) => {
+                    s.data = true;
+                    s.offset = Some((0, start + bitmap_size + (pos - block * bs)));
+                }
+                None => s.zero = true,
+            }
+            out.push(s);
+            pos = end;
+        }
+        Ok(out)
+    }
+
     fn info(&self) -> Result<ImageInfo> {
         let mut info = ImageInfo::new(Format::Vpc, self.virtual_size);
         info.actual_size = self.file.allocated_bytes();

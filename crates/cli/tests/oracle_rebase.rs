@@ -1,0 +1,125 @@
+//! `vconvert rebase` against the qemu-img oracle: on copies of a qemu-made chain,
+//! safe rebases (onto another backing file, onto none, onto an unrelated file) and
+//! unsafe ones give images that compare equal to qemu-img's (and, safe, to the image
+//! before), pass `qemu-img check` and name the same backing file; a crash before the
+//! header switch leaves the image reading as before.
+
+mod common;
+
+use common::{fails, ok, s};
+
+use std::process::Command;
+
+use vconvert_testkit::{qemu, tempdir, Layout};
+
+#[test]
+fn rebase_matches_qemu_img() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    Layout::random(8 << 20, 6, 80).write_raw(&base);
+    let other = d.join("other.raw");
+    Layout::random(6 << 20, 6, 81).write_raw(&other);
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let mid = d.join("sub/mid.qcow2");
+    q.img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "../base.raw",
+        "-F",
+        "raw",
+        s(&mid),
+        "10M",
+    ]);
+    q.io(
+        "qcow2",
+        &mid,
+        &["write -P 0x5a 1M 300k".into(), "write -z 3M 1M".into()],
+    );
+    for opts in ["", "compat=0.10", "cluster_size=4k"] {
+        let top = d.join("top.qcow2");
+        let mut a = vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "sub/mid.qcow2",
+            "-F",
+            "qcow2",
+        ];
+        if !opts.is_empty() {
+            a.extend(["-o", opts]);
+        }
+        a.push(s(&top));
+        q.img(&a);
+        q.io(
+            "qcow2",
+            &top,
+            &["write -P 0xa5 2M 64k".into(), "discard 1M 64k".into()],
+        );
+        let cases: &[&[&str]] = &[
+            &["-b", "base.raw", "-F", "raw"],
+            &["-b", ""],
+            &["-b", "other.raw", "-F", "raw"],
+            &["-u", "-b", "sub/mid.qcow2", "-F", "qcow2"],
+            &["-u", "-b", "other.raw", "-F", "raw"],
+        ];
+        for args in cases {
+            let what = format!("{opts:?} rebase {args:?}");
+            let ours = d.join("ours.qcow2");
+            let theirs = d.join("theirs.qcow2");
+            std::fs::copy(&top, &ours).unwrap();
+            std::fs::copy(&top, &theirs).unwrap();
+            let mut mine = vec!["rebase"];
+            mine.extend(args.iter());
+            mine.push(s(&ours));
+            ok(&mine);
+            let mut qa = vec!["rebase"];
+            qa.extend(args.iter());
+            qa.push(s(&theirs));
+            q.img(&qa);
+            assert_eq!(q.check("qcow2", &ours).0, 0, "{what}: check");
+            q.assert_same("qcow2", &ours, "qcow2", &theirs);
+            if !args.contains(&"-u") {
+                q.assert_same("qcow2", &ours, "qcow2", &top);
+            }
+            let info = |p| {
+                let v = q.info_json(Some("qcow2"), p);
+                (
+                    v["backing-filename"].clone(),
+                    v["backing-filename-format"].clone(),
+                )
+            };
+            assert_eq!(info(&ours), info(&theirs), "{what}: backing file");
+        }
+        // A crash after the copies, before the header switch: the image reads as before.
+        let work = d.join("crash.qcow2");
+        std::fs::copy(&top, &work).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_vconvert"))
+            .args(["rebase", "-b", "other.raw", "-F", "raw", s(&work)])
+            .env("VCONVERT_FAIL_POINT", "qcow2-rebase-copied")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.code().is_none(),
+            "the fail point stops the process"
+        );
+        let (code, text) = q.check("qcow2", &work);
+        assert!(code == 0 || code == 3, "after the crash: {text}");
+        q.assert_same("qcow2", &work, "qcow2", &top);
+        assert_eq!(
+            q.info_json(Some("qcow2"), &work)["backing-filename"],
+            "sub/mid.qcow2"
+        );
+    }
+    let top = d.join("top.qcow2");
+    let err = fails(&["rebase", "-b", "base.raw", s(&top)]);
+    assert!(err.contains("backing format must be specified"), "{err}");
+    let err = fails(&["rebase", "-b", "nope.raw", "-F", "raw", s(&top)]);
+    assert!(err.contains("Could not open new backing file"), "{err}");
+}

@@ -1,0 +1,248 @@
+//! `vconvert resize` against the qemu-img oracle: raw and qcow2 variants resized by
+//! both programs (grow, shrink, through a larger L1 table, overlays over longer
+//! backing files) compare equal and pass `qemu-img check`; formats and sizes qemu-img
+//! refuses are refused with its words; and a crash at every step (fail points, the
+//! process aborts as `kill -9` would stop it) leaves an image without corruption that
+//! reads as before or after the resize.
+
+mod common;
+
+use common::{fails, ok, s};
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use vconvert_testkit::{qemu, tempdir, Layout, Qemu};
+
+/// qcow2 images qemu makes: (-o options, size, with a backing file larger than it).
+const QCOW2: &[(&str, u64, bool)] = &[
+    ("", 9 << 20, false),
+    ("compat=0.10", 5 << 20, false),
+    ("cluster_size=512", 2 << 20, false),
+    ("cluster_size=4k,refcount_bits=1", 3 << 20, false),
+    ("refcount_bits=64,lazy_refcounts=on", 6 << 20, false),
+    ("extended_l2=on", 9 << 20, false),
+    ("preallocation=metadata", 4 << 20, false),
+    ("", 4 << 20, true),
+    ("extended_l2=on", 4 << 20, true),
+    ("cluster_size=512", 2 << 20, true),
+];
+
+/// Resize sequences (each step `--shrink` allowed).
+const STEPS: &[&[&str]] = &[
+    &["+3M"],
+    &["-1M"],
+    &["-1M", "+5M"],
+    &["40M"],
+    &["2M", "12M"],
+];
+
+fn build_qcow2(q: &Qemu, dir: &Path, i: usize) -> PathBuf {
+    let (opts, size, backed) = QCOW2[i];
+    let path = dir.join(format!("q{i}.qcow2"));
+    if backed {
+        let base = dir.join(format!("base{i}.raw"));
+        Layout::random(16 << 20, 6, 40 + i as u64).write_raw(&base);
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-b", s(&base), "-F", "raw"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        let size = size.to_string();
+        args.extend([s(&path), size.as_str()]);
+        q.img(&args);
+        q.io(
+            "qcow2",
+            &path,
+            &["write -P 0x42 64k 200k".into(), "write -z 512k 64k".into()],
+        );
+    } else {
+        q.build(
+            &Layout::random(size, 6, 20 + i as u64),
+            "qcow2",
+            opts,
+            &path,
+        );
+    }
+    path
+}
+
+/// Resizes copies of `img` by both programs, step by step; asserts the results
+/// compare equal, and ours passes `qemu-img check`. Returns false when we refused (an
+/// unsupported case) on an unchanged image.
+fn resize_both(q: &Qemu, fmt: &str, img: &Path, steps: &[&str], what: &str) -> bool {
+    let ours = img.with_extension("ours");
+    let theirs = img.with_extension("theirs");
+    std::fs::copy(img, &ours).unwrap();
+    std::fs::copy(img, &theirs).unwrap();
+    for step in steps {
+        let out = common::vconvert(&["resize", "--shrink", "-f", fmt, s(&ours), step]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("not supported"), "{what} {step}: {err}");
+            // Refused before any write: the image is as it was.
+            q.assert_same(fmt, &ours, fmt, &theirs);
+            if fmt == "qcow2" {
+                assert_eq!(q.check(fmt, &ours).0, 0, "{what}: check after a refusal");
+            }
+            return false;
+        }
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "Image resized.\n");
+        q.img(&["resize", "-q", "--shrink", "-f", fmt, s(&theirs), step]);
+        let size = |p: &Path| q.info_json(Some(fmt), p)["virtual-size"].clone();
+        assert_eq!(size(&ours), size(&theirs), "{what} {step}: size");
+        q.assert_same(fmt, &ours, fmt, &theirs);
+        if fmt == "qcow2" {
+            let (code, text) = q.check(fmt, &ours);
+            assert_eq!(code, 0, "{what} {step}: qemu-img check: {text}");
+        }
+    }
+    true
+}
+
+#[test]
+fn resize_matches_qemu_img() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let mut done = 0;
+    for (i, variant) in QCOW2.iter().enumerate() {
+        let img = build_qcow2(&q, dir.path(), i);
+        for steps in STEPS {
+            done += usize::from(resize_both(
+                &q,
+                "qcow2",
+                &img,
+                steps,
+                &format!("{variant:?}"),
+            ));
+        }
+    }
+    assert_eq!(done, QCOW2.len() * STEPS.len(), "resizes done");
+    let raw = dir.path().join("r.raw");
+    q.build(&Layout::random((5 << 20) + 1536, 6, 9), "raw", "", &raw);
+    for steps in STEPS {
+        assert!(resize_both(&q, "raw", &raw, steps, "raw"));
+    }
+    for prealloc in ["falloc", "full"] {
+        let a = dir.path().join(format!("{prealloc}.raw"));
+        std::fs::copy(&raw, &a).unwrap();
+        let arg = format!("--preallocation={prealloc}");
+        ok(&["resize", "-q", "-f", "raw", &arg, s(&a), "+4M"]);
+        q.assert_same("raw", &raw, "raw", &a);
+        let allocated = std::fs::metadata(&a).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        });
+        assert!(allocated.unwrap() >= 4 << 20, "{prealloc}: space reserved");
+    }
+}
+
+#[test]
+fn resize_refuses_what_qemu_img_refuses() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    for fmt in ["vdi", "vmdk", "vpc"] {
+        let img = dir.path().join(format!("x.{fmt}"));
+        q.img(&["create", "-q", "-f", fmt, s(&img), "4M"]);
+        let err = fails(&["resize", "-f", fmt, s(&img), "+1M"]);
+        assert!(
+            err.contains("Image format driver does not support resize"),
+            "{err}"
+        );
+    }
+    let img = dir.path().join("x.qcow2");
+    q.img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    let before = std::fs::read(&img).unwrap();
+    let err = fails(&["resize", s(&img), "1M"]);
+    assert!(err.contains("Use the --shrink option"), "{err}");
+    let err = fails(&["resize", "--shrink", s(&img), "-4M"]);
+    assert!(err.contains("New image size must be positive"), "{err}");
+    let err = fails(&["resize", s(&img), "5000000"]);
+    assert!(err.contains("multiple of 512"), "{err}");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "refusals write nothing"
+    );
+}
+
+/// Runs our resize with `VCONVERT_FAIL_POINT=point`; the process must stop there.
+fn crash_at(point: &str, args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vconvert"))
+        .args(args)
+        .env("VCONVERT_FAIL_POINT", point)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && out.status.code().is_none(),
+        "{point}: the process should have stopped at the fail point: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_crash_at_any_step_leaves_a_consistent_image() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    // (image, resize argument, fail points it passes).
+    let small = build_qcow2(&q, dir.path(), 2); // 512-byte clusters: the L1 table moves
+    let plain = build_qcow2(&q, dir.path(), 0);
+    let overlay = build_qcow2(&q, dir.path(), 9); // 512-byte clusters: new L2 tables
+    let cases: &[(&Path, &str, &[&str])] = &[
+        (
+            &small,
+            "3M",
+            &[
+                "qcow2-grow-l1-written",
+                "qcow2-grow-l1-counted",
+                "qcow2-grow-header",
+            ],
+        ),
+        (&plain, "2G", &["qcow2-grow-l1-zeroed"]),
+        (&overlay, "3M", &["qcow2-grow-l2-counted"]),
+        (
+            &overlay,
+            "40M",
+            &["qcow2-refcount-block-written", "qcow2-grow-l1-counted"],
+        ),
+        (
+            &plain,
+            "3M",
+            &[
+                "qcow2-shrink-header",
+                "qcow2-shrink-unmapped",
+                "qcow2-shrink-released",
+            ],
+        ),
+    ];
+    for &(img, size, points) in cases {
+        // What qemu-img makes of the same resize.
+        let after = img.with_extension("after");
+        std::fs::copy(img, &after).unwrap();
+        q.img(&["resize", "-q", "--shrink", s(&after), size]);
+        for point in points {
+            let work = img.with_extension("crash");
+            std::fs::copy(img, &work).unwrap();
+            crash_at(point, &["resize", "--shrink", s(&work), size]);
+            let (code, text) = q.check("qcow2", &work);
+            assert!(
+                code == 0 || code == 3,
+                "{point}: corrupt after the crash: {text}"
+            );
+            // Before or after: qemu-img compare pads the shorter image with zeros.
+            let same_before = q.compare("qcow2", img, "qcow2", &work) == 0;
+            let same_after = q.compare("qcow2", &after, "qcow2", &work) == 0;
+            assert!(
+                same_before || same_after,
+                "{point}: reads neither as before nor after"
+            );
+            // Leaks, if any, are reclaimed by check -r leaks; then the image is clean.
+            let _ = q.img_status(&["check", "-q", "-r", "leaks", s(&work)]);
+            let (code, text) = q.check("qcow2", &work);
+            assert_eq!(code, 0, "{point}: after check -r leaks: {text}");
+            // And the interrupted resize can be done again.
+            ok(&["resize", "-q", "--shrink", s(&work), size]);
+            q.assert_same("qcow2", &after, "qcow2", &work);
+            assert_eq!(q.check("qcow2", &work).0, 0, "{point}: check after redoing");
+        }
+    }
+}

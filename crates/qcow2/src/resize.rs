@@ -1,0 +1,587 @@
+//! Resizing a qcow2 image in place (qemu-img `resize`), crash-safe: every step leaves
+//! an image that opens and reads consistently, at worst with leaked clusters (which
+//! `check -r leaks` reclaims), never with a reference to a free cluster.
+//!
+//! - Growing within the L1 table's entries: one header write (size).
+//! - Growing within the L1 table's clusters: the new entries are zeroed and synced,
+//!   then one header write (size and L1 size).
+//! - Growing past them: a new L1 table is written at the end of the file and synced,
+//!   its clusters are counted, then one header write switches to it (size, L1 size,
+//!   L1 offset, 24 bytes in one sector), then the old table's clusters are freed.
+//! - Shrinking: the header's size is written first (the guest no longer sees the end);
+//!   then each L2 table loses its entries past the end (or the L1 its tables wholly
+//!   past it), synced, before the clusters they referenced are freed.
+//!
+//! Fail points (`VCONVERT_FAIL_POINT`, see [`vconvert_core::fail_point`]) sit between
+//! the steps so that tests can stop the process there.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use byteorder::{BigEndian, ByteOrder};
+use vconvert_core::{fail_point, Error, Result};
+
+use crate::header::{incompatible, MAX_L1_BYTES, MAX_REFTABLE_BYTES, MAX_VIRTUAL_SIZE};
+use crate::l2::{decode, ClusterMapping, OFFSET_MASK};
+use crate::reader::Qcow2Reader;
+
+/// Header offset of the virtual size; the crypt method, L1 size and L1 offset follow
+/// it (qcow2.txt "Header": bytes 24-47).
+const SIZE_FIELD: u64 = 24;
+/// Host offset bits of a refcount table entry.
+const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+/// Writes and syncs on the image file opened for writing.
+pub(crate) struct Writer<'a> {
+    pub(crate) r: &'a Qcow2Reader,
+    pub(crate) file: &'a File,
+    /// The refcount table, read once (resizing never moves it; entries for new
+    /// refcount blocks are added).
+    reftable: std::cell::RefCell<Vec<u8>>,
+    /// Where the next cluster allocated at the end of the file goes (0: not yet known).
+    next_free: std::cell::Cell<u64>,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer for `r`, whose file is open for writing as `file`.
+    pub(crate) fn new(r: &'a Qcow2Reader, file: &'a File) -> Result<Self> {
+        let h = r.header();
+        let reftable = r.file().read_vec(
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * h.cluster_size(),
+            MAX_REFTABLE_BYTES,
+            "refcount table",
+        )?;
+        Ok(Writer {
+            r,
+            file,
+            reftable: std::cell::RefCell::new(reftable),
+            next_free: std::cell::Cell::new(0),
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        self.r.file().name()
+    }
+
+    pub(crate) fn write(&self, buf: &[u8], offset: u64, what: &str) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(
+                self.name(),
+                format!("cannot write the {what} at offset {offset:#x}"),
+                e,
+            )
+        })
+    }
+
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(self.name(), "cannot sync", e))
+    }
+
+    pub(crate) fn read(&self, buf: &mut [u8], offset: u64, what: &'static str) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(
+                self.name(),
+                format!("cannot read the {what} at offset {offset:#x}"),
+                e,
+            )
+        })
+    }
+
+    /// The header's size, crypt method, L1 size and L1 offset, in one write.
+    fn write_header(&self, size: u64, l1_size: u64, l1_offset: u64) -> Result<()> {
+        let mut b = [0u8; 24];
+        BigEndian::write_u64(&mut b[0..8], size);
+        BigEndian::write_u32(&mut b[8..12], self.r.header().crypt_method);
+        BigEndian::write_u32(&mut b[12..16], l1_size as u32);
+        BigEndian::write_u64(&mut b[16..24], l1_offset);
+        self.write(&b, SIZE_FIELD, "qcow2 header")
+    }
+
+    fn per_block(&self) -> u64 {
+        let h = self.r.header();
+        h.cluster_size() * 8 / u64::from(h.refcount_bits())
+    }
+
+    /// The refcount block covering `cluster` (0: none yet).
+    fn block_of(&self, cluster: u64) -> u64 {
+        let i = (cluster / self.per_block()) as usize;
+        self.reftable
+            .borrow()
+            .get(8 * i..8 * i + 8)
+            .map_or(0, |w| BigEndian::read_u64(w) & REFTABLE_OFFSET_MASK)
+    }
+
+    /// Whether the refcount of `cluster` can be stored: its block exists, or the
+    /// refcount table has the entry for a new one.
+    fn countable(&self, cluster: u64) -> Result<()> {
+        let i = cluster / self.per_block();
+        if self.block_of(cluster) != 0 || 8 * (i + 1) <= self.reftable.borrow().len() as u64 {
+            return Ok(());
+        }
+        Err(Error::unsupported(
+            self.name(),
+            format!(
+                "resizing past what the refcount table can count (host cluster {cluster}; \
+                 convert to a new image of the size wanted instead)"
+            ),
+        ))
+    }
+
+    /// Makes the refcount block covering `cluster` exist: a new block at the end of
+    /// the file, counting itself, written and synced before the refcount table points
+    /// at it (until then nothing refers to it).
+    fn ensure_block(&self, cluster: u64) -> Result<()> {
+        if self.block_of(cluster) != 0 {
+            return Ok(());
+        }
+        self.countable(cluster)?;
+        let h = self.r.header();
+        let cs = h.cluster_size();
+        let per_block = self.per_block();
+        let i = cluster / per_block;
+        let at = self.end_cluster()?;
+        if at / cs / per_block != i {
+            return Err(Error::unsupported(
+                self.name(),
+                "resizing that needs a refcount block outside the range it counts",
+            ));
+        }
+        self.next_free.set(at + cs);
+        let mut block = vec![0u8; cs as usize];
+        let bits = u64::from(h.refcount_bits());
+        let bit = (at / cs % per_block) * bits;
+        if bits < 8 {
+            block[(bit / 8) as usize] |= 1 << (bit % 8);
+        } else {
+            block[((bit + bits) / 8 - 1) as usize] = 1;
+        }
+        self.write(&block, at, "new refcount block")?;
+        self.sync()?;
+        fail_point("qcow2-refcount-block-written");
+        self.write(
+            &at.to_be_bytes(),
+            h.refcount_table_offset + 8 * i,
+            "refcount table",
+        )?;
+        self.sync()?;
+        self.reftable.borrow_mut()[(8 * i) as usize..(8 * i + 8) as usize]
+            .copy_from_slice(&at.to_be_bytes());
+        Ok(())
+    }
+
+    /// The first cluster-aligned offset past the file and past what was allocated.
+    pub(crate) fn end_cluster(&self) -> Result<u64> {
+        let cs = self.r.header().cluster_size();
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(self.name(), "cannot read the file length", e))?
+            .len();
+        Ok(len.next_multiple_of(cs).max(self.next_free.get()))
+    }
+
+    /// Where the refcount of `cluster` lives: (byte offset, bit shift) in its block.
+    fn refcount_at(&self, cluster: u64) -> Result<(u64, u64)> {
+        let h = self.r.header();
+        let bits = u64::from(h.refcount_bits());
+        let per_block = h.cluster_size() * 8 / bits;
+        let block = self.block_of(cluster);
+        if block == 0 {
+            return Err(Error::unsupported(
+                self.name(),
+                format!(
+                    "resizing past the image's refcount blocks (host cluster {cluster} has \
+                     none; convert to a new image of the size wanted instead)"
+                ),
+            ));
+        }
+        let bit = (cluster % per_block) * bits;
+        Ok((block + bit / 8, bit % 8))
+    }
+
+    pub(crate) fn refcount(&self, cluster: u64) -> Result<u64> {
+        if self.block_of(cluster) == 0 {
+            return Ok(0);
+        }
+        let bits = u64::from(self.r.header().refcount_bits());
+        let (at, shift) = self.refcount_at(cluster)?;
+        if bits < 8 {
+            let mut b = [0u8];
+            self.read(&mut b, at, "refcount block")?;
+            return Ok(u64::from((b[0] >> shift) & ((1u8 << bits) - 1)));
+        }
+        let mut b = [0u8; 8];
+        let n = (bits / 8) as usize;
+        self.read(&mut b[8 - n..], at, "refcount block")?;
+        Ok(u64::from_be_bytes(b))
+    }
+
+    pub(crate) fn set_refcount(&self, cluster: u64, value: u64) -> Result<()> {
+        self.ensure_block(cluster)?;
+        let bits = u64::from(self.r.header().refcount_bits());
+        let (at, shift) = self.refcount_at(cluster)?;
+        if bits < 8 {
+            let mut b = [0u8];
+            self.read(&mut b, at, "refcount block")?;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            b[0] = (b[0] & !mask) | (((value as u8) << shift) & mask);
+            return self.write(&b, at, "refcount block");
+        }
+        let n = (bits / 8) as usize;
+        self.write(&value.to_be_bytes()[8 - n..], at, "refcount block")
+    }
+
+    /// A free cluster at the end of the file (past everything written so far).
+    pub(crate) fn alloc_cluster(&self) -> Result<u64> {
+        let cs = self.r.header().cluster_size();
+        let at = self.end_cluster()?;
+        if self.refcount(at / cs)? != 0 {
+            return Err(self.r.file().corrupt(
+                "refcount block",
+                self.refcount_at(at / cs)?.0,
+                format!(
+                    "host cluster {}, past the end of the file, has a refcount",
+                    at / cs
+                ),
+            ));
+        }
+        self.next_free.set(at + cs);
+        Ok(at)
+    }
+
+    /// Drops one reference from each of `clusters` (a cluster may appear many times).
+    pub(crate) fn release(&self, clusters: &[u64]) -> Result<()> {
+        for &c in clusters {
+            let rc = self.refcount(c)?;
+            if rc == 0 {
+                return Err(self.r.file().corrupt(
+                    "refcount block",
+                    self.refcount_at(c)?.0,
+                    format!("host cluster {c} is referenced but its refcount is 0"),
+                ));
+            }
+            self.set_refcount(c, rc - 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// Resizes the image `r` describes, written through `file` (opened for reading and
+/// writing), to `new_size` bytes. Shrinking deletes what lies past the new end; the
+/// caller decides whether it is allowed.
+pub fn resize(r: &Qcow2Reader, file: &File, new_size: u64) -> Result<()> {
+    let h = r.header();
+    let name = r.file().name();
+    if new_size % 512 != 0 {
+        return Err(Error::invalid(format!(
+            "{name}: The new size must be a multiple of 512"
+        )));
+    }
+    if new_size > MAX_VIRTUAL_SIZE {
+        return Err(Error::invalid(format!(
+            "{name}: {new_size} bytes is more than qcow2 allows ({MAX_VIRTUAL_SIZE})"
+        )));
+    }
+    if h.incompatible_features & (incompatible::DIRTY | incompatible::CORRUPT) != 0 {
+        return Err(Error::Refused {
+            file: name.to_string(),
+            reason: "the image is marked dirty or corrupt: repair it first (check -r all)".into(),
+        });
+    }
+    if r.data_file().is_some() {
+        return Err(Error::unsupported(
+            name,
+            "resizing a qcow2 image with an external data file",
+        ));
+    }
+    let w = Writer::new(r, file)?;
+    if new_size >= h.size {
+        grow(&w, new_size)
+    } else {
+        shrink(&w, new_size)
+    }
+}
+
+fn grow(w: &Writer<'_>, new_size: u64) -> Result<()> {
+    let h = w.r.header();
+    let cs = h.cluster_size();
+    let per_l2 = cs * h.l2_entries();
+    let l1_size = u64::from(h.l1_size);
+    let need = new_size.div_ceil(per_l2);
+    if need * 8 > MAX_L1_BYTES {
+        return Err(Error::invalid(format!(
+            "{}: {new_size} bytes needs an L1 table larger than {MAX_L1_BYTES} bytes",
+            w.name()
+        )));
+    }
+    // Every cluster this may allocate at the end of the file must have a refcount
+    // block already: checked before anything is written.
+    let hide_tables = vconvert_core::ImageReader::backing(w.r)
+        .map_or(0, |b| new_size.min(b.virtual_size()).div_ceil(per_l2) + 1);
+    let worst = hide_tables + (need * 8).div_ceil(cs);
+    let eof = w
+        .file
+        .metadata()
+        .map_err(|e| Error::io(w.name(), "cannot read the file length", e))?
+        .len()
+        .div_ceil(cs);
+    if need > l1_size || hide_tables > 0 {
+        // Each new refcount block takes a cluster too.
+        for c in eof..eof + 2 * worst + 1 {
+            w.countable(c)?;
+        }
+    }
+    zero_tail(w, new_size)?;
+    // L1 entries past the current table, for L2 tables made to hide a backing file.
+    let extra = hide_backing(w, new_size)?;
+    let entries_past = |from: u64, to: u64| -> Vec<u8> {
+        let mut b = vec![0u8; ((to - from) * 8) as usize];
+        for &(i, e) in &extra {
+            if (from..to).contains(&i) {
+                BigEndian::write_u64(&mut b[((i - from) * 8) as usize..][..8], e);
+            }
+        }
+        b
+    };
+    if need <= l1_size {
+        w.write_header(new_size, l1_size, h.l1_table_offset)?;
+        return w.sync();
+    }
+    let room = (l1_size * 8).div_ceil(cs) * cs / 8;
+    if l1_size > 0 && need <= room {
+        w.write(
+            &entries_past(l1_size, need),
+            h.l1_table_offset + 8 * l1_size,
+            "L1 table",
+        )?;
+        w.sync()?;
+        fail_point("qcow2-grow-l1-zeroed");
+        w.write_header(new_size, need, h.l1_table_offset)?;
+        return w.sync();
+    }
+    // A new table at the end of the file.
+    let clusters = (need * 8).div_ceil(cs);
+    let at = w.end_cluster()?;
+    w.next_free.set(at + clusters * cs);
+    for c in at / cs..at / cs + clusters {
+        if w.refcount(c)? != 0 {
+            return Err(w.r.file().corrupt(
+                "refcount block",
+                w.refcount_at(c)?.0,
+                format!("host cluster {c}, past the end of the file, has a refcount"),
+            ));
+        }
+    }
+    let mut table = vec![0u8; (clusters * cs) as usize];
+    for (i, e) in w.r.l1_raw().iter().enumerate() {
+        BigEndian::write_u64(&mut table[8 * i..8 * i + 8], *e);
+    }
+    for &(i, e) in &extra {
+        BigEndian::write_u64(&mut table[(8 * i) as usize..(8 * i + 8) as usize], e);
+    }
+    w.write(&table, at, "new L1 table")?;
+    w.sync()?;
+    fail_point("qcow2-grow-l1-written");
+    for c in at / cs..at / cs + clusters {
+        w.set_refcount(c, 1)?;
+    }
+    w.sync()?;
+    fail_point("qcow2-grow-l1-counted");
+    w.write_header(new_size, need, at)?;
+    w.sync()?;
+    fail_point("qcow2-grow-header");
+    if l1_size > 0 {
+        let old = h.l1_table_offset / cs;
+        let old_clusters: Vec<u64> = (old..old + (l1_size * 8).div_ceil(cs)).collect();
+        w.release(&old_clusters)?;
+        w.sync()?;
+    }
+    Ok(())
+}
+
+/// Before growing an image whose backing file is longer than it: the new guest range
+/// the backing file covers must read as zeros (as qemu-img makes it), so its clusters
+/// become zero clusters, in existing L2 tables or in new ones written (and counted)
+/// at the end of the file. Returns the L1 entries of the new tables; those inside the
+/// current L1 table are also written here, before the header grows (until then the
+/// entries lie past the end of the disk, unseen).
+fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
+    let h = w.r.header();
+    let Some(backing) = vconvert_core::ImageReader::backing(w.r) else {
+        return Ok(Vec::new());
+    };
+    let cs = h.cluster_size();
+    let old = h.size;
+    let end = new_size.min(backing.virtual_size());
+    if end <= old {
+        return Ok(Vec::new());
+    }
+    let name = w.name().to_string();
+    if h.version < 3 {
+        return Err(Error::unsupported(
+            name,
+            "growing a compat=0.10 overlay over its longer backing file (no zero clusters)",
+        ));
+    }
+    if old % cs != 0 {
+        let map = w.r.own_map(old / cs * cs..old)?;
+        if map.extents().iter().any(|e| !e.kind.is_data()) {
+            return Err(Error::unsupported(
+                name,
+                "growing an overlay whose last cluster is partly unallocated over its \
+                 longer backing file",
+            ));
+        }
+    }
+    let l2e = h.l2_entries();
+    let words: u64 = if h.extended_l2() { 2 } else { 1 };
+    let (first, last) = (old.div_ceil(cs), end.div_ceil(cs));
+    let mut out = Vec::new();
+    let mut c = first;
+    while c < last {
+        let i = c / l2e;
+        let upto = last.min((i + 1) * l2e);
+        let existing = w.r.l1_entries().get(i as usize).copied().unwrap_or(0);
+        let raw = w.r.l1_raw().get(i as usize).copied().unwrap_or(0);
+        let mut table: Vec<u64> = if existing != 0 {
+            if raw & crate::l2::COPIED == 0 {
+                return Err(Error::unsupported(
+                    name,
+                    "growing an overlay over its longer backing file when an L2 table is \
+                     shared with an internal snapshot",
+                ));
+            }
+            w.r.l2_table(existing)?.to_vec()
+        } else {
+            vec![0; (l2e * words) as usize]
+        };
+        for k in c..upto {
+            let j = ((k % l2e) * words) as usize;
+            if words == 2 {
+                table[j] = 0;
+                table[j + 1] = u64::from(u32::MAX) << 32;
+            } else {
+                table[j] = crate::l2::ZERO;
+            }
+        }
+        let mut bytes = vec![0u8; cs as usize];
+        for (n, x) in table.iter().enumerate() {
+            BigEndian::write_u64(&mut bytes[8 * n..8 * n + 8], *x);
+        }
+        if existing != 0 {
+            w.write(&bytes, existing, "L2 table")?;
+            w.sync()?;
+        } else {
+            let at = w.alloc_cluster()?;
+            w.write(&bytes, at, "new L2 table")?;
+            w.sync()?;
+            w.set_refcount(at / cs, 1)?;
+            w.sync()?;
+            fail_point("qcow2-grow-l2-counted");
+            let entry = at | crate::l2::COPIED;
+            if i < u64::from(h.l1_size) {
+                w.write(&entry.to_be_bytes(), h.l1_table_offset + 8 * i, "L1 table")?;
+                w.sync()?;
+            }
+            out.push((i, entry));
+        }
+        c = upto;
+    }
+    Ok(out)
+}
+
+/// Before growing: the bytes of the last (partial) data cluster past the old end must
+/// read as zeros in the grown image, whatever a former shrink left there.
+fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<()> {
+    let h = w.r.header();
+    let cs = h.cluster_size();
+    let old = h.size;
+    if old % cs == 0 || new_size <= old {
+        return Ok(());
+    }
+    let cluster_start = old / cs * cs;
+    let map = w.r.own_map(cluster_start..old)?;
+    let Some(vconvert_core::ExtentKind::Data(vconvert_core::Location::File { offset, .. })) =
+        map.extents().last().map(|e| e.kind)
+    else {
+        return Ok(());
+    };
+    // `offset` is the host byte of the last extent's first guest byte.
+    let last = map.extents().last().map_or(cluster_start, |e| e.start);
+    let host = offset + (old - last);
+    let len = (cluster_start + cs).min(new_size) - old;
+    w.write(&vec![0u8; len as usize], host, "data cluster")?;
+    w.sync()
+}
+
+fn shrink(w: &Writer<'_>, new_size: u64) -> Result<()> {
+    let h = w.r.header();
+    if h.nb_snapshots > 0 {
+        return Err(Error::unsupported(
+            w.name(),
+            "shrinking a qcow2 image with internal snapshots (their tables share clusters)",
+        ));
+    }
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let l1_size = u64::from(h.l1_size);
+    w.write_header(new_size, l1_size, h.l1_table_offset)?;
+    w.sync()?;
+    fail_point("qcow2-shrink-header");
+    let first = new_size.div_ceil(cs);
+    let entry_words: u64 = if h.extended_l2() { 2 } else { 1 };
+    for i in first / l2e..l1_size {
+        let l2_off = w.r.l1_entries().get(i as usize).copied().unwrap_or(0);
+        if l2_off == 0 {
+            continue;
+        }
+        let table = w.r.l2_table(l2_off)?;
+        let from = if i == first / l2e { first % l2e } else { 0 };
+        let mut words: Vec<u64> = table.to_vec();
+        let mut freed = Vec::new();
+        for j in from..l2e {
+            let k = (j * entry_words) as usize;
+            let entry = words.get(k).copied().unwrap_or(0);
+            let bitmap = (entry_words == 2).then(|| words.get(k + 1).copied().unwrap_or(0));
+            if entry == 0 && bitmap.unwrap_or(0) == 0 {
+                continue;
+            }
+            match decode(entry, bitmap, h.cluster_bits, h.version, false) {
+                Ok(ClusterMapping::Compressed { host, len }) => {
+                    let start = host & !511;
+                    let end = host + len;
+                    freed.extend(start / cs..=(end - 1) / cs);
+                }
+                _ => {
+                    let host = entry & OFFSET_MASK;
+                    if host != 0 {
+                        freed.push(host / cs);
+                    }
+                }
+            }
+            for x in words.iter_mut().skip(k).take(entry_words as usize) {
+                *x = 0;
+            }
+        }
+        if from == 0 {
+            // The whole table lies past the end: unhook it, then free it too.
+            w.write(&[0u8; 8], h.l1_table_offset + 8 * i, "L1 table")?;
+            freed.push(l2_off / cs);
+        } else {
+            let mut bytes = vec![0u8; (cs) as usize];
+            for (n, x) in words.iter().enumerate() {
+                BigEndian::write_u64(&mut bytes[8 * n..8 * n + 8], *x);
+            }
+            w.write(&bytes, l2_off, "L2 table")?;
+        }
+        w.sync()?;
+        fail_point("qcow2-shrink-unmapped");
+        w.release(&freed)?;
+        w.sync()?;
+        fail_point("qcow2-shrink-released");
+    }
+    Ok(())
+}
