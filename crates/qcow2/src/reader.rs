@@ -578,4 +578,8 @@ impl ImageReader for Qcow2Reader {
     fn check(&self) -> Option<Result<CheckReport>> {
         Some(crate::check::check(self))
     }
+
+    fn check_metadata(&self) -> Option<Result<CheckReport>> {
+        Some(crate::check::check_metadata(self))
+    }
 }
