@@ -296,10 +296,10 @@ const MAX_CHECK_SENTENCES: usize = 5;
 fn foreign_refusal(name: &str) -> String {
     let why = match name {
         "luks" => "vconvert does not convert encrypted images (stricter than oslo.utils, which inspects LUKSv1)",
-        "vhdx" => "vconvert does not convert it (stricter than oslo.utils, which accepts VHDX)",
-        "qed" => "vconvert does not convert it (oslo.utils refuses QED too)",
-        "qcow" => "vconvert does not convert qcow version 1 (oslo.utils refuses it too)",
-        _ => "vconvert does not convert it",
+        "vhdx" => "vconvert does not convert (stricter than oslo.utils, which accepts VHDX)",
+        "qed" => "vconvert does not convert (oslo.utils refuses QED too)",
+        "qcow" => "vconvert does not convert (qcow version 1; oslo.utils refuses it too)",
+        _ => "vconvert does not convert",
     };
     format!("the content is a {name} image, which {why}")
 }
@@ -340,8 +340,8 @@ pub fn inspect_file_as(
     }
     // A fixed VHD's guest disk starts at byte 0, so the guest's partition table is
     // there; every other format's first sector is its own header.
-    let guest_at_start = format == Format::Raw
-        || (format == Format::Vpc && !head.starts_with(b"conectix"));
+    let guest_at_start =
+        format == Format::Raw || (format == Format::Vpc && !head.starts_with(b"conectix"));
     for f in &foreign {
         match *f {
             // A raw disk may hold a partition table or be an ISO (an isohybrid ISO also

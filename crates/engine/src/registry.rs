@@ -164,7 +164,10 @@ fn is_vmdk_descriptor(file: &ImageFile) -> Result<bool> {
             if rest.eq_ignore_ascii_case(b"Disk DescriptorFile") {
                 return Ok(true);
             }
-            if !rest.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80) {
+            if !rest
+                .iter()
+                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
+            {
                 return Ok(false);
             }
             continue;
@@ -173,8 +176,9 @@ fn is_vmdk_descriptor(file: &ImageFile) -> Result<bool> {
             return Ok(false);
         };
         let v = v.trim_ascii_start();
-        return Ok(v.starts_with(b"=")
-            && matches!(v[1..].trim_ascii().first(), Some(b'1' | b'2' | b'3')));
+        return Ok(
+            v.starts_with(b"=") && matches!(v[1..].trim_ascii().first(), Some(b'1' | b'2' | b'3'))
+        );
     }
     Ok(false)
 }

@@ -137,9 +137,7 @@ fn iso_content_must_be_declared_iso() {
     for id in [b"CD001", b"NSR02", b"NSR03"] {
         let r = report(iso(id), Some(Format::Raw), &Policy::untrusted());
         assert!(
-            r.violations
-                .iter()
-                .any(|v| v.contains("declare it as iso")),
+            r.violations.iter().any(|v| v.contains("declare it as iso")),
             "{:?}",
             r.violations
         );
@@ -171,11 +169,16 @@ fn iso_content_must_be_declared_iso() {
     let file = ImageFile::from_bytes("poly.iso", poly);
     let r = inspect_file_as(file, Some(DeclaredFormat::Iso), &Policy::untrusted()).unwrap();
     assert!(
-        r.violations.iter().any(|v| v.contains("both qcow2 and iso")),
+        r.violations
+            .iter()
+            .any(|v| v.contains("both qcow2 and iso")),
         "{:?}",
         r.violations
     );
-    assert_eq!("iso".parse::<DeclaredFormat>().unwrap(), DeclaredFormat::Iso);
+    assert_eq!(
+        "iso".parse::<DeclaredFormat>().unwrap(),
+        DeclaredFormat::Iso
+    );
     assert_eq!(
         "vhd".parse::<DeclaredFormat>().unwrap(),
         DeclaredFormat::Image(Format::Vpc)

@@ -82,8 +82,8 @@ fn descriptor_location_findings(
         let value = line[18..].trim_start_matches([' ', '\t', '=', '"']);
         let value = value.split('"').next().unwrap_or_default().trim();
         // A differencing disk's own parent is reported as its backing file.
-        let declared = descriptor.has_parent()
-            && descriptor.parent_file_name_hint.as_deref() == Some(value);
+        let declared =
+            descriptor.has_parent() && descriptor.parent_file_name_hint.as_deref() == Some(value);
         if !declared {
             out.push(format!(
             "{}: the text at {:#x}, where qemu looks for a sparse extent's parent, says '{}': qemu would open that file as the backing file (rule: VMDK parentFileNameHint)",

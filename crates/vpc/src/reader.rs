@@ -10,9 +10,7 @@ use vconvert_core::{
 };
 
 use crate::dynamic::{utf16, DynamicHeader, BAT_UNUSED, MAX_LOCATOR_BYTES};
-use crate::footer::{
-    DiskType, Footer, FOOTER_SIZE, MAX_SECTORS, NO_DATA_OFFSET, OLD_FOOTER_SIZE,
-};
+use crate::footer::{DiskType, Footer, FOOTER_SIZE, MAX_SECTORS, NO_DATA_OFFSET, OLD_FOOTER_SIZE};
 use crate::SECTOR_SIZE;
 
 /// The block allocation table of a dynamic or differencing disk.
