@@ -337,7 +337,12 @@ fn hidden_vmdk_descriptor_and_qcow2_overlap_are_refused_before_any_output() {
     );
     b[512..512 + evil.len()].copy_from_slice(evil.as_bytes());
     std::fs::write(&img, b).unwrap();
-    assert_refused(dir.path(), &img, Some("vmdk"), "rule: VMDK parentFileNameHint");
+    assert_refused(
+        dir.path(),
+        &img,
+        Some("vmdk"),
+        "rule: VMDK parentFileNameHint",
+    );
     assert_refused(dir.path(), &img, None, "rule: VMDK descriptor location");
     // A qcow2 L2 entry mapping guest cluster 0 onto the refcount table.
     let img = qcow2_with(&q, dir.path(), "overlap.qcow2", &[]);
@@ -377,7 +382,10 @@ fn unclean_shutdown_vmdk_is_accepted_with_a_warning() {
     let r = vconvert(&["info", "--untrusted", s(&img)]);
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.success(), "{err}");
-    assert!(err.contains("warning") && err.contains("uncleanShutdown"), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("uncleanShutdown"),
+        "{err}"
+    );
     let out = dir.path().join("out.raw");
     let r = vconvert(&["convert", "--untrusted", "-O", "raw", s(&img), s(&out)]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));

@@ -343,6 +343,19 @@ mod tests {
         let mut fixed = vec![0u8; 4096];
         fixed[4096 - 512..4096 - 504].copy_from_slice(b"conectix");
         assert_eq!(probe_bytes(fixed), Format::Vpc);
+        let mut old = vec![0u8; 4096 + 511];
+        old[4096..4104].copy_from_slice(b"conectix");
+        assert_eq!(probe_bytes(old), Format::Vpc, "511-byte footer");
+        assert_eq!(
+            probe_bytes(b"# Written by a tool\n\n#\n# Disk DescriptorFile\nversion=1\n".to_vec()),
+            Format::Vmdk
+        );
+        assert_eq!(
+            probe_bytes(b"# a comment\r\n\r\nversion=1\r\nRW 8 ZERO\r\n".to_vec()),
+            Format::Vmdk
+        );
+        assert_eq!(probe_bytes(b"# a comment\nhello\n".to_vec()), Format::Raw);
+        assert_eq!(probe_bytes(b"version=9\n".to_vec()), Format::Raw);
         assert_eq!(probe_bytes(vec![0u8; 10]), Format::Raw);
         assert_eq!(probe_bytes(Vec::new()), Format::Raw);
     }
