@@ -664,6 +664,63 @@ fn vmdk_second_descriptor_and_parent_hints_are_refused() {
         let r = judge(&p, Some(DeclaredFormat::Image(Format::Vmdk)));
         assert_verdict(name, &r, Refuse("rule: VMDK parentFileNameHint"));
     }
+    // A descriptor file of ZERO extents (no other file), the hint in a comment: refused
+    // even by an operator who allows monolithicFlat.
+    let p = dir.join("zero.vmdk");
+    std::fs::write(
+        &p,
+        format!(
+            "# Disk DescriptorFile\n# {hint}\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"monolithicFlat\"\n\nRW 2048 ZERO\n"
+        ),
+    )
+    .unwrap();
+    // (qemu aborts on a descriptor of ZERO extents only; with a FLAT extent it reports
+    // the commented hint as the backing file, as the monolithicFlat case below shows.)
+    let policy = Policy {
+        vmdk_allowed_types: vec!["monolithicFlat".into()],
+        ..Policy::untrusted()
+    };
+    let r = inspect_as(&p, Some(DeclaredFormat::Image(Format::Vmdk)), &policy).unwrap();
+    assert_verdict(
+        "descriptor file",
+        &r,
+        Refuse("rule: VMDK parentFileNameHint"),
+    );
+    assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+    let flat = qimg(
+        &q,
+        dir,
+        "flat-hint.vmdk",
+        "vmdk",
+        &["-o", "subformat=monolithicFlat"],
+        "1M",
+    );
+    let text = std::fs::read_to_string(&flat).unwrap();
+    std::fs::write(
+        &flat,
+        text.replacen("version=1", &format!("# {hint}\nversion=1"), 1),
+    )
+    .unwrap();
+    let info = q.info_json(Some("vmdk"), &flat);
+    assert!(info.get("backing-filename").is_some(), "{info}");
+    // (Its extent file is refused first under the untrusted policy; the hint is found
+    // as well once extent files are allowed.)
+    let with_files = Policy {
+        allow_external_files: true,
+        ..policy
+    };
+    let r = inspect_as(
+        &flat,
+        Some(DeclaredFormat::Image(Format::Vmdk)),
+        &with_files,
+    )
+    .unwrap();
+    assert_verdict(
+        "flat descriptor file",
+        &r,
+        Refuse("rule: VMDK parentFileNameHint"),
+    );
 }
 
 /// qcow2 L2 entries pointing guest clusters at metadata: refused by the overlap rule

@@ -72,28 +72,37 @@ fn descriptor_location_findings(
             h.descriptor_offset
         ));
     }
-    if let Some(i) = text
-        .windows(18)
-        .position(|w| w.eq_ignore_ascii_case(b"parentFileNameHint"))
-    {
-        let rest = &text[i..];
-        let line_end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
-        let line = String::from_utf8_lossy(&rest[..line_end.min(200)]).into_owned();
-        let value = line[18..].trim_start_matches([' ', '\t', '=', '"']);
-        let value = value.split('"').next().unwrap_or_default().trim();
-        // A differencing disk's own parent is reported as its backing file.
-        let declared =
-            descriptor.has_parent() && descriptor.parent_file_name_hint.as_deref() == Some(value);
-        if !declared {
-            out.push(format!(
-            "{}: the text at {:#x}, where qemu looks for a sparse extent's parent, says '{}': qemu would open that file as the backing file (rule: VMDK parentFileNameHint)",
-            file.name(),
-            at + i as u64,
-            line.trim()
-        ));
-        }
-    }
+    out.extend(parent_hint_finding(file, at, &text, descriptor));
     Ok(out)
+}
+
+/// The finding for a `parentFileNameHint` in `text` (what qemu reads at byte `at` to
+/// find a parent: 0x200 of a sparse extent, 0 of a descriptor file; qemu searches the
+/// text, comments included) other than the parent `descriptor` declares.
+fn parent_hint_finding(
+    file: &ImageFile,
+    at: u64,
+    text: &[u8],
+    descriptor: &Descriptor,
+) -> Option<String> {
+    let i = text
+        .windows(18)
+        .position(|w| w.eq_ignore_ascii_case(b"parentFileNameHint"))?;
+    let rest = &text[i..];
+    let line_end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+    let line = String::from_utf8_lossy(&rest[..line_end.min(200)]).into_owned();
+    let value = line[18..].trim_start_matches([' ', '\t', '=', '"']);
+    let value = value.split('"').next().unwrap_or_default().trim();
+    // A differencing disk's own parent is reported as its backing file.
+    if descriptor.has_parent() && descriptor.parent_file_name_hint.as_deref() == Some(value) {
+        return None;
+    }
+    Some(format!(
+        "{}: the text at {:#x}, where qemu looks for the disk's parent, says '{}': qemu would open that file as the backing file (rule: VMDK parentFileNameHint)",
+        file.name(),
+        at + i as u64,
+        line.trim()
+    ))
 }
 
 /// Where an extent's bytes come from.
@@ -288,6 +297,13 @@ impl VmdkReader {
             .iter()
             .map(|f| format!("{}: {f}", file.name()))
             .collect();
+        // qemu reads a descriptor file's parent hint from its first 20 sectors.
+        let qemu_text = &text[..text.len().min(QEMU_PARENT_TEXT_BYTES as usize)];
+        let qemu_text = &qemu_text[..qemu_text
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(qemu_text.len())];
+        findings.extend(parent_hint_finding(&file, 0, qemu_text, &descriptor));
         let create_type = match &descriptor.create_type {
             Some(t) => t.clone(),
             None => {

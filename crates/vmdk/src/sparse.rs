@@ -325,7 +325,7 @@ fn read_embedded_descriptor(
                 "embedded descriptor",
                 at,
                 format!(
-                    "descriptor of {} sectors exceeds the limit of {MAX_DESCRIPTOR_SIZE} bytes",
+                    "descriptor of {} sectors exceeds the limit of {MAX_DESCRIPTOR_SIZE} bytes (stricter than oslo.utils, which reads the first 1 MiB of it)",
                     h.descriptor_size
                 ),
             )
