@@ -361,6 +361,12 @@ fn hidden_vmdk_descriptor_and_qcow2_overlap_are_refused_before_any_output() {
     b[0x8001..0x8006].copy_from_slice(b"CD001");
     std::fs::write(&iso, b).unwrap();
     assert_refused(dir.path(), &iso, Some("raw"), "declare it as iso");
+    // Undeclared, it converts; copied to raw it is still an ISO, and accepted as one.
+    let out = dir.path().join("cd.raw");
+    let r = vconvert(&["convert", "--untrusted", "-O", "raw", s(&iso), s(&out)]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&iso).unwrap());
+    std::fs::remove_file(&out).unwrap();
     // A raw disk whose MBR defines no partition.
     let mbr = dir.path().join("mbr.raw");
     let mut b = vec![0u8; 1 << 20];
