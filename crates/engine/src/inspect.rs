@@ -152,11 +152,12 @@ const MBR_SIGNATURE_AT: usize = 510;
 const MBR_PTE_START: usize = 446;
 /// MBR partition type of a GPT protective partition (UEFI 2.10 section 5.2.3).
 const MBR_TYPE_PROTECTIVE: u8 = 0xEE;
-/// FAT boot sector: number of FATs at 0x10 (2) and media descriptor at 0x15 (0xF8, a
-/// fixed disk): a filesystem without a partition table, not an MBR (as oslo tells them
-/// apart).
+/// FAT boot sector (a filesystem without a partition table, not an MBR, as oslo tells
+/// them apart): offset of the number of FATs, which is 2.
 const FAT_NUM_FATS_AT: usize = 0x10;
+/// FAT boot sector: offset of the media descriptor.
 const FAT_MEDIA_AT: usize = 0x15;
+/// FAT media descriptor of a fixed disk.
 const FAT_MEDIA_FIXED_DISK: u8 = 0xF8;
 
 /// True when `head` (the first 512 bytes or more) carries an MBR boot signature and is
@@ -245,6 +246,17 @@ fn foreign_signatures(file: &ImageFile, head: &[u8]) -> Result<Vec<&'static str>
     }
     if head.starts_with(b"QFI\xfb") && head.get(4..8) == Some(&[0, 0, 0, 1]) {
         found.push("qcow");
+    }
+    // Formats qemu probes that no OpenStack inspector knows: content declared raw that
+    // qemu would open as one of them is refused too.
+    if head.starts_with(b"WithoutFreeSpace") || head.starts_with(b"WithouFreSpacExt") {
+        found.push("parallels");
+    }
+    if head.starts_with(b"Bochs Virtual HD Image") {
+        found.push("bochs");
+    }
+    if head.starts_with(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop") {
+        found.push("cloop");
     }
     if has_mbr(head) {
         found.push("mbr");

@@ -227,6 +227,12 @@ fn formats_we_do_not_convert_are_refused_by_name() {
         (&b"QED\0"[..], "qed"),
         (&b"vhdxfile"[..], "vhdx"),
         (&b"QFI\xfb\0\0\0\x01"[..], "qcow"),
+        (&b"WithoutFreeSpace\x02\0\0\0"[..], "parallels"),
+        (&b"Bochs Virtual HD Image\0"[..], "bochs"),
+        (
+            &b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0"[..],
+            "cloop",
+        ),
     ] {
         let mut b = magic.to_vec();
         b.resize(8192, 0);
