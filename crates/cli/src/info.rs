@@ -266,7 +266,7 @@ pub fn info(
         let img = vconvert_engine::open(&p, f, &options)?;
         // What `--untrusted` would refuse (checksum mismatches and the like) is a
         // warning here, on stderr so JSON on stdout stays parseable.
-        for finding in img.safety_findings() {
+        for finding in img.safety_findings().into_iter().chain(img.warnings()) {
             crate::out::eprintln(&format!("vconvert: warning: {}: {finding}", p.display()));
         }
         let info = img.info()?;

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use vconvert_core::{parse_size, Error, Format, Options, Result};
-use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
+use vconvert_engine::{CancelToken, ConvertOptions, DeclaredFormat, OpenOptions, Policy};
 
 /// Convert virtual disk images between raw, qcow2, vdi, vmdk, vpc (VHD) and vhdx.
 ///
@@ -610,9 +610,11 @@ fn convert(args: ConvertArgs) -> Result<()> {
     };
     let _ = (args.out_of_order, args.force_share, &args.src_cache);
 
+    let mut source_is_iso = false;
     if args.untrusted {
         let report = vconvert_engine::inspect(&args.source, source_format, &Policy::untrusted())?;
         report.ensure_safe(&args.source.display().to_string())?;
+        source_is_iso = report.signatures.contains(&"iso");
     }
     let src = vconvert_engine::open(
         &args.source,
@@ -671,7 +673,12 @@ fn convert(args: ConvertArgs) -> Result<()> {
         }
     }
     if result.is_ok() && args.untrusted {
-        result = inspect_output(&args.target, output_format);
+        // An ISO copied to raw is still an ISO, and is inspected as one.
+        let declared = match output_format {
+            Format::Raw if source_is_iso => DeclaredFormat::Iso,
+            f => DeclaredFormat::Image(f),
+        };
+        result = inspect_output(&args.target, declared);
     }
     result
 }
@@ -692,13 +699,13 @@ fn snapshot_name(s: &str) -> String {
 /// target format and nothing else (a raw disk whose first bytes are a qcow2 header with a
 /// backing file would be a trap for the next program that probes it). The output's own
 /// extent files are allowed; a refused output is removed.
-fn inspect_output(target: &Path, format: Format) -> Result<()> {
+fn inspect_output(target: &Path, format: DeclaredFormat) -> Result<()> {
     let policy = Policy {
         allow_external_files: true,
         vmdk_allowed_types: Vec::new(),
         ..Policy::untrusted()
     };
-    let report = vconvert_engine::inspect(target, Some(format), &policy)?;
+    let report = vconvert_engine::inspect_as(target, Some(format), &policy)?;
     if let Err(e) = report.ensure_safe(&target.display().to_string()) {
         let _ = std::fs::remove_file(target);
         return Err(Error::Refused {

@@ -311,3 +311,89 @@ fn converted_output_is_inspected_again() {
     q.assert_same("qcow2", &outer, "qcow2", &ok);
     let _ = Layout::random(1, 0, 0);
 }
+
+#[test]
+fn hidden_vmdk_descriptor_and_qcow2_overlap_are_refused_before_any_output() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let sec = secret(dir.path());
+    // The header points at a clean descriptor appended at the end; sector 1, where qemu
+    // reads the parent, names the host file.
+    let img = dir.path().join("two.vmdk");
+    q.img(&["create", "-q", "-f", "vmdk", s(&img), "1M"]);
+    let mut b = std::fs::read(&img).unwrap();
+    let text = String::from_utf8_lossy(&b[512..512 * 21])
+        .trim_end_matches('\0')
+        .to_string();
+    let sector = (b.len() / 512) as u64;
+    b[0x1c..0x24].copy_from_slice(&sector.to_le_bytes());
+    let mut clean = text.clone().into_bytes();
+    clean.resize(20 * 512, 0);
+    b.extend(clean);
+    let evil = text.replacen(
+        "createType=",
+        &format!("parentFileNameHint=\"{}\"\ncreateType=", sec.display()),
+        1,
+    );
+    b[512..512 + evil.len()].copy_from_slice(evil.as_bytes());
+    std::fs::write(&img, b).unwrap();
+    assert_refused(
+        dir.path(),
+        &img,
+        Some("vmdk"),
+        "rule: VMDK parentFileNameHint",
+    );
+    assert_refused(dir.path(), &img, None, "rule: VMDK descriptor location");
+    // A qcow2 L2 entry mapping guest cluster 0 onto the refcount table.
+    let img = qcow2_with(&q, dir.path(), "overlap.qcow2", &[]);
+    q.io("qcow2", &img, &["write -P 0xab 0 64k".to_string()]);
+    let mut b = std::fs::read(&img).unwrap();
+    let be = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l2 = (be(&b, be(&b, 40) as usize) & 0x00ff_ffff_ffff_fe00) as usize;
+    let reftable = be(&b, 48) | 1 << 63;
+    b[l2..l2 + 8].copy_from_slice(&reftable.to_be_bytes());
+    std::fs::write(&img, b).unwrap();
+    assert_refused(dir.path(), &img, Some("qcow2"), "rule: metadata overlap");
+    // An ISO declared raw.
+    let iso = dir.path().join("cd.iso");
+    let mut b = vec![0u8; 1 << 20];
+    b[0x8000] = 1;
+    b[0x8001..0x8006].copy_from_slice(b"CD001");
+    std::fs::write(&iso, b).unwrap();
+    assert_refused(dir.path(), &iso, Some("raw"), "declare it as iso");
+    // Undeclared, it converts; copied to raw it is still an ISO, and accepted as one.
+    let out = dir.path().join("cd.raw");
+    let r = vconvert(&["convert", "--untrusted", "-O", "raw", s(&iso), s(&out)]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&iso).unwrap());
+    std::fs::remove_file(&out).unwrap();
+    // A raw disk whose MBR defines no partition.
+    let mbr = dir.path().join("mbr.raw");
+    let mut b = vec![0u8; 1 << 20];
+    b[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(&mbr, b).unwrap();
+    assert_refused(dir.path(), &mbr, Some("raw"), "rule: MBR partition entries");
+}
+
+#[test]
+fn unclean_shutdown_vmdk_is_accepted_with_a_warning() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let img = dir.path().join("unclean.vmdk");
+    q.img(&["create", "-q", "-f", "vmdk", s(&img), "1M"]);
+    q.io("vmdk", &img, &["write -P 0x5a 0 64k".to_string()]);
+    let mut b = std::fs::read(&img).unwrap();
+    b[72] = 1;
+    std::fs::write(&img, b).unwrap();
+    let r = vconvert(&["info", "--untrusted", s(&img)]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("uncleanShutdown"),
+        "{err}"
+    );
+    let out = dir.path().join("out.raw");
+    let r = vconvert(&["convert", "--untrusted", "-O", "raw", s(&img), s(&out)]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    q.assert_same("vmdk", &img, "raw", &out);
+}

@@ -95,10 +95,24 @@ pub trait ImageReader: Send + Sync {
         Vec::new()
     }
 
+    /// Things worth a warning that do not make the image unsafe (e.g. a VMDK sparse
+    /// extent whose `uncleanShutdown` flag is set: VMware sets it while a disk is open).
+    /// `info` prints them; the inspector reports them without refusing. Default: none.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Checks the image's metadata for consistency (qemu-img `check`). `None` when the
     /// format has nothing to check (raw, as in qemu-img).
     fn check(&self) -> Option<Result<CheckReport>> {
         None
+    }
+
+    /// The part of [`ImageReader::check`] that reads metadata only (never a data
+    /// cluster, grain or block), in time linear in the metadata's size: what the
+    /// inspector runs on an untrusted image before converting it. Default: `check`.
+    fn check_metadata(&self) -> Option<Result<CheckReport>> {
+        self.check()
     }
 
     /// The host file that [`crate::Location::File`] number `index` of this image's block

@@ -26,7 +26,9 @@ pub use commit::commit;
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
 pub use dd::{dd, DdOptions};
-pub use inspect::{inspect, inspect_file, Policy, Report};
+pub use inspect::{
+    inspect, inspect_as, inspect_file, inspect_file_as, DeclaredFormat, Policy, Report,
+};
 pub use map::{map, MapEntry};
 pub use measure::{measure, Measure, Qcow2Geometry};
 pub use registry::{create, open, open_file, probe, repair_leaks, OpenOptions, MAX_CHAIN_DEPTH};

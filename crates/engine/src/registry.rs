@@ -116,10 +116,7 @@ pub fn probe(file: &ImageFile) -> Result<Format> {
     if head.len() >= 0x44 && head[0x40..0x44] == 0xbeda_107fu32.to_le_bytes() {
         return Ok(Format::Vdi);
     }
-    if head.starts_with(b"KDMV")
-        || head.starts_with(b"COWD")
-        || head.starts_with(b"# Disk DescriptorFile")
-    {
+    if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
         return Ok(Format::Vmdk);
     }
     if head.starts_with(b"conectix") {
@@ -128,15 +125,66 @@ pub fn probe(file: &ImageFile) -> Result<Format> {
     if head.starts_with(b"vhdxfile") {
         return Ok(Format::Vhdx);
     }
-    // A fixed VHD has its footer only at the end (qemu's probe misses it; ours does not).
-    if file.len() >= 1024 && file.len() % 512 == 0 {
-        let mut foot = [0u8; 8];
-        file.read_exact_at(&mut foot, file.len() - 512, "VHD footer")?;
-        if &foot == b"conectix" {
-            return Ok(Format::Vpc);
+    // A fixed VHD has its footer only at the end (qemu's probe misses it; ours does not):
+    // 512 bytes, or 511 from Virtual PC before 2004.
+    for footer in [512u64, 511] {
+        if file.len() >= 512 + footer && file.len() % 512 == footer % 512 {
+            let mut foot = [0u8; 8];
+            file.read_exact_at(&mut foot, file.len() - footer, "VHD footer")?;
+            if &foot == b"conectix" {
+                return Ok(Format::Vpc);
+            }
         }
     }
+    if is_vmdk_descriptor(file)? {
+        return Ok(Format::Vmdk);
+    }
     Ok(Format::Raw)
+}
+
+/// Bytes of a file searched for the start of a VMDK descriptor.
+const DESCRIPTOR_PROBE_BYTES: u64 = 4096;
+
+/// True when `file` starts like a VMDK descriptor file: comment and blank lines, then
+/// either a `# Disk DescriptorFile` comment among them or a `version=` line first (as
+/// qemu's probe takes it). Producers put comments before the signature line.
+fn is_vmdk_descriptor(file: &ImageFile) -> Result<bool> {
+    let n = file.len().min(DESCRIPTOR_PROBE_BYTES);
+    let head = file.read_vec(0, n, DESCRIPTOR_PROBE_BYTES, "descriptor")?;
+    let head = head.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&head);
+    // Only whole lines count (the last one may be cut by the probe's window).
+    let complete_lines = match head.iter().rposition(|&b| b == b'\n') {
+        _ if n == file.len() => head,
+        Some(i) => &head[..i],
+        None => return Ok(false),
+    };
+    for line in complete_lines.split(|&b| b == b'\n') {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with(b"#") {
+            let rest = line[1..].trim_ascii();
+            if rest.eq_ignore_ascii_case(b"Disk DescriptorFile") {
+                return Ok(true);
+            }
+            if !rest
+                .iter()
+                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b) || b >= 0x80)
+            {
+                return Ok(false);
+            }
+            continue;
+        }
+        let Some(v) = line.strip_prefix(b"version") else {
+            return Ok(false);
+        };
+        let v = v.trim_ascii_start();
+        return Ok(
+            v.starts_with(b"=") && matches!(v[1..].trim_ascii().first(), Some(b'1' | b'2' | b'3'))
+        );
+    }
+    Ok(false)
 }
 
 /// Opens the image at `path` as `format`, or as what [`probe`] finds.
@@ -329,6 +377,19 @@ mod tests {
         let mut x = b"vhdxfile".to_vec();
         x.resize(2048, 0);
         assert_eq!(probe_bytes(x), Format::Vhdx);
+        let mut old = vec![0u8; 4096 + 511];
+        old[4096..4104].copy_from_slice(b"conectix");
+        assert_eq!(probe_bytes(old), Format::Vpc, "511-byte footer");
+        assert_eq!(
+            probe_bytes(b"# Written by a tool\n\n#\n# Disk DescriptorFile\nversion=1\n".to_vec()),
+            Format::Vmdk
+        );
+        assert_eq!(
+            probe_bytes(b"# a comment\r\n\r\nversion=1\r\nRW 8 ZERO\r\n".to_vec()),
+            Format::Vmdk
+        );
+        assert_eq!(probe_bytes(b"# a comment\nhello\n".to_vec()), Format::Raw);
+        assert_eq!(probe_bytes(b"version=9\n".to_vec()), Format::Raw);
         assert_eq!(probe_bytes(vec![0u8; 10]), Format::Raw);
         assert_eq!(probe_bytes(Vec::new()), Format::Raw);
     }

@@ -1,6 +1,13 @@
 //! `check`: the refcounts every cluster should have (from the header, L1/L2 tables,
 //! refcount structures and snapshots) against the refcounts stored, as qemu-img check
 //! counts them: stored below referenced is a corruption, above is a leak.
+//!
+//! It also finds metadata overlaps directly (qemu's overlap checks,
+//! `docs/interop/qcow2.txt` "Host cluster management"): a guest cluster or compressed
+//! cluster mapped onto the header, an L1, L2 or refcount table, a refcount block, the
+//! snapshot table or a bitmap table, or two kinds of metadata in one cluster. That is
+//! corruption even where the stored refcounts were forged to match, or are stale (dirty
+//! bit). Only metadata is read.
 
 use byteorder::{BigEndian, ByteOrder};
 use std::collections::HashMap;
@@ -14,9 +21,34 @@ use crate::reader::Qcow2Reader;
 /// Most host clusters we count (a larger file is refused by `check`).
 const MAX_CLUSTERS: u64 = 1 << 26;
 
+/// Kinds of metadata cluster, for the overlap check (0: none).
+const META_NAMES: [&str; 10] = [
+    "",
+    "the image header",
+    "the active L1 table",
+    "the refcount table",
+    "a refcount block",
+    "an L2 table",
+    "the snapshot table",
+    "a snapshot's L1 table",
+    "the bitmap directory",
+    "a bitmap table",
+];
+const META_HEADER: u8 = 1;
+const META_L1: u8 = 2;
+const META_REFTABLE: u8 = 3;
+const META_REFBLOCK: u8 = 4;
+const META_L2: u8 = 5;
+const META_SNAPSHOTS: u8 = 6;
+const META_SNAPSHOT_L1: u8 = 7;
+const META_BITMAP_DIR: u8 = 8;
+const META_BITMAP_TABLE: u8 = 9;
+
 struct Counter {
     cluster_bits: u32,
     refs: Vec<u16>,
+    /// The kind of metadata each host cluster holds (`META_*`, 0: none).
+    meta: Vec<u8>,
     report: CheckReport,
 }
 
@@ -37,11 +69,57 @@ impl Counter {
             }
         }
     }
+
+    /// Records `[offset, offset + len)` as metadata of `kind`; a cluster that already
+    /// holds another kind of metadata is an overlap. Clusters past the end are left to
+    /// [`Counter::inc`] to report.
+    fn mark(&mut self, offset: u64, len: u64, kind: u8) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        for c in first..=last {
+            let Some(m) = self.meta.get_mut(c as usize) else {
+                break;
+            };
+            if *m != 0 && *m != kind {
+                let had = META_NAMES[*m as usize];
+                self.report.corruptions.push(format!(
+                    "{} at {offset:#x} overlaps {had} in host cluster {c} (rule: metadata overlap)",
+                    META_NAMES[kind as usize]
+                ));
+            } else {
+                *m = kind;
+            }
+        }
+    }
+
+    /// The metadata kind `[offset, offset + len)` overlaps, if any.
+    fn overlap(&self, offset: u64, len: u64) -> Option<(u64, &'static str)> {
+        if len == 0 {
+            return None;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        (first..=last).find_map(|c| match self.meta.get(c as usize) {
+            Some(&m) if m != 0 => Some((c, META_NAMES[m as usize])),
+            _ => None,
+        })
+    }
 }
 
 /// Checks `r`'s metadata.
 pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
-    check_collecting(r, &mut Vec::new())
+    check_collecting(r, &mut Vec::new(), true)
+}
+
+/// Checks `r`'s metadata for what makes it unsafe to read: like [`check`], except that
+/// the stored refcounts of an image whose dirty bit is set (lazy refcounts, a VM that
+/// did not shut down) are known to be stale, so refcounts below the references are not
+/// corruption there; metadata overlaps and invalid tables still are.
+pub fn check_metadata(r: &Qcow2Reader) -> Result<CheckReport> {
+    check_collecting(r, &mut Vec::new(), false)
 }
 
 /// Lowers the stored refcount of every leaked cluster of the image `r` reads to its
@@ -50,7 +128,7 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
 pub fn repair_leaks(r: &Qcow2Reader, file: &std::fs::File) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let mut leaks = Vec::new();
-    check_collecting(r, &mut leaks)?;
+    check_collecting(r, &mut leaks, true)?;
     let h = r.header();
     let cs = h.cluster_size();
     let bits = u64::from(h.refcount_bits());
@@ -90,7 +168,13 @@ pub fn repair_leaks(r: &Qcow2Reader, file: &std::fs::File) -> Result<u64> {
 }
 
 /// Checks `r`, collecting `(cluster, references)` of every leaked cluster.
-fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<CheckReport> {
+/// With `stale_refcounts_count`, a dirty image's refcounts below its references are
+/// corruption as qemu-img check reports them.
+fn check_collecting(
+    r: &Qcow2Reader,
+    leaks: &mut Vec<(u64, u64)>,
+    stale_refcounts_count: bool,
+) -> Result<CheckReport> {
     let h = r.header();
     let file = r.file();
     let cs = h.cluster_size();
@@ -104,25 +188,36 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
     let mut c = Counter {
         cluster_bits: h.cluster_bits,
         refs: vec![0; nclusters as usize],
+        meta: vec![0; nclusters as usize],
         report: CheckReport::default(),
     };
     c.inc(0, cs, "header");
+    c.mark(0, cs, META_HEADER);
     c.inc(h.l1_table_offset, 8 * u64::from(h.l1_size), "L1 table");
+    c.mark(h.l1_table_offset, 8 * u64::from(h.l1_size), META_L1);
     c.inc(
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
         "refcount table",
     );
+    c.mark(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        META_REFTABLE,
+    );
     let snapshots_len: u64 = r.snapshots().iter().map(|s| s.entry_len).sum();
     c.inc(h.snapshots_offset, snapshots_len, "snapshot table");
+    c.mark(h.snapshots_offset, snapshots_len, META_SNAPSHOTS);
     if !r.bitmaps().is_empty() {
         if let Some((size, offset)) = h.bitmap_directory {
             c.inc(offset, size, "bitmap directory");
+            c.mark(offset, size, META_BITMAP_DIR);
         }
         for b in r.bitmaps() {
             let (offset, entries) = b.table;
             let raw = file.read_vec(offset, 8 * u64::from(entries), 64 << 20, "bitmap table")?;
             c.inc(offset, raw.len() as u64, "bitmap table");
+            c.mark(offset, raw.len() as u64, META_BITMAP_TABLE);
             for w in raw.chunks_exact(8) {
                 let e = BigEndian::read_u64(w);
                 let data = e & OFFSET_MASK;
@@ -151,8 +246,31 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
             "snapshot L1 table",
         )?;
         c.inc(s.l1_table_offset, raw.len() as u64, "snapshot L1 table");
+        c.mark(s.l1_table_offset, raw.len() as u64, META_SNAPSHOT_L1);
         let words = raw.chunks_exact(8).map(BigEndian::read_u64).collect();
         l1s.push((words, false));
+    }
+    // Refcount blocks and L2 tables are marked before any data cluster is looked at,
+    // so a data cluster over a table that comes later is found too.
+    let rt_bytes = file.read_vec(
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+        crate::header::MAX_REFTABLE_BYTES,
+        "refcount table",
+    )?;
+    for w in rt_bytes.chunks_exact(8) {
+        let off = BigEndian::read_u64(w) & !511;
+        if off != 0 && off % cs == 0 && off + cs <= file.len() {
+            c.mark(off, cs, META_REFBLOCK);
+        }
+    }
+    for (l1, _) in &l1s {
+        for &e in l1 {
+            let l2_off = e & OFFSET_MASK;
+            if l2_off != 0 && l2_off % cs == 0 && l2_off < file.len() {
+                c.mark(l2_off, cs, META_L2);
+            }
+        }
     }
     let mut copied_checks: Vec<(u64, bool, String)> = Vec::new();
     for (l1, active) in &l1s {
@@ -176,10 +294,9 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
             next_contiguous = 0;
             let step = if h.extended_l2() { 2 } else { 1 };
             for (j, w) in table.chunks(step).enumerate() {
+                // Entries past the virtual size count too, as in qemu: a crash in a
+                // shrink leaves them, and `-r leaks` must not free what they name.
                 let guest = (i as u64 * h.l2_entries() + j as u64) * cs;
-                if guest >= h.size {
-                    break;
-                }
                 let bitmap = if h.extended_l2() {
                     w.get(1).copied()
                 } else {
@@ -197,6 +314,11 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
                 };
                 let host = match m {
                     ClusterMapping::Compressed { host, len } => {
+                        if let Some((hc, what)) = c.overlap(host, len) {
+                            c.report.corruptions.push(format!(
+                                "L2 table at {l2_off:#x}, entry {j}: compressed guest cluster at {guest:#x} is read from host {host:#x}, which overlaps {what} in host cluster {hc} (rule: metadata overlap)"
+                            ));
+                        }
                         c.inc(host, len, "compressed cluster");
                         if *active {
                             allocated += 1;
@@ -214,6 +336,11 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
                     _ => continue,
                 };
                 if own_data {
+                    if let Some((_, what)) = c.overlap(host, cs) {
+                        c.report.corruptions.push(format!(
+                            "L2 table at {l2_off:#x}, entry {j}: guest cluster at {guest:#x} is mapped to host cluster {host:#x}, which is {what} (rule: metadata overlap)"
+                        ));
+                    }
                     c.inc(host, cs, "data cluster");
                 }
                 if *active {
@@ -240,13 +367,7 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
     }
 
     // The refcount structures themselves, and the refcounts they store.
-    let rt = file.read_vec(
-        h.refcount_table_offset,
-        u64::from(h.refcount_table_clusters) * cs,
-        crate::header::MAX_REFTABLE_BYTES,
-        "refcount table",
-    )?;
-    let rt: Vec<u64> = rt.chunks_exact(8).map(BigEndian::read_u64).collect();
+    let rt: Vec<u64> = rt_bytes.chunks_exact(8).map(BigEndian::read_u64).collect();
     let bits = u64::from(h.refcount_bits());
     let per_block = cs * 8 / bits;
     let mut blocks: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -291,7 +412,7 @@ fn check_collecting(r: &Qcow2Reader, leaks: &mut Vec<(u64, u64)>) -> Result<Chec
         if refs > 0 || have > 0 {
             highest = i + 1;
         }
-        if have < refs {
+        if have < refs && (stale_refcounts_count || !dirty) {
             c.report.corruptions.push(format!(
                 "cluster {i}: refcount {have} but {refs} references"
             ));

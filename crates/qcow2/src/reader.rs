@@ -604,4 +604,8 @@ impl ImageReader for Qcow2Reader {
     fn supports_backing(&self) -> bool {
         true
     }
+
+    fn check_metadata(&self) -> Option<Result<CheckReport>> {
+        Some(crate::check::check_metadata(self))
+    }
 }

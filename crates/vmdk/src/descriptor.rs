@@ -199,7 +199,7 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, ParseError> {
         }
         let Some((k, v)) = line.split_once('=') else {
             d.findings.push(format!(
-                "descriptor line {} is not a comment, key = value or extent line: '{}'",
+                "descriptor line {} is not a comment, key = value or extent line (VMDK descriptor syntax; qemu ignores such lines, vconvert refuses them when untrusted): '{}'",
                 n + 1,
                 line.chars().take(80).collect::<String>()
             ));

@@ -17,6 +17,94 @@ use crate::header::{COWD_MAGIC, FLAG_COMPRESSED, FLAG_MARKERS, MAGIC};
 use crate::sparse::{read_clamped, SparseExtent};
 use crate::{MAX_DESCRIPTOR_SIZE, MAX_EXTENTS, SECTOR_SIZE};
 
+/// Bytes qemu reads at [`DESCRIPTOR_SECTOR`] of a sparse extent to find its parent
+/// (`parentFileNameHint`), whatever the header's descriptor offset says: 20 sectors,
+/// up to the first NUL.
+const QEMU_PARENT_TEXT_BYTES: u64 = 20 * SECTOR_SIZE;
+
+/// The sector where a monolithic sparse or streamOptimized file keeps its embedded
+/// descriptor (VMware writes it there; qemu reads the parent hint only there).
+const DESCRIPTOR_SECTOR: u64 = 1;
+
+/// Findings about where the embedded descriptor of the monolithic sparse file `sparse`
+/// is: anywhere but sector 1, or text at sector 1 other than the descriptor the header
+/// points at, lets qemu read a different descriptor (and parent) than we do.
+fn descriptor_location_findings(
+    file: &ImageFile,
+    sparse: &SparseExtent,
+    descriptor: &Descriptor,
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let h = &sparse.header;
+    let at = DESCRIPTOR_SECTOR * SECTOR_SIZE;
+    if h.descriptor_offset != DESCRIPTOR_SECTOR {
+        out.push(format!(
+            "{}: the embedded descriptor is at sector {} (header byte 28), not at sector 1 where VMware writes it and qemu reads it (rule: VMDK descriptor location)",
+            file.name(),
+            h.descriptor_offset
+        ));
+    }
+    // What qemu reads as text at 0x200, up to the first NUL.
+    let n = file.len().saturating_sub(at).min(QEMU_PARENT_TEXT_BYTES);
+    let mut text = file.read_vec(at, n, QEMU_PARENT_TEXT_BYTES, "embedded descriptor")?;
+    if let Some(nul) = text.iter().position(|&b| b == 0) {
+        text.truncate(nul);
+    }
+    let ours = match &sparse.descriptor {
+        Some((d, a)) if *a == at => d.len(),
+        _ => 0,
+    };
+    let contains = |needle: &[u8]| {
+        text.windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    if text.len() > ours
+        && (contains(b"parentFileNameHint")
+            || contains(b"createType")
+            || contains(b"DescriptorFile")
+            || contains(b"parentCID"))
+    {
+        out.push(format!(
+            "{}: descriptor text at {at:#x} (to byte {:#x}) lies outside the descriptor the header gives ({} sectors at sector {}), where qemu reads a descriptor (rule: VMDK second descriptor)",
+            file.name(),
+            at + text.len() as u64,
+            h.descriptor_size,
+            h.descriptor_offset
+        ));
+    }
+    out.extend(parent_hint_finding(file, at, &text, descriptor));
+    Ok(out)
+}
+
+/// The finding for a `parentFileNameHint` in `text` (what qemu reads at byte `at` to
+/// find a parent: 0x200 of a sparse extent, 0 of a descriptor file; qemu searches the
+/// text, comments included) other than the parent `descriptor` declares.
+fn parent_hint_finding(
+    file: &ImageFile,
+    at: u64,
+    text: &[u8],
+    descriptor: &Descriptor,
+) -> Option<String> {
+    let i = text
+        .windows(18)
+        .position(|w| w.eq_ignore_ascii_case(b"parentFileNameHint"))?;
+    let rest = &text[i..];
+    let line_end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+    let line = String::from_utf8_lossy(&rest[..line_end.min(200)]).into_owned();
+    let value = line[18..].trim_start_matches([' ', '\t', '=', '"']);
+    let value = value.split('"').next().unwrap_or_default().trim();
+    // A differencing disk's own parent is reported as its backing file.
+    if descriptor.has_parent() && descriptor.parent_file_name_hint.as_deref() == Some(value) {
+        return None;
+    }
+    Some(format!(
+        "{}: the text at {:#x}, where qemu looks for the disk's parent, says '{}': qemu would open that file as the backing file (rule: VMDK parentFileNameHint)",
+        file.name(),
+        at + i as u64,
+        line.trim()
+    ))
+}
+
 /// Where an extent's bytes come from.
 #[derive(Debug)]
 enum Backend {
@@ -57,6 +145,7 @@ pub struct VmdkReader {
     create_type: String,
     backing: Option<Box<dyn ImageReader>>,
     findings: Vec<String>,
+    warnings: Vec<String>,
 }
 
 impl fmt::Debug for VmdkReader {
@@ -96,6 +185,7 @@ impl VmdkReader {
     fn open_monolithic(file: ImageFile) -> Result<Self> {
         let sparse = SparseExtent::open(file.clone(), true)?;
         let mut findings = sparse.findings.clone();
+        let warnings = sparse.warnings.clone();
         let descriptor = match &sparse.descriptor {
             Some((text, at)) => descriptor::parse(text)
                 .map_err(|e| file.corrupt("embedded descriptor", at + e.offset, e.reason))?,
@@ -107,9 +197,13 @@ impl VmdkReader {
                 .iter()
                 .map(|f| format!("{}: {f}", file.name())),
         );
+        findings.extend(descriptor_location_findings(&file, &sparse, &descriptor)?);
         let capacity = sparse.header.capacity;
         match descriptor.extents.as_slice() {
-            [] => {}
+            [] => findings.push(format!(
+                "{}: the embedded descriptor has no extent lines (rule: a sparse extent's descriptor describes the extent)",
+                file.name()
+            )),
             [e] if e.kind == "SPARSE" => {
                 if e.sectors != capacity {
                     findings.push(format!(
@@ -163,6 +257,7 @@ impl VmdkReader {
             create_type,
             backing: None,
             findings,
+            warnings,
         })
     }
 
@@ -202,6 +297,13 @@ impl VmdkReader {
             .iter()
             .map(|f| format!("{}: {f}", file.name()))
             .collect();
+        // qemu reads a descriptor file's parent hint from its first 20 sectors.
+        let qemu_text = &text[..text.len().min(QEMU_PARENT_TEXT_BYTES as usize)];
+        let qemu_text = &qemu_text[..qemu_text
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(qemu_text.len())];
+        findings.extend(parent_hint_finding(&file, 0, qemu_text, &descriptor));
         let create_type = match &descriptor.create_type {
             Some(t) => t.clone(),
             None => {
@@ -209,6 +311,7 @@ impl VmdkReader {
                 String::new()
             }
         };
+        let mut warnings = Vec::new();
         let mut extents = Vec::with_capacity(descriptor.extents.len());
         let mut opened: HashMap<PathBuf, ImageFile> = HashMap::new();
         let mut start = 0u64;
@@ -272,6 +375,7 @@ impl VmdkReader {
                     let f = open_once(&mut opened, resolver, &file, &name)?;
                     let sparse = SparseExtent::open(f, false)?;
                     findings.extend(sparse.findings.iter().cloned());
+                    warnings.extend(sparse.warnings.iter().cloned());
                     if sparse.header.capacity < line.sectors {
                         return Err(sparse.file.corrupt(
                             "sparse extent header",
@@ -318,7 +422,20 @@ impl VmdkReader {
             create_type,
             backing: None,
             findings,
+            warnings,
         })
+    }
+
+    /// The grain tables of every sparse extent (qemu-img `check`); `read_markers` also
+    /// checks each compressed grain's marker.
+    fn check_extents(&self, read_markers: bool) -> Result<CheckReport> {
+        let mut report = CheckReport::default();
+        for e in &self.extents {
+            if let Backend::Sparse(sp) = &e.backend {
+                sp.check(&mut report, read_markers)?;
+            }
+        }
+        Ok(report)
     }
 
     fn open_parent(&mut self, resolver: &dyn Resolver) -> Result<()> {
@@ -667,15 +784,15 @@ impl ImageReader for VmdkReader {
         self.findings.clone()
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
     fn check(&self) -> Option<Result<CheckReport>> {
-        let mut report = CheckReport::default();
-        for e in &self.extents {
-            if let Backend::Sparse(sp) = &e.backend {
-                if let Err(err) = sp.check(&mut report) {
-                    return Some(Err(err));
-                }
-            }
-        }
-        Some(Ok(report))
+        Some(self.check_extents(true))
+    }
+
+    fn check_metadata(&self) -> Option<Result<CheckReport>> {
+        Some(self.check_extents(false))
     }
 }

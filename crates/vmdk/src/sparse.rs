@@ -33,6 +33,8 @@ pub(crate) struct SparseExtent {
     pub descriptor: Option<(Vec<u8>, u64)>,
     /// Findings made while opening.
     pub findings: Vec<String>,
+    /// Warnings made while opening (nothing unsafe: `uncleanShutdown`).
+    pub warnings: Vec<String>,
 }
 
 impl SparseExtent {
@@ -51,14 +53,18 @@ impl SparseExtent {
             .ok_or_else(|| file.corrupt("sparse extent header", 0, "magic number is not 'KDMV'"))?;
         first.validate(&file, 0, "sparse extent header")?;
         let mut findings = Vec::new();
+        let first_unclean = first.unclean_shutdown;
         let header = if first.gd_offset == GD_AT_END {
             read_footer(&file, &first, &mut findings)?
         } else {
             first
         };
-        if header.unclean_shutdown {
-            findings.push(format!(
-                "{}: the sparse extent was not closed cleanly (uncleanShutdown is set)",
+        // VMware sets the flag while a disk is open, so a disk copied from a running or
+        // crashed VM carries it; VMware and qemu read such disks.
+        let mut warnings = Vec::new();
+        if header.unclean_shutdown || first_unclean {
+            warnings.push(format!(
+                "{}: the sparse extent was not closed cleanly (uncleanShutdown is set); it is read as it is",
                 file.name()
             ));
         }
@@ -74,6 +80,7 @@ impl SparseExtent {
             gd,
             descriptor,
             findings,
+            warnings,
         })
     }
 
@@ -224,6 +231,7 @@ fn read_footer(
     file.read_exact_at(&mut tail, at, "stream footer")?;
     let (marker, rest) = tail.split_at(METADATA_MARKER_SIZE);
     let (footer, eos) = rest.split_at(HEADER_SIZE);
+    let marker_bytes = marker;
     let marker = MetadataMarker::decode(marker);
     if !marker.is_some_and(|m| m.is(MARKER_FOOTER)) {
         return Err(file.corrupt(
@@ -239,6 +247,23 @@ fn read_footer(
             "the last sector of the stream is not an end-of-stream marker",
         ));
     }
+    // Spec "Stream-Optimized Compressed Sparse Extents": a metadata marker is padded to
+    // a sector with zeros, and the end-of-stream marker is a sector of zeros.
+    if let Some(i) = marker_bytes[16..].iter().position(|&b| b != 0) {
+        findings.push(format!(
+            "{}: the stream footer marker at {at:#x} has non-zero padding at byte {:#x} (rule: VMDK markers are zero-padded)",
+            file.name(),
+            at + 16 + i as u64
+        ));
+    }
+    if let Some(i) = eos.iter().position(|&b| b != 0) {
+        findings.push(format!(
+            "{}: the end-of-stream marker at {:#x} is not all zeros (byte {:#x}; rule: VMDK markers are zero-padded)",
+            file.name(),
+            len - SECTOR_SIZE,
+            len - SECTOR_SIZE + i as u64
+        ));
+    }
     let mut fb = [0u8; HEADER_SIZE];
     fb.copy_from_slice(footer);
     let foot_at = at + SECTOR_SIZE;
@@ -252,7 +277,8 @@ fn read_footer(
             "the footer does not give the grain directory's offset",
         ));
     }
-    let fields: [(&str, u64, u64); 6] = [
+    let fields: [(&str, u64, u64); 7] = [
+        ("version", first.version.into(), h.version.into()),
         ("capacity", first.capacity, h.capacity),
         ("grain size", first.grain_size, h.grain_size),
         (
@@ -299,7 +325,7 @@ fn read_embedded_descriptor(
                 "embedded descriptor",
                 at,
                 format!(
-                    "descriptor of {} sectors exceeds the limit of {MAX_DESCRIPTOR_SIZE} bytes",
+                    "descriptor of {} sectors exceeds the limit of {MAX_DESCRIPTOR_SIZE} bytes (stricter than oslo.utils, which reads the first 1 MiB of it)",
                     h.descriptor_size
                 ),
             )
@@ -395,8 +421,9 @@ const MAX_REPORTED: usize = 100;
 impl SparseExtent {
     /// Checks every grain table entry: inside the file, not inside the metadata before
     /// the first grain, compressed grain markers naming their own grain, and no grain
-    /// used twice. Findings are added to `report`.
-    pub fn check(&self, report: &mut vconvert_core::CheckReport) -> Result<()> {
+    /// used twice. Findings are added to `report`. Without `read_markers`, only metadata
+    /// is read (grain markers sit in front of each grain's data and are not looked at).
+    pub fn check(&self, report: &mut vconvert_core::CheckReport, read_markers: bool) -> Result<()> {
         let name = self.file.name();
         let mut corrupt = Vec::new();
         let per_gt = self.gtes_per_gt();
@@ -438,7 +465,7 @@ impl SparseExtent {
                             corrupt.push(format!(
                                 "{name}: grain {idx} points into the metadata at offset {o:#x}"
                             ));
-                        } else if self.header.has(FLAG_MARKERS) {
+                        } else if self.header.has(FLAG_MARKERS) && read_markers {
                             let mut m = [0u8; GRAIN_MARKER_SIZE];
                             match self.file.read_exact_at(&mut m, o, "grain marker") {
                                 Err(_) => corrupt.push(format!("{name}: grain {idx} at offset {o:#x} lies past the end of the file")),

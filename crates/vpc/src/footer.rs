@@ -8,6 +8,10 @@ use crate::SECTOR_SIZE;
 
 /// Footer size in bytes.
 pub const FOOTER_SIZE: usize = 512;
+/// Size of the footer of a fixed disk made by Virtual PC before Virtual PC 2004: the spec
+/// ("Hard Disk Footer Format") says such images end with a 511-byte footer (the last
+/// reserved byte is missing).
+pub const OLD_FOOTER_SIZE: usize = 511;
 /// Footer cookie.
 pub const COOKIE: &[u8; 8] = b"conectix";
 /// "Features" value every producer writes (reserved bit set).

@@ -10,7 +10,7 @@ use vconvert_core::{
 };
 
 use crate::dynamic::{utf16, DynamicHeader, BAT_UNUSED, MAX_LOCATOR_BYTES};
-use crate::footer::{DiskType, Footer, FOOTER_SIZE, MAX_SECTORS, NO_DATA_OFFSET};
+use crate::footer::{DiskType, Footer, FOOTER_SIZE, MAX_SECTORS, NO_DATA_OFFSET, OLD_FOOTER_SIZE};
 use crate::SECTOR_SIZE;
 
 /// The block allocation table of a dynamic or differencing disk.
@@ -65,9 +65,23 @@ impl VpcReader {
         let mut b = [0u8; FOOTER_SIZE];
         file.read_exact_at(&mut b, 0, "VHD footer")?;
         let mut at = 0;
+        let mut footer_len = FOOTER_SIZE as u64;
         if !Footer::is_footer(&b) {
             at = file.len() - FOOTER_SIZE as u64;
             file.read_exact_at(&mut b, at, "VHD footer")?;
+            let old_at = file.len() - OLD_FOOTER_SIZE as u64;
+            let mut cookie = [0u8; 8];
+            if !Footer::is_footer(&b) && file.len() % SECTOR_SIZE == OLD_FOOTER_SIZE as u64 {
+                file.read_exact_at(&mut cookie, old_at, "VHD footer")?;
+                if Footer::is_footer(&cookie) {
+                    // The missing last byte is reserved (zero) and adds nothing to the
+                    // checksum.
+                    b = [0u8; FOOTER_SIZE];
+                    file.read_exact_at(&mut b[..OLD_FOOTER_SIZE], old_at, "VHD footer")?;
+                    at = old_at;
+                    footer_len = OLD_FOOTER_SIZE as u64;
+                }
+            }
         }
         let footer = Footer::parse(&file, &b, at)?;
         let virtual_size = footer.virtual_size();
@@ -89,7 +103,7 @@ impl VpcReader {
         };
         match reader.footer.disk_type {
             DiskType::Fixed => {
-                let data_end = reader.file.len() - FOOTER_SIZE as u64;
+                let data_end = reader.file.len() - footer_len;
                 if virtual_size > data_end {
                     return Err(reader.file.corrupt(
                         "VHD footer",
