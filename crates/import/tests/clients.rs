@@ -90,7 +90,7 @@ fn env() -> Option<Env> {
 
 /// A running `vimport`, stopped on drop.
 struct Server {
-    child: Child,
+    child: Option<Child>,
     url: String,
     data: PathBuf,
     agent: ureq::Agent,
@@ -101,6 +101,17 @@ impl Server {
     /// may fetch from (on 127.0.0.1).
     fn start(dir: &Path, web_port: Option<u16>) -> Server {
         let data = dir.join("vimport-data");
+        if let Ok(url) = std::env::var("VIMPORT_CLIENTS_AGAINST") {
+            // Another Image API (e.g. Glance itself, for comparison): nothing started.
+            return Server {
+                child: None,
+                url,
+                data,
+                agent: ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(60))
+                    .build(),
+            };
+        }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vimport"));
         cmd.env_clear()
             .env("VIMPORT_DATA_DIR", &data)
@@ -137,7 +148,7 @@ impl Server {
         // Keep draining stdout so vimport never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         Server {
-            child,
+            child: Some(child),
             url: format!("http://{addr}"),
             data,
             agent: ureq::AgentBuilder::new()
@@ -238,8 +249,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
