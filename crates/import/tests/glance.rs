@@ -699,3 +699,76 @@ fn sigterm_mid_conversion_exits_0_and_leaves_the_image_queued() {
     assert_eq!(t["status"], "failure");
     assert!(t["message"].as_str().unwrap().contains("shut down"), "{t}");
 }
+
+#[test]
+fn iso_is_stored_as_uploaded_and_a_disguised_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = launch(dir.path(), &[]);
+    let auth = ("X-Auth-Token", ALICE);
+    let mut iso = random_disk(1 << 20, 21);
+    iso[0x8000] = 1;
+    iso[0x8001..0x8006].copy_from_slice(b"CD001");
+    let img = create(
+        &v,
+        ALICE,
+        r#"{"name":"cd","disk_format":"iso","container_format":"bare"}"#,
+    );
+    let id = img["id"].as_str().unwrap();
+    let (s, _, b) = v.raw("PUT", &format!("/v2/images/{id}/file"), &[auth], Some(&iso));
+    assert_eq!(s, 204, "{}", String::from_utf8_lossy(&b));
+    let img = v.as_user(ALICE, "GET", &format!("/v2/images/{id}"), None).1;
+    assert_eq!(
+        (img["status"].as_str(), img["disk_format"].as_str()),
+        (Some("active"), Some("iso"))
+    );
+    let (_, _, back) = v.raw("GET", &format!("/v2/images/{id}/file"), &[auth], None);
+    assert!(back == iso);
+
+    // Not an ISO at all.
+    let img = create(
+        &v,
+        ALICE,
+        r#"{"name":"no","disk_format":"iso","container_format":"bare"}"#,
+    );
+    let (s, _, b) = v.raw(
+        "PUT",
+        &format!("/v2/images/{}/file", img["id"].as_str().unwrap()),
+        &[auth],
+        Some(&random_disk(1 << 20, 22)),
+    );
+    assert_eq!(s, 400);
+    assert!(String::from_utf8_lossy(&b).contains("ISO 9660"));
+
+    // A qcow2 wearing an ISO signature: refused as a polyglot.
+    let Some(q) = vconvert_testkit::qemu() else {
+        return;
+    };
+    let f = dir.path().join("poly.qcow2");
+    q.img(&["create", "-f", "qcow2", f.to_str().unwrap(), "16M"]);
+    let mut poly = std::fs::read(&f).unwrap();
+    poly.resize(poly.len().max(0x10000), 0);
+    poly[0x8001..0x8006].copy_from_slice(b"CD001");
+    let img = create(
+        &v,
+        ALICE,
+        r#"{"name":"poly","disk_format":"iso","container_format":"bare"}"#,
+    );
+    let pid = img["id"].as_str().unwrap();
+    let (s, _, b) = v.raw(
+        "PUT",
+        &format!("/v2/images/{pid}/file"),
+        &[auth],
+        Some(&poly),
+    );
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        String::from_utf8_lossy(&b).contains("qcow2"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert_eq!(
+        v.as_user(ALICE, "GET", &format!("/v2/images/{pid}"), None)
+            .1["status"],
+        "queued"
+    );
+}
