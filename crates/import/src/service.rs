@@ -1287,8 +1287,10 @@ fn receive(
     f.sync_all().map_err(Error::internal)
 }
 
-/// Glance's `_available_sort_keys`.
+/// Glance's `_available_sort_keys`, and `min_disk`, `min_ram` (which Glance refuses).
 const SORT_KEYS: &[&str] = &[
+    "min_disk",
+    "min_ram",
     "name",
     "status",
     "container_format",
@@ -1316,6 +1318,8 @@ fn compare(a: &Image, b: &Image, key: &str) -> std::cmp::Ordering {
         "container_format" => a.container_format.cmp(&b.container_format),
         "disk_format" => a.disk_format.cmp(&b.disk_format),
         "size" => a.size.cmp(&b.size),
+        "min_disk" => a.min_disk.cmp(&b.min_disk),
+        "min_ram" => a.min_ram.cmp(&b.min_ram),
         "id" => a.id.cmp(&b.id),
         "updated_at" => a.updated_at.cmp(&b.updated_at),
         _ => a.created_at.cmp(&b.created_at),
