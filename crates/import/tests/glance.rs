@@ -501,6 +501,17 @@ fn put_file_imports_and_downloads_serve_ranges() {
     let (ws, store) = v.files();
     assert!(ws.is_empty(), "{ws:?}");
     assert_eq!(store.len(), 1);
+
+    // An internal error answers a fixed message naming the request id, no internals.
+    std::fs::remove_file(&store[0]).unwrap();
+    let (s, h, b) = v.raw("GET", &file, &[auth], None);
+    assert_eq!(s, 500);
+    let text = String::from_utf8_lossy(&b);
+    assert!(text.contains(&h["x-openstack-request-id"]), "{text}");
+    assert!(
+        !text.contains("store") && !text.contains("No such file"),
+        "{text}"
+    );
 }
 
 /// Serves `body` to every GET on a loopback port until dropped; returns the port.
