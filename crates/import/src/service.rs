@@ -934,6 +934,9 @@ impl Service {
         }
         match rx.recv() {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) if self.stopping.load(Ordering::SeqCst) => {
+                Err(Error::Unavailable(message))
+            }
             Ok(Err(message)) => Err(Error::BadRequest(message)),
             Err(_) => Err(Error::Internal("the import worker vanished".into())),
         }
