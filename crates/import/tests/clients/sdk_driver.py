@@ -50,10 +50,14 @@ def run(conn, op, a):
         name = a.pop("name")
         return img.create_image(name, allow_duplicates=True, **a)
     if op == "stage_image":
+        # The SDK checks the status and formats of the Image object it is given, so
+        # it gets the image first, as its users do.
+        image = img.get_image(a["image"])
         with open(a["filename"], "rb") as data:
-            return img.stage_image(a["image"], data=data)
+            return img.stage_image(image, data=data)
     if op == "import_image":
-        resp = img.import_image(a["image"], method=a.get("method", "glance-direct"),
+        image = img.get_image(a["image"])
+        resp = img.import_image(image, method=a.get("method", "glance-direct"),
                                 uri=a.get("uri"))
         return {"status_code": resp.status_code}
     if op == "get_image":
