@@ -45,6 +45,8 @@ fn discovery_schemas_and_request_ids_without_and_with_auth() {
     assert!(list
         .iter()
         .any(|x| x["status"] == "CURRENT" && x["id"].as_str().unwrap().starts_with("v2.")));
+    // glanceclient asks for exactly v2.12 before `image-tasks`.
+    assert!(list.iter().any(|x| x["id"] == "v2.12"));
     assert!(list[0]["links"][0]["href"]
         .as_str()
         .unwrap()
