@@ -815,3 +815,59 @@ fn iso_is_stored_as_uploaded_and_a_disguised_one_is_refused() {
         "queued"
     );
 }
+
+#[test]
+fn sigterm_lets_a_conversion_finish_within_the_grace_period() {
+    let Some(q) = vconvert_testkit::qemu() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let mut data = vec![0u8; 6 << 20];
+    vconvert_testkit::Rng::new(12).fill(&mut data);
+    std::fs::write(&raw, &data).unwrap();
+    let qcow = dir.path().join("src.qcow2");
+    q.img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]);
+    let mut v = launch(
+        &dir.path().join("data"),
+        &[
+            ("VIMPORT_CONVERT_RATE_LIMIT", "4M"),
+            ("VIMPORT_SHUTDOWN_GRACE", "60"),
+        ],
+    );
+    let id = v.create("finishes", "qcow2");
+    assert_eq!(v.stage(&id, &std::fs::read(&qcow).unwrap()), 204);
+    assert_eq!(v.import(&id).0, 202);
+    let start = Instant::now();
+    while !v.last_task(&id)["message"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("converting")
+    {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = v.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = v.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let (ws, store) = v.files();
+    assert!(ws.is_empty(), "{ws:?}");
+    assert_eq!(store.len(), 1);
+    let v = launch(&dir.path().join("data"), &[]);
+    assert_eq!(v.image(&id)["status"], "active");
+    let (_, back) = v.call("GET", &format!("/v2/images/{id}/file"), None);
+    assert!(back == data);
+}
