@@ -72,6 +72,22 @@ fn drain(reader: &mut dyn Read) {
     let _ = std::io::copy(&mut reader.take(DRAIN_MAX), &mut std::io::sink());
 }
 
+/// Refuses at once an upload whose announced size (`x-openstack-image-size`, which
+/// glanceclient sends with its chunked uploads) exceeds `image_size_cap`.
+fn check_announced_size(s: &AppState, headers: &HeaderMap) -> Result<()> {
+    let cap = s.service.config.image_size_cap;
+    match headers
+        .get("x-openstack-image-size")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(n) if n > cap => Err(Error::TooLarge(format!(
+            "the upload of {n} bytes exceeds image_size_cap ({cap} bytes)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 async fn stage(
     State(s): State<AppState>,
     Auth(caller): Auth,
@@ -81,8 +97,9 @@ async fn stage(
 ) -> Result<Response> {
     let (mut reader, len, count) = body_reader(&headers, body);
     let svc = s.service.clone();
+    let announced = check_announced_size(&s, &headers);
     blocking(move || {
-        let r = svc.stage(&caller, &id, &mut reader, len);
+        let r = announced.and_then(|_| svc.stage(&caller, &id, &mut reader, len));
         if r.is_err() {
             drain(&mut reader);
         }
@@ -101,8 +118,9 @@ async fn upload(
 ) -> Result<Response> {
     let (mut reader, len, count) = body_reader(&headers, body);
     let svc = s.service.clone();
+    let announced = check_announced_size(&s, &headers);
     blocking(move || {
-        let r = svc.upload(&caller, &id, &mut reader, len);
+        let r = announced.and_then(|_| svc.upload(&caller, &id, &mut reader, len));
         if r.is_err() {
             drain(&mut reader);
         }
