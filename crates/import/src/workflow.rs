@@ -68,7 +68,11 @@ pub fn hex(b: &[u8]) -> String {
 /// staged upload is the caller's).
 pub fn run(job: &Job<'_>, workspace: &Workspace, store: &dyn Store) -> Result<Stored, String> {
     let output = workspace.output_path(job.task_id);
-    let result = run_inner(job, workspace, store, &output);
+    // The user sees "the upload" and "the converted image", not workspace paths.
+    let result = run_inner(job, workspace, store, &output).map_err(|e| {
+        e.replace(&job.staging.display().to_string(), "the upload")
+            .replace(&output.display().to_string(), "the converted image")
+    });
     let _ = std::fs::remove_file(&output);
     workspace.release(&format!("convert:{}", job.task_id));
     result
@@ -113,7 +117,9 @@ fn run_inner(
                 return Err(format!("image refused: {}", report.violations.join("; ")));
             }
             let src = vconvert_engine::open(job.staging, Some(declared), &OpenOptions::default())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                format!("cannot open the {} upload: {e}", disk_format_name(declared))
+            })?;
             let virtual_size = src.virtual_size();
             let target = job.target;
             if declared == target {
@@ -198,7 +204,10 @@ fn convert(
     };
     vconvert_engine::convert(src, output, target, Options::new(), &opts).map_err(|e| match e {
         vconvert_core::Error::Cancelled => "cancelled".to_string(),
-        e => format!("conversion failed: {e}"),
+        e => format!(
+            "conversion of the {} upload failed: {e}",
+            disk_format_name(declared)
+        ),
     })?;
     let check =
         vconvert_engine::inspect(output, Some(target), job.policy).map_err(|e| e.to_string())?;
