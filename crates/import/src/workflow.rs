@@ -58,6 +58,13 @@ pub fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
     Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
 }
 
+/// The engine's format names in an engine message, as Glance's users know them (the
+/// engine's `vpc` is Glance's `vhd`).
+fn glance_names(msg: &str) -> String {
+    msg.replace("declared format vpc", "declared format vhd")
+        .replace("which is vpc", "which is vhd")
+}
+
 /// Lower-case hex of `b`.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -114,7 +121,10 @@ fn run_inner(
             let report = vconvert_engine::inspect(job.staging, Some(declared), job.policy)
                 .map_err(|e| format!("cannot inspect the upload: {e}"))?;
             if !report.violations.is_empty() {
-                return Err(format!("image refused: {}", report.violations.join("; ")));
+                return Err(glance_names(&format!(
+                    "image refused: {}",
+                    report.violations.join("; ")
+                )));
             }
             let src = vconvert_engine::open(job.staging, Some(declared), &OpenOptions::default())
                 .map_err(|e| {
@@ -218,4 +228,19 @@ fn convert(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn engine_names_become_glance_names() {
+        assert_eq!(
+            super::glance_names("declared format vpc does not match the content, which is qcow2"),
+            "declared format vhd does not match the content, which is qcow2"
+        );
+        assert_eq!(
+            super::glance_names("declared format raw does not match the content, which is vpc"),
+            "declared format raw does not match the content, which is vhd"
+        );
+    }
 }
