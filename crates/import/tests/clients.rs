@@ -14,6 +14,10 @@
 //! The venv comes from `VIMPORT_TEST_VENV` (set by `cargo xtask test`), else
 //! `target/test-venv` if it exists. Without it the tests are reported skipped, unless
 //! `VIMPORT_REQUIRE_CLIENTS=1` (CI), where they fail.
+//!
+//! `VIMPORT_CLIENTS_AGAINST=URL` points the same tests at another Image API (Glance
+//! itself, for comparison) instead of starting vimport; the checks of vimport's own
+//! files and of tenancy (three tokens) are then expected to fail.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
