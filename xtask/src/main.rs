@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer tasks that are more than one cargo command.
 
 mod bench;
+mod test;
 
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command, Stdio};
@@ -9,6 +10,10 @@ const HELP: &str = "\
 cargo xtask <TASK>
 
 Tasks:
+  test [ARGS]                  the README's test command: installs qemu-utils when missing
+                               (as root), makes target/test-venv with the OpenStack
+                               clients (reused), then cargo test --workspace --release
+                               ARGS (CI=1: client tests must run, not skip)
   lint                         cargo fmt --check, then clippy -D warnings on every target
   soak                         the long #[ignore] tests of the workspace, in release mode
   fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N
@@ -179,6 +184,7 @@ fn main() {
                     "warnings",
                 ])
         }
+        "test" => test::test(&root(), &args[1..]),
         "soak" => cargo(&["test", "--workspace", "--release", "--", "--ignored"]),
         "fuzz" => fuzz(&args[1..]),
         "bench" => {
