@@ -53,6 +53,46 @@ pub struct Task {
     pub updated_at: String,
 }
 
+/// What a completed import stored, recorded in its task before the stored object is
+/// moved into the store (so recovery can record an object whose import completed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// The stored format (Glance vocabulary).
+    pub disk_format: String,
+    /// Bytes of the stored file.
+    pub size: u64,
+    /// Virtual size.
+    pub virtual_size: u64,
+    /// MD5 (hex).
+    pub checksum: String,
+    /// SHA-512 (hex).
+    pub sha512: String,
+}
+
+impl Stored {
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "disk_format": self.disk_format,
+            "size": self.size,
+            "virtual_size": self.virtual_size,
+            "checksum": self.checksum,
+            "sha512": self.sha512,
+        })
+        .to_string()
+    }
+
+    fn from_json(text: &str) -> Option<Stored> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        Some(Stored {
+            disk_format: v["disk_format"].as_str()?.to_string(),
+            size: v["size"].as_u64()?,
+            virtual_size: v["virtual_size"].as_u64()?,
+            checksum: v["checksum"].as_str()?.to_string(),
+            sha512: v["sha512"].as_str()?.to_string(),
+        })
+    }
+}
+
 /// The database.
 #[derive(Debug)]
 pub struct Db {
@@ -125,6 +165,18 @@ impl Db {
                 message TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);",
         )
         .map_err(err)?;
+        let has_stored: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('tasks') WHERE name='stored'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(err)?
+            > 0;
+        if !has_stored {
+            conn.execute_batch("ALTER TABLE tasks ADD COLUMN stored TEXT;")
+                .map_err(err)?;
+        }
         Ok(Db {
             conn: Mutex::new(conn),
         })
@@ -193,11 +245,117 @@ impl Db {
         })
     }
 
-    /// Deletes the image `id`.
+    /// Deletes the image `id` and its tasks, in one transaction.
     pub fn delete_image(&self, id: &str) -> DbResult<()> {
         self.with(|c| {
-            c.execute("DELETE FROM images WHERE id=?1", [id])
-                .map(|_| ())
+            let tx = c.unchecked_transaction()?;
+            tx.execute("DELETE FROM tasks WHERE image_id=?1", [id])?;
+            tx.execute("DELETE FROM images WHERE id=?1", [id])?;
+            tx.commit()
+        })
+    }
+
+    /// In one transaction: inserts task `t` and writes image `i` (now importing by it).
+    pub fn start_import(&self, t: &Task, i: &Image) -> DbResult<()> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
+                &format!("INSERT INTO tasks ({TASK_COLS}) VALUES (?1,?2,?3,?4,?5,?6)"),
+                params![
+                    t.id,
+                    t.image_id,
+                    t.status,
+                    t.message,
+                    t.created_at,
+                    t.updated_at
+                ],
+            )?;
+            tx.execute(
+                "UPDATE images SET status=?2, task_id=?3, updated_at=?4 WHERE id=?1",
+                params![i.id, i.status, i.task_id, now()],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Records in task `id` what its import is about to put in the store.
+    pub fn record_intent(&self, id: &str, stored: &Stored) -> DbResult<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET stored=?2, message=?3, updated_at=?4 WHERE id=?1",
+                params![id, stored.to_json(), "storing the image", now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// What task `id` recorded it was about to store, if anything.
+    pub fn intent(&self, id: &str) -> DbResult<Option<Stored>> {
+        self.with(|c| {
+            c.query_row("SELECT stored FROM tasks WHERE id=?1", [id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()
+        })
+        .map(|v| v.flatten().as_deref().and_then(Stored::from_json))
+    }
+
+    /// In one transaction: task `task` succeeds with `message` and image `image` turns
+    /// active with `stored`, if the image is still importing by this task. Returns
+    /// whether it applied (false: the image was deleted or moved on).
+    pub fn finish_import(
+        &self,
+        task: &str,
+        image: &str,
+        stored: &Stored,
+        message: &str,
+    ) -> DbResult<bool> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let t = now();
+            let n = tx.execute(
+                "UPDATE images SET status='active', disk_format=?3, size=?4, virtual_size=?5,
+                 checksum=?6, os_hash_value=?7, staged=0, updated_at=?8
+                 WHERE id=?1 AND status='importing' AND task_id=?2",
+                params![
+                    image,
+                    task,
+                    stored.disk_format,
+                    stored.size as i64,
+                    stored.virtual_size as i64,
+                    stored.checksum,
+                    stored.sha512,
+                    t
+                ],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE tasks SET status='success', message=?2, updated_at=?3 WHERE id=?1",
+                params![task, message, t],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// In one transaction: task `task` fails with `message` and image `image` returns to
+    /// `queued` if it is importing by this task.
+    pub fn fail_import(&self, task: &str, image: &str, message: &str) -> DbResult<()> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let t = now();
+            tx.execute(
+                "UPDATE tasks SET status='failure', message=?2, updated_at=?3 WHERE id=?1",
+                params![task, message, t],
+            )?;
+            tx.execute(
+                "UPDATE images SET status='queued', staged=0, updated_at=?3
+                 WHERE id=?1 AND status='importing' AND task_id=?2",
+                params![image, task, t],
+            )?;
+            tx.commit()
         })
     }
 
@@ -300,11 +458,13 @@ mod tests {
         .unwrap();
         db.set_task("t1", "processing", "50%").unwrap();
         assert_eq!(db.tasks_in("processing").unwrap().len(), 1);
-        db.delete_image("i1").unwrap();
-        assert!(db.image("i1").unwrap().is_none());
         // Survives reopening.
         drop(db);
         let db = Db::open(&dir.path().join("x.db")).unwrap();
         assert_eq!(db.task("t1").unwrap().unwrap().message, "50%");
+        // Deleting an image deletes its tasks.
+        db.delete_image("i1").unwrap();
+        assert!(db.image("i1").unwrap().is_none());
+        assert!(db.task("t1").unwrap().is_none());
     }
 }

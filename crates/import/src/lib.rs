@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod db;
+pub mod failpoint;
 pub mod http;
 pub mod service;
 pub mod workspace;

@@ -14,7 +14,8 @@ use vconvert_core::{Identity, Options};
 use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
 
 use crate::config::{disk_format_name, parse_disk_format, Config};
-use crate::db::{now, Db, Image, Task};
+use crate::db::{now, Db, Image, Stored, Task};
+use crate::failpoint;
 use crate::workspace::Workspace;
 
 /// An API error: HTTP status and a message for the user.
@@ -120,6 +121,11 @@ fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::remove_file(from)
 }
 
+/// The message of a successful import task.
+fn success_message(s: &Stored) -> String {
+    format!("imported: stored as {} ({} bytes)", s.disk_format, s.size)
+}
+
 /// MD5 and SHA-512 (hex) of a file.
 fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
     let mut f = std::fs::File::open(path)?;
@@ -134,7 +140,9 @@ fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
         md5.update(&buf[..n]);
         sha.update(&buf[..n]);
         n_total += n as u64;
+        failpoint::hit("hash.reading");
     }
+    failpoint::hit("hash.done");
     let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
 }
@@ -143,6 +151,7 @@ impl Service {
     /// Opens the database and workspace, recovers from a previous crash, and starts
     /// `max_workers` workers.
     pub fn start(config: Config) -> Result<Arc<Service>, String> {
+        failpoint::init()?;
         for d in [&config.data_dir, &config.store_dir] {
             std::fs::create_dir_all(d)
                 .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
@@ -216,13 +225,17 @@ impl Service {
     fn recover(&self) -> Result<(), String> {
         for status in ["pending", "processing"] {
             for t in self.db.tasks_in(status)? {
-                self.db.set_task(
+                if self.finish_interrupted(&t)? {
+                    continue;
+                }
+                self.db.fail_import(
                     &t.id,
-                    "failure",
+                    &t.image_id,
                     "interrupted: vimport stopped during this import; stage the image again",
                 )?;
             }
         }
+        self.reconcile_store()?;
         let mut keep: Vec<PathBuf> = Vec::new();
         for mut img in self.db.images()? {
             let staging = self.workspace.staging_path(&img.id);
@@ -243,6 +256,77 @@ impl Service {
         for f in self.workspace.files() {
             if !keep.contains(&f) {
                 let _ = std::fs::remove_file(&f);
+            }
+        }
+        Ok(())
+    }
+
+    /// An interrupted task whose stored object is complete (in the store, with the size
+    /// and checksums it recorded before the move) is finished: the task succeeds and its
+    /// image turns active. Returns whether it was.
+    fn finish_interrupted(&self, t: &Task) -> Result<bool, String> {
+        let Some(stored) = self.db.intent(&t.id)? else {
+            return Ok(false);
+        };
+        let path = self.config.store_dir.join(&t.image_id);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return Ok(false);
+        };
+        if meta.len() != stored.size {
+            return Ok(false);
+        }
+        let Ok((md5, sha512, _)) = hashes(&path) else {
+            return Ok(false);
+        };
+        if md5 != stored.checksum || sha512 != stored.sha512 {
+            eprintln!(
+                "vimport: recovery: {} does not hold what task {} recorded; not recorded",
+                path.display(),
+                t.id
+            );
+            return Ok(false);
+        }
+        let done = self
+            .db
+            .finish_import(&t.id, &t.image_id, &stored, &success_message(&stored))?;
+        if done {
+            eprintln!(
+                "vimport: recovery: import task {} of image {} had stored {} completely; recorded it",
+                t.id,
+                t.image_id,
+                path.display()
+            );
+        }
+        Ok(done)
+    }
+
+    /// Removes every store object that belongs to no active image, naming it.
+    fn reconcile_store(&self) -> Result<(), String> {
+        let active: std::collections::HashSet<String> = self
+            .db
+            .images()?
+            .into_iter()
+            .filter(|i| i.status == "active")
+            .map(|i| i.id)
+            .collect();
+        let dir = &self.config.store_dir;
+        let entries = std::fs::read_dir(dir)
+            .map_err(|e| format!("cannot list the store {}: {e}", dir.display()))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if active.contains(&name) {
+                continue;
+            }
+            let path = e.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => eprintln!(
+                    "vimport: recovery: removed store object {} (no active image {name})",
+                    path.display()
+                ),
+                Err(err) => eprintln!(
+                    "vimport: recovery: cannot remove store object {} (no active image {name}): {err}",
+                    path.display()
+                ),
             }
         }
         Ok(())
@@ -393,6 +477,7 @@ impl Service {
         let result = self.receive(&path, body, content_length, &key, cap);
         match result {
             Ok(()) => {
+                failpoint::hit("stage.received");
                 img.staged = true;
                 self.db.update_image(&img).map_err(internal)?;
                 Ok((204, Value::Null))
@@ -440,6 +525,7 @@ impl Service {
                 ));
             }
             f.write_all(&buf[..n]).map_err(internal)?;
+            failpoint::hit("stage.receiving");
         }
         if let Some(len) = content_length {
             if total != len {
@@ -490,10 +576,9 @@ impl Service {
             created_at: t.clone(),
             updated_at: t,
         };
-        self.db.insert_task(&task).map_err(internal)?;
         img.status = "importing".into();
         img.task_id = Some(task.id.clone());
-        self.db.update_image(&img).map_err(internal)?;
+        self.db.start_import(&task, &img).map_err(internal)?;
         self.cancels
             .lock()
             .map_err(internal)?
@@ -503,6 +588,7 @@ impl Service {
             .map_err(internal)?
             .push_back(task.id.clone());
         self.queued.notify_one();
+        failpoint::hit("import.accepted");
         Ok((202, json!({"task_id": task.id})))
     }
 
@@ -513,12 +599,16 @@ impl Service {
         if let Some(c) = self.cancels.lock().map_err(internal)?.get(id) {
             c.cancel();
         }
+        // The catalogue first: once the image is gone, any file of it is an orphan that
+        // the import (when it ends) or the startup recovery removes.
+        self.db.delete_image(id).map_err(internal)?;
+        failpoint::hit("delete.recorded");
         if img.status != "importing" {
             let _ = std::fs::remove_file(self.workspace.staging_path(id));
             self.workspace.release(&format!("stage:{id}"));
         }
+        failpoint::hit("delete.files");
         let _ = std::fs::remove_file(self.config.store_dir.join(id));
-        self.db.delete_image(id).map_err(internal)?;
         Ok((204, Value::Null))
     }
 
@@ -554,9 +644,13 @@ impl Service {
         let _ = self
             .db
             .set_task(task_id, "processing", "inspecting the upload");
+        failpoint::hit("task.processing");
         let output = self.workspace.output_path(task_id);
         let staging = self.workspace.staging_path(&image_id);
         let result = self.import_one(task_id, &image_id, &staging, &output, &cancel);
+        if result.is_ok() {
+            failpoint::hit("store.recorded");
+        }
         let _ = std::fs::remove_file(&staging);
         let _ = std::fs::remove_file(&output);
         self.workspace.release(&format!("stage:{image_id}"));
@@ -574,12 +668,7 @@ impl Service {
                 } else {
                     message
                 };
-                let _ = self.db.set_task(task_id, "failure", &message);
-                if let Ok(Some(mut img)) = self.db.image(&image_id) {
-                    img.status = "queued".into();
-                    img.staged = false;
-                    let _ = self.db.update_image(&img);
-                }
+                let _ = self.db.fail_import(task_id, &image_id, &message);
             }
         }
     }
@@ -626,6 +715,7 @@ impl Service {
             );
             let last = Mutex::new(Instant::now() - Duration::from_secs(1));
             let progress = |done: u64, total: u64| {
+                failpoint::hit("convert.progress");
                 if let Ok(mut l) = last.lock() {
                     if l.elapsed() >= Duration::from_millis(250) || done == total {
                         *l = Instant::now();
@@ -662,6 +752,7 @@ impl Service {
                     check.violations.join("; ")
                 ));
             }
+            failpoint::hit("convert.done");
             output.to_path_buf()
         };
         drop(src);
@@ -673,36 +764,38 @@ impl Service {
             .set_task(task_id, "processing", "computing checksums");
         let (md5, sha512, size) =
             hashes(&stored_from).map_err(|e| format!("cannot read {}: {e}", name(&stored_from)))?;
-        let stored = self.config.store_dir.join(image_id);
-        move_file(&stored_from, &stored).map_err(|e| {
+        let stored = Stored {
+            disk_format: disk_format_name(target).into(),
+            size,
+            virtual_size,
+            checksum: md5,
+            sha512,
+        };
+        // Intent first: a crash after the move finds in the task what the stored object
+        // is, and recovery records it (or removes it) instead of leaving it orphaned.
+        self.db.record_intent(task_id, &stored)?;
+        failpoint::hit("store.intent");
+        let stored_path = self.config.store_dir.join(image_id);
+        move_file(&stored_from, &stored_path).map_err(|e| {
             format!(
                 "cannot store the image in {}: {e}",
                 name(&self.config.store_dir)
             )
         })?;
+        failpoint::hit("store.moved");
         let _t = self
             .transitions
             .lock()
             .map_err(|_| "lock poisoned".to_string())?;
-        let Some(mut img) = self.db.image(image_id)? else {
-            let _ = std::fs::remove_file(&stored);
+        let message = success_message(&stored);
+        // The task's success and the image's active state are one transaction.
+        if !self
+            .db
+            .finish_import(task_id, image_id, &stored, &message)?
+        {
+            let _ = std::fs::remove_file(&stored_path);
             return Err("cancelled".into());
-        };
-        img.status = "active".into();
-        img.disk_format = disk_format_name(target).into();
-        img.size = Some(size);
-        img.virtual_size = Some(virtual_size);
-        img.checksum = Some(md5);
-        img.os_hash_value = Some(sha512);
-        img.staged = false;
-        let message = format!(
-            "imported: stored as {} ({size} bytes)",
-            disk_format_name(target)
-        );
-        // The task succeeds before the image turns active, so a client that sees the
-        // image active never finds its task still processing.
-        self.db.set_task(task_id, "success", &message)?;
-        self.db.update_image(&img)?;
+        }
         Ok(message)
     }
 }
