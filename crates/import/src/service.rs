@@ -109,15 +109,21 @@ fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| api(400, format!("request body is not valid JSON: {e}")))
 }
 
-/// Moves `from` to `to`, copying when they are on different filesystems.
+/// Moves `from` to `to`, copying when they are on different filesystems, and syncs the
+/// target's directory so the move survives a power loss too.
 fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    let sync_dir = || match to.parent() {
+        Some(d) => std::fs::File::open(d)?.sync_all(),
+        None => Ok(()),
+    };
     if std::fs::rename(from, to).is_ok() {
-        return Ok(());
+        return sync_dir();
     }
     let tmp = to.with_extension("partial");
     std::fs::copy(from, &tmp)?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, to)?;
+    sync_dir()?;
     std::fs::remove_file(from)
 }
 
