@@ -517,6 +517,12 @@ fn check_invariants(
                 t_status, "success",
                 "active image {id}: task {t} is {t_status}"
             );
+        } else if let Some((image, t_status, m)) = task.as_ref().and_then(|t| cat.tasks.get(t)) {
+            assert_eq!(image, id);
+            assert_eq!(
+                t_status, "failure",
+                "{status} image {id}: its last task is {t_status} ({m})"
+            );
         }
     }
     for id in deleted {
