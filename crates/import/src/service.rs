@@ -484,6 +484,17 @@ impl Service {
         match result {
             Ok(()) => {
                 failpoint::hit("stage.received");
+                let _t = self.transitions.lock().map_err(internal)?;
+                let still = self.db.image(id).map_err(internal)?;
+                if still.is_none_or(|i| i.status != "uploading") {
+                    // Deleted while receiving: its upload must not stay in the workspace.
+                    let _ = std::fs::remove_file(&path);
+                    self.workspace.release(&key);
+                    return Err(api(
+                        404,
+                        format!("image {id} was deleted during the upload"),
+                    ));
+                }
                 img.staged = true;
                 self.db.update_image(&img).map_err(internal)?;
                 Ok((204, Value::Null))

@@ -327,6 +327,37 @@ fn import_until_active(
     }
 }
 
+/// Creates an image of `src`, stages it and starts its import, once, whatever fails;
+/// returns the image id if it was created.
+fn start_import(shared: &Shared, src: &Source, name: &str) -> Option<String> {
+    let agent = agent();
+    let base = shared.base();
+    let body = format!(
+        r#"{{"name":"{name}","disk_format":"{}","container_format":"bare"}}"#,
+        src.glance
+    );
+    let id = match call(&agent, &base, "POST", "/v2/images", Some(body.as_bytes())) {
+        Ok((201, b)) => json(&b)["id"].as_str()?.to_string(),
+        _ => return None,
+    };
+    if let Ok((204, _)) = call(
+        &agent,
+        &base,
+        "PUT",
+        &format!("/v2/images/{id}/stage"),
+        Some(&src.bytes),
+    ) {
+        let _ = call(
+            &agent,
+            &base,
+            "POST",
+            &format!("/v2/images/{id}/import"),
+            Some(br#"{"method":{"name":"glance-direct"}}"#),
+        );
+    }
+    Some(id)
+}
+
 /// Deletes image `id`, retrying across crashes until the service says it is gone.
 fn delete_until_gone(shared: &Shared, id: &str, limit: Duration) {
     let agent = agent();
@@ -615,8 +646,16 @@ fn random_soak(
                     // Each client starts at a different format.
                     let src = &srcs[(k + c) % srcs.len()];
                     let name = format!("c{c}-r{round}-{}", src.glance);
-                    let id = import_until_active(&shared, src, &name, limit, &mut outcome);
                     n += 1;
+                    if n % 4 == 0 {
+                        // Deleted while its import runs (or whatever step it reached).
+                        if let Some(id) = start_import(&shared, src, &name) {
+                            delete_until_gone(&shared, &id, limit);
+                            deleted.lock().unwrap().push(id);
+                        }
+                        continue;
+                    }
+                    let id = import_until_active(&shared, src, &name, limit, &mut outcome);
                     if n % 3 == 0 {
                         delete_until_gone(&shared, &id, limit);
                         deleted.lock().unwrap().push(id);
@@ -664,7 +703,7 @@ fn random_soak(
     let proc = start(&data, &env, &log);
     check_invariants(&proc.base, &data, &expected, &deleted);
     eprintln!(
-        "soak seed {seed}: {} imports ({} deleted) by {clients} clients, {done_kills} kills \
+        "soak seed {seed}: {} images ({} deleted, some during their import) by {clients} clients, {done_kills} kills \
          (imports seen interrupted: {}), kills by step in flight: {by_step:?}",
         expected.len() + deleted.len(),
         deleted.len(),
