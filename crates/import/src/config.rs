@@ -21,8 +21,49 @@ pub const KEYS: &[&str] = &[
     "database",
     "listen",
     "token",
+    "tokens",
     "convert_rate_limit",
+    "shutdown_grace",
+    "request_timeout",
+    "web_download_allowed_schemes",
+    "web_download_disallowed_schemes",
+    "web_download_allowed_hosts",
+    "web_download_disallowed_hosts",
+    "web_download_allowed_ports",
+    "web_download_disallowed_ports",
 ];
+
+/// A token clients may send, and who it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenEntry {
+    /// The secret (`X-Auth-Token` or `Authorization: Bearer`).
+    pub token: String,
+    /// The project it acts for (images' `owner`).
+    pub project_id: String,
+    /// Sees and edits every project's images.
+    pub admin: bool,
+}
+
+/// The project of the single `token` key (an admin token).
+pub const ADMIN_PROJECT: &str = "admin";
+
+/// What `web-download` may fetch, as Glance's `[import_filtering_opts]`: a non-empty
+/// allow-list admits only what it names; otherwise the deny-list refuses what it names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UriFilter {
+    /// Schemes allowed (default http, https).
+    pub allowed_schemes: Vec<String>,
+    /// Schemes refused when `allowed_schemes` is empty.
+    pub disallowed_schemes: Vec<String>,
+    /// Hosts allowed (default: any).
+    pub allowed_hosts: Vec<String>,
+    /// Hosts refused when `allowed_hosts` is empty.
+    pub disallowed_hosts: Vec<String>,
+    /// Ports allowed (default 80, 443).
+    pub allowed_ports: Vec<u16>,
+    /// Ports refused when `allowed_ports` is empty.
+    pub disallowed_ports: Vec<u16>,
+}
 
 /// The service's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,10 +88,19 @@ pub struct Config {
     pub database: PathBuf,
     /// Address to listen on.
     pub listen: String,
-    /// The bearer token clients must send; `None` means "generate one at start".
+    /// The single admin token (`token`); `None` and no `tokens` means "generate one
+    /// at start".
     pub token: Option<String>,
+    /// Tokens with their project (`tokens = ["secret:project[:admin]", …]`).
+    pub tokens: Vec<TokenEntry>,
     /// Bytes per second a conversion may process (`None`: no limit).
     pub convert_rate_limit: Option<u64>,
+    /// Seconds running conversions may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace: u64,
+    /// Seconds a metadata request may take (uploads and downloads are not limited).
+    pub request_timeout: u64,
+    /// What `web-download` may fetch.
+    pub web_download: UriFilter,
 }
 
 /// A configuration error: names the key (and where it came from) and what is wrong.
@@ -148,7 +198,80 @@ impl Config {
         if workspace_bytes == 0 {
             return Err(ConfigError("workspace_bytes must be more than 0".into()));
         }
+        let list = |k: &str, default: &[&str]| -> Vec<String> {
+            match get(k) {
+                None => default.iter().map(|s| s.to_string()).collect(),
+                Some((v, _)) => v
+                    .split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            }
+        };
+        let ports = |k: &str, default: &[&str]| -> Result<Vec<u16>, ConfigError> {
+            list(k, default)
+                .iter()
+                .map(|p| {
+                    p.parse::<u16>().map_err(|_| {
+                        let src = get(k).map_or_else(|| "default".into(), |v| v.1);
+                        bad(k, &src, format!("'{p}' is not a port number"))
+                    })
+                })
+                .collect()
+        };
+        let seconds = |k: &str, default: u64| -> Result<u64, ConfigError> {
+            match get(k) {
+                None => Ok(default),
+                Some((v, src)) => v
+                    .parse::<u64>()
+                    .map_err(|_| bad(k, &src, format!("'{v}' is not a number of seconds"))),
+            }
+        };
+        let mut tokens = Vec::new();
+        if let Some((v, src)) = get("tokens") {
+            for entry in v.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let parts: Vec<&str> = entry.split(':').collect();
+                let admin = match parts.get(2) {
+                    None => false,
+                    Some(&"admin") => true,
+                    Some(other) => {
+                        return Err(bad(
+                            "tokens",
+                            &src,
+                            format!("'{other}' after the project must be 'admin' (entries are token:project[:admin])"),
+                        ))
+                    }
+                };
+                match parts.as_slice() {
+                    [t, p, ..] if !t.is_empty() && !p.is_empty() && parts.len() <= 3 => tokens
+                        .push(TokenEntry {
+                            token: t.to_string(),
+                            project_id: p.to_string(),
+                            admin,
+                        }),
+                    _ => {
+                        return Err(bad(
+                            "tokens",
+                            &src,
+                            "entries are token:project[:admin]".into(),
+                        ))
+                    }
+                }
+            }
+        }
+        let web_download = UriFilter {
+            allowed_schemes: list("web_download_allowed_schemes", &["http", "https"]),
+            disallowed_schemes: list("web_download_disallowed_schemes", &[]),
+            allowed_hosts: list("web_download_allowed_hosts", &[]),
+            disallowed_hosts: list("web_download_disallowed_hosts", &[]),
+            allowed_ports: ports("web_download_allowed_ports", &["80", "443"])?,
+            disallowed_ports: ports("web_download_disallowed_ports", &[])?,
+        };
         Ok(Config {
+            tokens,
+            shutdown_grace: seconds("shutdown_grace", 30)?,
+            request_timeout: seconds("request_timeout", 60)?.max(1),
+            web_download,
             output_format,
             vmdk_allowed_types: get("vmdk_allowed_types").map_or_else(
                 || {
@@ -183,17 +306,80 @@ impl Config {
     }
 }
 
-/// Glance's `disk_format` vocabulary: raw, qcow2, vdi, vmdk, vhd (our vpc; vpc is
-/// accepted too).
-pub fn parse_disk_format(s: &str) -> Result<Format, String> {
+/// Glance's whole `disk_format` vocabulary (its default `[image_format] disk_formats`).
+pub const GLANCE_DISK_FORMATS: &[&str] = &[
+    "ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop",
+];
+
+/// Glance's `container_format` vocabulary; vimport accepts only `bare`.
+pub const GLANCE_CONTAINER_FORMATS: &[&str] = &[
+    "ami",
+    "ari",
+    "aki",
+    "bare",
+    "ovf",
+    "ova",
+    "docker",
+    "compressed",
+];
+
+/// The `disk_format` values vimport accepts for uploads: the engine's formats, and
+/// `iso` (stored as uploaded, see [`DiskFormat::Iso`]).
+pub const ACCEPTED_DISK_FORMATS: &str = "raw, qcow2, vdi, vmdk, vhd, iso";
+
+/// A declared `disk_format` vimport accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A format the engine reads and converts.
+    Engine(Format),
+    /// An ISO 9660 image: inspected as raw bytes (it must not be another format in
+    /// disguise) and stored as uploaded, never converted.
+    Iso,
+}
+
+impl DiskFormat {
+    /// Glance's name of it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Engine(f) => disk_format_name(f),
+            DiskFormat::Iso => "iso",
+        }
+    }
+}
+
+/// Parses a declared `disk_format` in Glance's vocabulary (`vpc` is accepted as `vhd`).
+/// Glance's formats that vimport does not convert are refused with a message naming
+/// those it accepts.
+pub fn parse_declared_format(s: &str) -> Result<DiskFormat, String> {
     match s {
-        "raw" => Ok(Format::Raw),
-        "qcow2" => Ok(Format::Qcow2),
-        "vdi" => Ok(Format::Vdi),
-        "vmdk" => Ok(Format::Vmdk),
-        "vhd" | "vpc" => Ok(Format::Vpc),
+        "raw" => Ok(DiskFormat::Engine(Format::Raw)),
+        "qcow2" => Ok(DiskFormat::Engine(Format::Qcow2)),
+        "vdi" => Ok(DiskFormat::Engine(Format::Vdi)),
+        "vmdk" => Ok(DiskFormat::Engine(Format::Vmdk)),
+        "vhd" | "vpc" => Ok(DiskFormat::Engine(Format::Vpc)),
+        "iso" => Ok(DiskFormat::Iso),
+        // The one place to enable VHDX once the engine reads it.
+        "vhdx" => Err(format!(
+            "disk_format 'vhdx' is not supported yet (the engine does not read VHDX); accepted formats: {ACCEPTED_DISK_FORMATS}"
+        )),
+        other if GLANCE_DISK_FORMATS.contains(&other) => Err(format!(
+            "disk_format '{other}' is not supported: vimport converts every upload and cannot read {other}; accepted formats: {ACCEPTED_DISK_FORMATS}"
+        )),
         other => Err(format!(
-            "disk_format '{other}' is not supported; supported formats: raw, qcow2, vdi, vmdk, vhd"
+            "disk_format '{other}' is not a Glance disk format; accepted formats: {ACCEPTED_DISK_FORMATS}"
+        )),
+    }
+}
+
+/// Parses the `output_format` key: a format the engine writes.
+pub fn parse_disk_format(s: &str) -> Result<Format, String> {
+    match parse_declared_format(s) {
+        Ok(DiskFormat::Engine(f)) => Ok(f),
+        Ok(DiskFormat::Iso) => Err(
+            "iso cannot be an output_format; supported formats: raw, qcow2, vdi, vmdk, vhd".into(),
+        ),
+        Err(_) => Err(format!(
+            "disk_format '{s}' is not supported; supported formats: raw, qcow2, vdi, vmdk, vhd"
         )),
     }
 }
@@ -242,6 +428,48 @@ mod tests {
         assert_eq!(c.max_workers, 3, "the environment wins over the file");
         assert_eq!(c.workspace_bytes, 10 << 30);
         assert_eq!(c.vmdk_allowed_types, vec!["streamOptimized"]);
+
+        let c = Config::load(
+            None,
+            &env(&[
+                ("VIMPORT_TOKENS", "s1:p1:admin, s2:p2"),
+                ("VIMPORT_WEB_DOWNLOAD_ALLOWED_PORTS", ""),
+                ("VIMPORT_WEB_DOWNLOAD_DISALLOWED_HOSTS", "Example.com"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.tokens,
+            vec![
+                TokenEntry {
+                    token: "s1".into(),
+                    project_id: "p1".into(),
+                    admin: true
+                },
+                TokenEntry {
+                    token: "s2".into(),
+                    project_id: "p2".into(),
+                    admin: false
+                }
+            ]
+        );
+        assert!(c.web_download.allowed_ports.is_empty());
+        assert_eq!(c.web_download.disallowed_hosts, vec!["example.com"]);
+        assert_eq!(c.web_download.allowed_schemes, vec!["http", "https"]);
+        assert_eq!(c.shutdown_grace, 30);
+    }
+
+    #[test]
+    fn glance_formats_outside_the_engine_are_refused_by_name() {
+        assert_eq!(parse_declared_format("iso"), Ok(DiskFormat::Iso));
+        assert_eq!(
+            parse_declared_format("vpc"),
+            Ok(DiskFormat::Engine(Format::Vpc))
+        );
+        for f in ["vhdx", "ploop", "ami", "nope"] {
+            let e = parse_declared_format(f).unwrap_err();
+            assert!(e.contains(f) && e.contains(ACCEPTED_DISK_FORMATS), "{e}");
+        }
     }
 
     #[test]
@@ -253,6 +481,8 @@ mod tests {
         );
         let e = Config::load(None, &env(&[("VIMPORT_OUTPUT_FORMAT", "vhdx")])).unwrap_err();
         assert!(e.0.contains("vhdx") && e.0.contains("raw, qcow2"), "{e}");
+        let e = Config::load(None, &env(&[("VIMPORT_TOKENS", "a:p:root")])).unwrap_err();
+        assert!(e.0.contains("tokens") && e.0.contains("admin"), "{e}");
         let e = Config::load(None, &env(&[("VIMPORT_WORKERS", "1")])).unwrap_err();
         assert!(e.0.contains("unknown configuration key 'workers'"), "{e}");
     }

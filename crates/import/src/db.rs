@@ -1,32 +1,72 @@
 //! Images and tasks, kept in SQLite so they survive restarts.
+//!
+//! The schema is `migrations/NNNN_name.sql`, applied at open and counted in
+//! `PRAGMA user_version`. Every state change of an image or a task goes through a
+//! method here: guarded `UPDATE … WHERE id = ? AND status IN (…)` statements that
+//! report whether they applied, inside one transaction when a task and its image
+//! change together. Calls block: the HTTP layer runs them off the async runtime.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+/// The migrations, in order; `user_version` counts those applied.
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_initial",
+        include_str!("../migrations/0001_initial.sql"),
+    ),
+    (
+        "0002_glance_model",
+        include_str!("../migrations/0002_glance_model.sql"),
+    ),
+    (
+        "0003_task_constraints",
+        include_str!("../migrations/0003_task_constraints.sql"),
+    ),
+];
+
+/// The property that records the stores an import failed to reach (Glance's name).
+pub const FAILED_IMPORT: &str = "os_glance_failed_import";
 
 /// An image record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Image {
     /// Id (a UUID).
     pub id: String,
     /// The user's name for it.
-    pub name: String,
-    /// queued, uploading, importing, active or killed.
+    pub name: Option<String>,
+    /// queued, saving, uploading, importing, active, killed, deactivated.
     pub status: String,
+    /// private, public, shared or community.
+    pub visibility: String,
+    /// Cannot be deleted while set.
+    pub protected: bool,
+    /// Left out of default listings.
+    pub os_hidden: bool,
+    /// The project that owns it.
+    pub owner: Option<String>,
+    /// Disk space (GiB) needed to boot it.
+    pub min_disk: u64,
+    /// RAM (MiB) needed to boot it.
+    pub min_ram: u64,
     /// The format the user declared (Glance vocabulary), then the stored format.
-    pub disk_format: String,
-    /// Always "bare".
-    pub container_format: String,
+    pub disk_format: Option<String>,
+    /// Always "bare" when set.
+    pub container_format: Option<String>,
     /// Bytes of the stored file.
     pub size: Option<u64>,
     /// Virtual size of the stored image.
     pub virtual_size: Option<u64>,
     /// MD5 of the stored file.
     pub checksum: Option<String>,
+    /// `sha512` once hashed.
+    pub os_hash_algo: Option<String>,
     /// SHA-512 of the stored file.
     pub os_hash_value: Option<String>,
-    /// The last import task.
+    /// The last import task (the import lock while `importing`).
     pub task_id: Option<String>,
     /// The staging upload completed.
     pub staged: bool,
@@ -34,27 +74,44 @@ pub struct Image {
     pub created_at: String,
     /// Last change (RFC 3339).
     pub updated_at: String,
+    /// Tags, sorted.
+    pub tags: Vec<String>,
+    /// Extra properties (`os_distro`, `hw_*`, anything else).
+    pub properties: BTreeMap<String, String>,
 }
 
 /// An import task record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Task {
     /// Id (a UUID).
     pub id: String,
+    /// `api_image_import`.
+    pub kind: String,
     /// The image it imports.
     pub image_id: String,
     /// pending, processing, success or failure.
     pub status: String,
     /// Progress or the reason of a failure.
     pub message: String,
+    /// The request's input (JSON text).
+    pub input: String,
+    /// The result (JSON text), once done.
+    pub result: Option<String>,
+    /// The project that started it.
+    pub owner: Option<String>,
+    /// The user that started it.
+    pub user_id: Option<String>,
+    /// The request id of the call that started it.
+    pub request_id: Option<String>,
+    /// When it may be forgotten.
+    pub expires_at: Option<String>,
     /// Creation time (RFC 3339).
     pub created_at: String,
     /// Last change (RFC 3339).
     pub updated_at: String,
 }
 
-/// What a completed import stored, recorded in its task before the stored object is
-/// moved into the store (so recovery can record an object whose import completed).
+/// What a completed import stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stored {
     /// The stored format (Glance vocabulary).
@@ -69,37 +126,13 @@ pub struct Stored {
     pub sha512: String,
 }
 
-impl Stored {
-    fn to_json(&self) -> String {
-        serde_json::json!({
-            "disk_format": self.disk_format,
-            "size": self.size,
-            "virtual_size": self.virtual_size,
-            "checksum": self.checksum,
-            "sha512": self.sha512,
-        })
-        .to_string()
-    }
-
-    fn from_json(text: &str) -> Option<Stored> {
-        let v: serde_json::Value = serde_json::from_str(text).ok()?;
-        Some(Stored {
-            disk_format: v["disk_format"].as_str()?.to_string(),
-            size: v["size"].as_u64()?,
-            virtual_size: v["virtual_size"].as_u64()?,
-            checksum: v["checksum"].as_str()?.to_string(),
-            sha512: v["sha512"].as_str()?.to_string(),
-        })
-    }
-}
-
 /// The database.
 #[derive(Debug)]
 pub struct Db {
     conn: Mutex<Connection>,
 }
 
-/// A database error, as text (it reaches users as a 500 with this message).
+/// A database error, as text (it reaches the log, never the client).
 pub type DbResult<T> = Result<T, String>;
 
 fn err(e: rusqlite::Error) -> String {
@@ -111,8 +144,20 @@ pub fn now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    rfc3339(secs)
+}
+
+/// `secs` since the epoch as RFC 3339 in UTC.
+pub fn rfc3339(secs: u64) -> String {
     let (y, m, d, h, mi, s) = vconvert_core::utc_fields(secs);
     format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
+}
+
+const IMAGE_COLS: &str = "id, name, status, visibility, protected, os_hidden, owner, min_disk, min_ram, disk_format, container_format, size, virtual_size, checksum, os_hash_algo, os_hash_value, task_id, staged, created_at, updated_at";
+const TASK_COLS: &str = "id, type, image_id, status, message, input, result, owner, user_id, request_id, expires_at, created_at, updated_at";
+
+fn u64_col(row: &Row<'_>, i: usize) -> rusqlite::Result<Option<u64>> {
+    Ok(row.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64))
 }
 
 fn image_from(row: &Row<'_>) -> rusqlite::Result<Image> {
@@ -120,209 +165,300 @@ fn image_from(row: &Row<'_>) -> rusqlite::Result<Image> {
         id: row.get(0)?,
         name: row.get(1)?,
         status: row.get(2)?,
-        disk_format: row.get(3)?,
-        container_format: row.get(4)?,
-        size: row.get::<_, Option<i64>>(5)?.map(|v| v as u64),
-        virtual_size: row.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-        checksum: row.get(7)?,
-        os_hash_value: row.get(8)?,
-        task_id: row.get(9)?,
-        staged: row.get(10)?,
-        created_at: row.get(11)?,
-        updated_at: row.get(12)?,
+        visibility: row.get(3)?,
+        protected: row.get(4)?,
+        os_hidden: row.get(5)?,
+        owner: row.get(6)?,
+        min_disk: u64_col(row, 7)?.unwrap_or(0),
+        min_ram: u64_col(row, 8)?.unwrap_or(0),
+        disk_format: row.get(9)?,
+        container_format: row.get(10)?,
+        size: u64_col(row, 11)?,
+        virtual_size: u64_col(row, 12)?,
+        checksum: row.get(13)?,
+        os_hash_algo: row.get(14)?,
+        os_hash_value: row.get(15)?,
+        task_id: row.get(16)?,
+        staged: row.get(17)?,
+        created_at: row.get(18)?,
+        updated_at: row.get(19)?,
+        tags: Vec::new(),
+        properties: BTreeMap::new(),
     })
 }
 
 fn task_from(row: &Row<'_>) -> rusqlite::Result<Task> {
     Ok(Task {
         id: row.get(0)?,
-        image_id: row.get(1)?,
-        status: row.get(2)?,
-        message: row.get(3)?,
-        created_at: row.get(4)?,
-        updated_at: row.get(5)?,
+        kind: row.get(1)?,
+        image_id: row.get(2)?,
+        status: row.get(3)?,
+        message: row.get(4)?,
+        input: row.get(5)?,
+        result: row.get(6)?,
+        owner: row.get(7)?,
+        user_id: row.get(8)?,
+        request_id: row.get(9)?,
+        expires_at: row.get(10)?,
+        created_at: row.get(11)?,
+        updated_at: row.get(12)?,
     })
 }
 
-const IMAGE_COLS: &str = "id, name, status, disk_format, container_format, size, virtual_size, checksum, os_hash_value, task_id, staged, created_at, updated_at";
-const TASK_COLS: &str = "id, image_id, status, message, created_at, updated_at";
+/// Loads the tags and properties of `img`.
+fn fill(c: &Connection, img: &mut Image) -> rusqlite::Result<()> {
+    let mut st = c.prepare_cached("SELECT tag FROM image_tags WHERE image_id=?1 ORDER BY tag")?;
+    img.tags = st
+        .query_map([&img.id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut st = c.prepare_cached("SELECT name, value FROM image_properties WHERE image_id=?1")?;
+    img.properties = st
+        .query_map([&img.id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(())
+}
+
+/// Replaces the tags and properties of `img` in the database.
+fn write_tags_and_properties(tx: &Transaction<'_>, img: &Image) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM image_tags WHERE image_id=?1", [&img.id])?;
+    tx.execute("DELETE FROM image_properties WHERE image_id=?1", [&img.id])?;
+    for t in &img.tags {
+        tx.execute(
+            "INSERT OR IGNORE INTO image_tags (image_id, tag) VALUES (?1, ?2)",
+            params![img.id, t],
+        )?;
+    }
+    for (k, v) in &img.properties {
+        tx.execute(
+            "INSERT INTO image_properties (image_id, name, value) VALUES (?1, ?2, ?3)",
+            params![img.id, k, v],
+        )?;
+    }
+    Ok(())
+}
+
+fn opt_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|v| v.min(i64::MAX as u64) as i64)
+}
 
 impl Db {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path` and applies the migrations it
+    /// has not run yet.
     pub fn open(path: &Path) -> DbResult<Db> {
-        let conn = Connection::open(path).map_err(err)?;
+        let mut conn = Connection::open(path).map_err(err)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
-             CREATE TABLE IF NOT EXISTS images (
-                id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT NOT NULL,
-                disk_format TEXT NOT NULL, container_format TEXT NOT NULL,
-                size INTEGER, virtual_size INTEGER, checksum TEXT, os_hash_value TEXT,
-                task_id TEXT, staged INTEGER NOT NULL DEFAULT 0,
-                created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS tasks (
-                id TEXT PRIMARY KEY, image_id TEXT NOT NULL, status TEXT NOT NULL,
-                message TEXT NOT NULL, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
         )
         .map_err(err)?;
-        let has_stored: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('tasks') WHERE name='stored'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(err)?
-            > 0;
-        if !has_stored {
-            conn.execute_batch("ALTER TABLE tasks ADD COLUMN stored TEXT;")
+        let applied: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        for (n, (name, sql)) in MIGRATIONS.iter().enumerate().skip(applied.max(0) as usize) {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(sql)
+                .map_err(|e| format!("migration {name} failed: {e}"))?;
+            tx.execute_batch(&format!("PRAGMA user_version = {}", n + 1))
                 .map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        if applied as usize > MIGRATIONS.len() {
+            return Err(format!(
+                "database {} is at schema version {applied}, newer than this vimport ({})",
+                path.display(),
+                MIGRATIONS.len()
+            ));
         }
         Ok(Db {
             conn: Mutex::new(conn),
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> DbResult<T> {
-        let conn = self
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> DbResult<T> {
+        let mut conn = self
             .conn
             .lock()
             .map_err(|_| "database lock poisoned".to_string())?;
-        f(&conn).map_err(err)
+        f(&mut conn).map_err(err)
     }
 
-    /// Inserts a new image.
-    pub fn insert_image(&self, i: &Image) -> DbResult<()> {
+    /// Inserts a new image with its tags and properties. `Ok(false)`: the id is taken.
+    pub fn insert_image(&self, i: &Image) -> DbResult<bool> {
         self.with(|c| {
-            c.execute(
-                &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"),
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                &format!("INSERT OR IGNORE INTO images ({IMAGE_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20)"),
                 params![
-                    i.id, i.name, i.status, i.disk_format, i.container_format,
-                    i.size.map(|v| v as i64), i.virtual_size.map(|v| v as i64),
-                    i.checksum, i.os_hash_value, i.task_id, i.staged, i.created_at, i.updated_at
-                ],
-            )
-            .map(|_| ())
-        })
-    }
-
-    /// Writes every field of `i` (by id), stamping `updated_at`.
-    pub fn update_image(&self, i: &Image) -> DbResult<()> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE images SET name=?2, status=?3, disk_format=?4, container_format=?5, size=?6,
-                 virtual_size=?7, checksum=?8, os_hash_value=?9, task_id=?10, staged=?11, updated_at=?12
-                 WHERE id=?1",
-                params![
-                    i.id, i.name, i.status, i.disk_format, i.container_format,
-                    i.size.map(|v| v as i64), i.virtual_size.map(|v| v as i64),
-                    i.checksum, i.os_hash_value, i.task_id, i.staged, now()
-                ],
-            )
-            .map(|_| ())
-        })
-    }
-
-    /// The image `id`.
-    pub fn image(&self, id: &str) -> DbResult<Option<Image>> {
-        self.with(|c| {
-            c.query_row(
-                &format!("SELECT {IMAGE_COLS} FROM images WHERE id=?1"),
-                [id],
-                image_from,
-            )
-            .optional()
-        })
-    }
-
-    /// Every image, oldest first.
-    pub fn images(&self) -> DbResult<Vec<Image>> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {IMAGE_COLS} FROM images ORDER BY created_at, id"
-            ))?;
-            let rows = st.query_map([], image_from)?;
-            rows.collect()
-        })
-    }
-
-    /// Deletes the image `id` and its tasks, in one transaction.
-    pub fn delete_image(&self, id: &str) -> DbResult<()> {
-        self.with(|c| {
-            let tx = c.unchecked_transaction()?;
-            tx.execute("DELETE FROM tasks WHERE image_id=?1", [id])?;
-            tx.execute("DELETE FROM images WHERE id=?1", [id])?;
-            tx.commit()
-        })
-    }
-
-    /// In one transaction: inserts task `t` and writes image `i` (now importing by it).
-    pub fn start_import(&self, t: &Task, i: &Image) -> DbResult<()> {
-        self.with(|c| {
-            let tx = c.unchecked_transaction()?;
-            tx.execute(
-                &format!("INSERT INTO tasks ({TASK_COLS}) VALUES (?1,?2,?3,?4,?5,?6)"),
-                params![
-                    t.id,
-                    t.image_id,
-                    t.status,
-                    t.message,
-                    t.created_at,
-                    t.updated_at
+                    i.id, i.name, i.status, i.visibility, i.protected, i.os_hidden, i.owner,
+                    opt_i64(Some(i.min_disk)), opt_i64(Some(i.min_ram)), i.disk_format,
+                    i.container_format, opt_i64(i.size), opt_i64(i.virtual_size), i.checksum,
+                    i.os_hash_algo, i.os_hash_value, i.task_id, i.staged, i.created_at,
+                    i.updated_at
                 ],
             )?;
-            tx.execute(
-                "UPDATE images SET status=?2, task_id=?3, updated_at=?4 WHERE id=?1",
-                params![i.id, i.status, i.task_id, now()],
-            )?;
-            tx.commit()
+            if n == 0 {
+                return Ok(false);
+            }
+            write_tags_and_properties(&tx, i)?;
+            tx.commit()?;
+            Ok(true)
         })
     }
 
-    /// Records in task `id` what its import is about to put in the store.
-    pub fn record_intent(&self, id: &str, stored: &Stored) -> DbResult<()> {
+    /// Writes the user-editable fields of `i` (name, visibility, protected, os_hidden,
+    /// owner, min_disk, min_ram, formats, tags, properties), stamping `updated_at`.
+    /// The formats change only while the image is `queued`. `Ok(false)`: no such image.
+    pub fn update_metadata(&self, i: &Image) -> DbResult<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE images SET name=?2, visibility=?3, protected=?4, os_hidden=?5, owner=?6,
+                 min_disk=?7, min_ram=?8,
+                 disk_format=CASE WHEN status='queued' THEN ?9 ELSE disk_format END,
+                 container_format=CASE WHEN status='queued' THEN ?10 ELSE container_format END,
+                 updated_at=?11 WHERE id=?1",
+                params![
+                    i.id,
+                    i.name,
+                    i.visibility,
+                    i.protected,
+                    i.os_hidden,
+                    i.owner,
+                    opt_i64(Some(i.min_disk)),
+                    opt_i64(Some(i.min_ram)),
+                    i.disk_format,
+                    i.container_format,
+                    now()
+                ],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            write_tags_and_properties(&tx, i)?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Adds `tag` to image `id`; `Ok(false)`: no such image.
+    pub fn add_tag(&self, id: &str, tag: &str) -> DbResult<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE images SET updated_at=?2 WHERE id=?1",
+                params![id, now()],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO image_tags (image_id, tag) VALUES (?1, ?2)",
+                params![id, tag],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Removes `tag` from image `id`; `Ok(false)`: the image has no such tag.
+    pub fn remove_tag(&self, id: &str, tag: &str) -> DbResult<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "DELETE FROM image_tags WHERE image_id=?1 AND tag=?2",
+                params![id, tag],
+            )?;
+            if n > 0 {
+                tx.execute(
+                    "UPDATE images SET updated_at=?2 WHERE id=?1",
+                    params![id, now()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Moves image `id` from one of `from` to `to`, setting `staged`. `Ok(false)`: the
+    /// image is missing or in another status.
+    pub fn transition(&self, id: &str, from: &[&str], to: &str, staged: bool) -> DbResult<bool> {
+        self.with(|c| {
+            let list = from
+                .iter()
+                .map(|s| format!("'{}'", s.replace('\'', "")))
+                .collect::<Vec<_>>()
+                .join(",");
+            let n = c.execute(
+                &format!(
+                    "UPDATE images SET status=?2, staged=?3, updated_at=?4 WHERE id=?1 AND status IN ({list})"
+                ),
+                params![id, to, staged, now()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Starts an import: the image turns `importing` with `task` as its import lock,
+    /// and the task is recorded, together. The image must be staged (`uploading` and
+    /// complete), or `queued` when the service fetches the data itself
+    /// (`from_queued`, web-download). `Ok(false)`: the image is in another state.
+    pub fn start_import(&self, task: &Task, from_queued: bool) -> DbResult<bool> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE images SET status='importing', task_id=?2, updated_at=?3
+                 WHERE id=?1 AND ((?4 = 0 AND status='uploading' AND staged=1)
+                                  OR (?4 = 1 AND status='queued'))",
+                params![task.image_id, task.id, now(), from_queued],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            insert_task(&tx, task)?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Records a task that does not change its image's status (`PUT /file`).
+    pub fn insert_task(&self, task: &Task) -> DbResult<()> {
+        self.with(|c| insert_task(c, task))
+    }
+
+    /// Sets a task's status and message (progress).
+    pub fn set_task(&self, id: &str, status: &str, message: &str) -> DbResult<()> {
         self.with(|c| {
             c.execute(
-                "UPDATE tasks SET stored=?2, message=?3, updated_at=?4 WHERE id=?1",
-                params![id, stored.to_json(), "storing the image", now()],
+                "UPDATE tasks SET status=?2, message=?3, updated_at=?4 WHERE id=?1",
+                params![id, status, message, now()],
             )
             .map(|_| ())
         })
     }
 
-    /// What task `id` recorded it was about to store, if anything.
-    pub fn intent(&self, id: &str) -> DbResult<Option<Stored>> {
-        self.with(|c| {
-            c.query_row("SELECT stored FROM tasks WHERE id=?1", [id], |r| {
-                r.get::<_, Option<String>>(0)
-            })
-            .optional()
-        })
-        .map(|v| v.flatten().as_deref().and_then(Stored::from_json))
-    }
-
-    /// In one transaction: task `task` succeeds with `message` and image `image` turns
-    /// active with `stored`, if the image is still importing by this task. Returns
-    /// whether it applied (false: the image was deleted or moved on).
+    /// Completes an import: the task succeeds and the image turns `active` with what was
+    /// stored, together (the task first, so a client that sees the image active never
+    /// finds its task still processing). `Ok(false)`: the image is gone or no longer
+    /// being imported (deleted meanwhile).
     pub fn finish_import(
         &self,
-        task: &str,
-        image: &str,
+        task_id: &str,
+        image_id: &str,
         stored: &Stored,
         message: &str,
+        expires_at: &str,
     ) -> DbResult<bool> {
         self.with(|c| {
-            let tx = c.unchecked_transaction()?;
+            let tx = c.transaction()?;
             let t = now();
             let n = tx.execute(
-                "UPDATE images SET status='active', disk_format=?3, size=?4, virtual_size=?5,
-                 checksum=?6, os_hash_value=?7, staged=0, updated_at=?8
-                 WHERE id=?1 AND status='importing' AND task_id=?2",
+                "UPDATE images SET status='active', disk_format=?2, size=?3, virtual_size=?4,
+                 checksum=?5, os_hash_algo='sha512', os_hash_value=?6, staged=0, updated_at=?7
+                 WHERE id=?1 AND status IN ('importing', 'saving')",
                 params![
-                    image,
-                    task,
+                    image_id,
                     stored.disk_format,
-                    stored.size as i64,
-                    stored.virtual_size as i64,
+                    opt_i64(Some(stored.size)),
+                    opt_i64(Some(stored.virtual_size)),
                     stored.checksum,
                     stored.sha512,
                     t
@@ -332,60 +468,93 @@ impl Db {
                 return Ok(false);
             }
             tx.execute(
-                "UPDATE tasks SET status='success', message=?2, updated_at=?3 WHERE id=?1",
-                params![task, message, t],
+                "DELETE FROM image_properties WHERE image_id=?1 AND name=?2",
+                params![image_id, FAILED_IMPORT],
+            )?;
+            let result = serde_json::json!({"image_id": image_id}).to_string();
+            tx.execute(
+                "UPDATE tasks SET status='success', message=?2, result=?3, expires_at=?4,
+                 updated_at=?5 WHERE id=?1",
+                params![task_id, message, result, expires_at, t],
             )?;
             tx.commit()?;
             Ok(true)
         })
     }
 
-    /// In one transaction: task `task` fails with `message` and image `image` returns to
-    /// `queued` if it is importing by this task.
-    pub fn fail_import(&self, task: &str, image: &str, message: &str) -> DbResult<()> {
+    /// Fails an import: the task fails with `message` and the image (if still being
+    /// imported or uploaded) returns to `queued` with its staged data forgotten, and
+    /// records `os_glance_failed_import`, together.
+    pub fn fail_import(
+        &self,
+        task_id: &str,
+        image_id: &str,
+        message: &str,
+        expires_at: &str,
+    ) -> DbResult<()> {
         self.with(|c| {
-            let tx = c.unchecked_transaction()?;
+            let tx = c.transaction()?;
             let t = now();
             tx.execute(
-                "UPDATE tasks SET status='failure', message=?2, updated_at=?3 WHERE id=?1",
-                params![task, message, t],
+                "UPDATE tasks SET status='failure', message=?2, expires_at=?3, updated_at=?4
+                 WHERE id=?1",
+                params![task_id, message, expires_at, t],
             )?;
-            tx.execute(
-                "UPDATE images SET status='queued', staged=0, updated_at=?3
-                 WHERE id=?1 AND status='importing' AND task_id=?2",
-                params![image, task, t],
+            let n = tx.execute(
+                "UPDATE images SET status='queued', staged=0, updated_at=?2
+                 WHERE id=?1 AND status IN ('importing', 'saving', 'uploading')",
+                params![image_id, t],
             )?;
+            if n > 0 {
+                tx.execute(
+                    "INSERT OR REPLACE INTO image_properties (image_id, name, value)
+                     VALUES (?1, ?2, 'file')",
+                    params![image_id, FAILED_IMPORT],
+                )?;
+            }
             tx.commit()
         })
     }
 
-    /// Inserts a new task.
-    pub fn insert_task(&self, t: &Task) -> DbResult<()> {
+    /// The image `id`, with tags and properties.
+    pub fn image(&self, id: &str) -> DbResult<Option<Image>> {
         self.with(|c| {
-            c.execute(
-                &format!("INSERT INTO tasks ({TASK_COLS}) VALUES (?1,?2,?3,?4,?5,?6)"),
-                params![
-                    t.id,
-                    t.image_id,
-                    t.status,
-                    t.message,
-                    t.created_at,
-                    t.updated_at
-                ],
-            )
-            .map(|_| ())
+            let img = c
+                .query_row(
+                    &format!("SELECT {IMAGE_COLS} FROM images WHERE id=?1"),
+                    [id],
+                    image_from,
+                )
+                .optional()?;
+            match img {
+                Some(mut i) => {
+                    fill(c, &mut i)?;
+                    Ok(Some(i))
+                }
+                None => Ok(None),
+            }
         })
     }
 
-    /// Sets a task's status and message.
-    pub fn set_task(&self, id: &str, status: &str, message: &str) -> DbResult<()> {
+    /// Every image, with tags and properties, oldest first.
+    pub fn images(&self) -> DbResult<Vec<Image>> {
         self.with(|c| {
-            c.execute(
-                "UPDATE tasks SET status=?2, message=?3, updated_at=?4 WHERE id=?1",
-                params![id, status, message, now()],
-            )
-            .map(|_| ())
+            let mut st = c.prepare(&format!(
+                "SELECT {IMAGE_COLS} FROM images ORDER BY created_at, id"
+            ))?;
+            let mut v: Vec<Image> = st
+                .query_map([], image_from)?
+                .collect::<rusqlite::Result<_>>()?;
+            for i in &mut v {
+                fill(c, i)?;
+            }
+            Ok(v)
         })
+    }
+
+    /// Deletes the image `id` (its tags and properties go with it).
+    pub fn delete_image(&self, id: &str) -> DbResult<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM images WHERE id=?1", [id])? == 1))
     }
 
     /// The task `id`.
@@ -400,6 +569,28 @@ impl Db {
         })
     }
 
+    /// Every task, oldest first.
+    pub fn tasks(&self) -> DbResult<Vec<Task>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {TASK_COLS} FROM tasks ORDER BY created_at, id"
+            ))?;
+            let rows = st.query_map([], task_from)?;
+            rows.collect()
+        })
+    }
+
+    /// Tasks of image `id`, oldest first.
+    pub fn tasks_of(&self, image_id: &str) -> DbResult<Vec<Task>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE image_id=?1 ORDER BY created_at, id"
+            ))?;
+            let rows = st.query_map([image_id], task_from)?;
+            rows.collect()
+        })
+    }
+
     /// Tasks in `status`.
     pub fn tasks_in(&self, status: &str) -> DbResult<Vec<Task>> {
         self.with(|c| {
@@ -408,6 +599,83 @@ impl Db {
             rows.collect()
         })
     }
+
+    /// Records in task `id` what its import is about to put in the store, before it
+    /// does (the startup recovery records a stored object only if its task says what
+    /// it is).
+    pub fn record_intent(&self, id: &str, stored: &Stored) -> DbResult<()> {
+        let json = serde_json::json!({
+            "disk_format": stored.disk_format,
+            "size": stored.size,
+            "virtual_size": stored.virtual_size,
+            "checksum": stored.checksum,
+            "sha512": stored.sha512,
+        })
+        .to_string();
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET stored=?2, message=?3, updated_at=?4 WHERE id=?1",
+                params![id, json, "storing the image", now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// What task `id` recorded it was about to store, if anything.
+    pub fn intent(&self, id: &str) -> DbResult<Option<Stored>> {
+        let text: Option<String> = self.with(|c| {
+            c.query_row("SELECT stored FROM tasks WHERE id=?1", [id], |r| r.get(0))
+                .optional()
+                .map(Option::flatten)
+        })?;
+        let Some(text) = text else { return Ok(None) };
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("task {id}: stored intent is not JSON: {e}"))?;
+        let field = |k: &str| v[k].as_str().map(str::to_string);
+        let number = |k: &str| v[k].as_u64();
+        match (
+            field("disk_format"),
+            number("size"),
+            number("virtual_size"),
+            field("checksum"),
+            field("sha512"),
+        ) {
+            (Some(disk_format), Some(size), Some(virtual_size), Some(checksum), Some(sha512)) => {
+                Ok(Some(Stored {
+                    disk_format,
+                    size,
+                    virtual_size,
+                    checksum,
+                    sha512,
+                }))
+            }
+            _ => Err(format!("task {id}: stored intent is incomplete: {text}")),
+        }
+    }
+}
+
+fn insert_task(c: &Connection, t: &Task) -> rusqlite::Result<()> {
+    c.execute(
+        &format!(
+            "INSERT INTO tasks ({TASK_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+        ),
+        params![
+            t.id,
+            t.kind,
+            t.image_id,
+            t.status,
+            t.message,
+            t.input,
+            t.result,
+            t.owner,
+            t.user_id,
+            t.request_id,
+            t.expires_at,
+            t.created_at,
+            t.updated_at
+        ],
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]
@@ -421,50 +689,140 @@ mod tests {
         assert!(t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T");
     }
 
+    fn image(id: &str) -> Image {
+        Image {
+            id: id.into(),
+            name: Some("n".into()),
+            status: "queued".into(),
+            visibility: "private".into(),
+            owner: Some("p1".into()),
+            disk_format: Some("qcow2".into()),
+            container_format: Some("bare".into()),
+            created_at: now(),
+            updated_at: now(),
+            tags: vec!["a".into(), "b".into()],
+            properties: [("os_distro".to_string(), "debian".to_string())].into(),
+            ..Image::default()
+        }
+    }
+
     #[test]
     fn images_and_tasks_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("x.db")).unwrap();
-        let mut img = Image {
-            id: "i1".into(),
-            name: "n".into(),
-            status: "queued".into(),
-            disk_format: "qcow2".into(),
-            container_format: "bare".into(),
-            size: None,
-            virtual_size: None,
-            checksum: None,
-            os_hash_value: None,
-            task_id: None,
-            staged: false,
-            created_at: now(),
-            updated_at: now(),
-        };
-        db.insert_image(&img).unwrap();
-        img.status = "active".into();
-        img.size = Some(1 << 40);
-        db.update_image(&img).unwrap();
-        let back = db.image("i1").unwrap().unwrap();
-        assert_eq!(back.status, "active");
-        assert_eq!(back.size, Some(1 << 40));
-        db.insert_task(&Task {
+        let img = image("i1");
+        assert!(db.insert_image(&img).unwrap());
+        assert!(!db.insert_image(&img).unwrap(), "the id is taken");
+        assert_eq!(db.image("i1").unwrap().unwrap(), img);
+        assert!(!db.transition("i1", &["active"], "uploading", true).unwrap());
+        assert!(db.transition("i1", &["queued"], "uploading", true).unwrap());
+        let task = Task {
             id: "t1".into(),
+            kind: "api_image_import".into(),
             image_id: "i1".into(),
             status: "pending".into(),
-            message: String::new(),
+            input: "{}".into(),
             created_at: now(),
             updated_at: now(),
-        })
-        .unwrap();
+            ..Task::default()
+        };
+        assert!(db.start_import(&task, false).unwrap());
+        assert!(!db.start_import(&task, false).unwrap(), "already importing");
+        assert!(!db.start_import(&task, true).unwrap(), "not queued");
         db.set_task("t1", "processing", "50%").unwrap();
         assert_eq!(db.tasks_in("processing").unwrap().len(), 1);
+        db.fail_import("t1", "i1", "broken", &now()).unwrap();
+        let back = db.image("i1").unwrap().unwrap();
+        assert_eq!((back.status.as_str(), back.staged), ("queued", false));
+        assert_eq!(back.properties[FAILED_IMPORT], "file");
+        assert_eq!(db.task("t1").unwrap().unwrap().status, "failure");
         // Survives reopening.
         drop(db);
         let db = Db::open(&dir.path().join("x.db")).unwrap();
-        assert_eq!(db.task("t1").unwrap().unwrap().message, "50%");
-        // Deleting an image deletes its tasks.
-        db.delete_image("i1").unwrap();
+        assert_eq!(db.task("t1").unwrap().unwrap().message, "broken");
+        // Tags, properties and tasks go with the image.
+        assert!(db.delete_image("i1").unwrap());
         assert!(db.image("i1").unwrap().is_none());
-        assert!(db.task("t1").unwrap().is_none());
+        assert!(
+            db.task("t1").unwrap().is_none(),
+            "the task went with its image"
+        );
+        assert!(db.insert_image(&image("i1")).unwrap());
+        assert_eq!(db.image("i1").unwrap().unwrap().tags, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn the_schema_holds_the_constraints_and_the_intent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db")).unwrap();
+        assert!(db.insert_image(&image("i1")).unwrap());
+        let task = |id: &str, image: &str| Task {
+            id: id.into(),
+            kind: "api_image_import".into(),
+            image_id: image.into(),
+            status: "pending".into(),
+            input: "{}".into(),
+            created_at: now(),
+            updated_at: now(),
+            ..Task::default()
+        };
+        // A task of no image, and statuses outside the lists, are refused by SQLite.
+        let e = db.insert_task(&task("t0", "nope")).unwrap_err();
+        assert!(e.contains("FOREIGN KEY"), "{e}");
+        let e = db.set_task("t0", "done", "").map(|_| ());
+        assert!(e.is_ok(), "no such task: nothing to update");
+        db.insert_task(&task("t1", "i1")).unwrap();
+        let e = db.set_task("t1", "done", "").unwrap_err();
+        assert!(e.contains("CHECK"), "{e}");
+        let e = db
+            .transition("i1", &["queued"], "imported", false)
+            .unwrap_err();
+        assert!(e.contains("CHECK"), "{e}");
+        // The intent round-trips.
+        assert_eq!(db.intent("t1").unwrap(), None);
+        let stored = Stored {
+            disk_format: "raw".into(),
+            size: 1 << 40,
+            virtual_size: 1 << 40,
+            checksum: "m".into(),
+            sha512: "s".into(),
+        };
+        db.record_intent("t1", &stored).unwrap();
+        assert_eq!(db.intent("t1").unwrap(), Some(stored));
+        assert_eq!(db.task("t1").unwrap().unwrap().message, "storing the image");
+    }
+
+    #[test]
+    fn a_database_of_the_first_schema_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(MIGRATIONS[0].1).unwrap();
+        c.execute(
+            "INSERT INTO images VALUES ('i', 'old', 'active', 'raw', 'bare', 5, 5, 'm', 's', NULL, 0, 't', 't')",
+            [],
+        )
+        .unwrap();
+        // A task of the image, and one left behind by a deleted image.
+        c.execute_batch(
+            "INSERT INTO tasks VALUES ('t', 'i', 'success', 'ok', 't', 't');
+             INSERT INTO tasks VALUES ('gone', 'deleted-image', 'failure', 'x', 't', 't');",
+        )
+        .unwrap();
+        drop(c);
+        let db = Db::open(&path).unwrap();
+        let i = db.image("i").unwrap().unwrap();
+        assert_eq!(i.os_hash_algo.as_deref(), Some("sha512"));
+        assert_eq!(i.visibility, "private");
+        assert_eq!(i.size, Some(5));
+        assert_eq!(db.task("t").unwrap().unwrap().image_id, "i");
+        assert!(
+            db.task("gone").unwrap().is_none(),
+            "orphan tasks are dropped"
+        );
+        drop(db);
+        // Opening again applies nothing more.
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.images().unwrap().len(), 1);
     }
 }

@@ -1,17 +1,27 @@
-//! vimport: the image import service built on the vconvert engine.
+//! vimport: the image import service built on the vconvert engine, speaking
+//! OpenStack Glance's Image API v2.
 //!
-//! It owns the import workflow of an image service like OpenStack Glance's
-//! interoperable import: users create an image, stage its bytes in a workspace, and
-//! start an import task that inspects the upload under the untrusted policy, converts it
-//! to the operator's format, hashes it and moves it into a filesystem store. State lives
-//! in SQLite; workers, the workspace quota and crash recovery are in [`service`]; the
-//! HTTP API is in [`http`]; `vimport.toml` and `VIMPORT_*` are in [`config`].
+//! It owns the import workflow of an image service like Glance's interoperable
+//! import: users create an image, stage its bytes (or have the service fetch them, or
+//! upload them in one call), and an import task inspects the data under the untrusted
+//! policy, converts it to the operator's format, hashes it and stores it. Modules:
+//! [`http`] (axum routers, one per resource), [`service`] (images, tasks, tenancy,
+//! workers, shutdown), [`workflow`] (inspect → convert → hash → store, behind
+//! [`store::Store`]), [`web_download`], [`db`] (SQLite, `migrations/`),
+//! [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
+//! [`error`].
+
+#![warn(missing_docs)]
 
 pub mod config;
 pub mod db;
+pub mod error;
 pub mod failpoint;
 pub mod http;
 pub mod service;
+pub mod store;
+pub mod web_download;
+pub mod workflow;
 pub mod workspace;
 
 pub use config::Config;

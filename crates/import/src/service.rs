@@ -1,167 +1,183 @@
-//! The import workflow: create → stage → import (inspect, convert, hash, store) with
-//! bounded workers, a workspace quota, and recovery after a crash.
+//! The service: images and tasks as Glance's API defines them, with tenancy, the
+//! import queue and its workers, the workspace quota, graceful shutdown and recovery
+//! after a crash. Every call blocks (SQLite, files, the engine): the HTTP layer runs
+//! them off the async runtime. The import workflow itself is in [`crate::workflow`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use md5::Md5;
-use serde_json::{json, Value};
-use sha2::{Digest, Sha512};
-use vconvert_core::{Identity, Options};
-use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+use vconvert_core::Identity;
+use vconvert_engine::{CancelToken, Policy};
 
-use crate::config::{disk_format_name, parse_disk_format, Config};
-use crate::db::{now, Db, Image, Stored, Task};
-use crate::failpoint;
+use crate::config::{
+    parse_declared_format, Config, TokenEntry, ADMIN_PROJECT, GLANCE_CONTAINER_FORMATS,
+};
+use crate::db::{now, rfc3339, Db, Image, Stored, Task};
+use crate::error::{Error, Result};
+use crate::store::{FsStore, Store};
 use crate::workspace::Workspace;
+use crate::{failpoint, web_download, workflow};
 
-/// An API error: HTTP status and a message for the user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    /// HTTP status code.
-    pub status: u16,
-    /// What went wrong and what to do.
-    pub message: String,
+/// Who is calling: the project and rights of the token, and the request's id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's project (owner of what it creates).
+    pub project_id: String,
+    /// The user recorded on tasks (the project: tokens name no user).
+    pub user_id: String,
+    /// Sees and edits everything.
+    pub admin: bool,
+    /// `req-<uuid>` of this request.
+    pub request_id: String,
 }
 
-/// Result of an API call: status and JSON body.
-pub type ApiResult = Result<(u16, Value), ApiError>;
+/// Attributes clients may not set (Glance's `_readonly_properties` and
+/// `_disallowed_properties`).
+pub const READ_ONLY: &[&str] = &[
+    "created_at",
+    "updated_at",
+    "status",
+    "checksum",
+    "size",
+    "virtual_size",
+    "direct_url",
+    "self",
+    "file",
+    "schema",
+    "id",
+    "os_hash_algo",
+    "os_hash_value",
+    "stores",
+    "locations",
+];
 
-fn api(status: u16, message: impl Into<String>) -> ApiError {
-    ApiError {
-        status,
-        message: message.into(),
-    }
+/// Attributes nobody may set (Glance's `_reserved_properties`), and the reserved
+/// namespace `os_glance*`.
+pub const RESERVED: &[&str] = &["location", "deleted", "deleted_at"];
+
+/// A new image, as `POST /v2/images` describes it.
+#[derive(Clone, Debug, Default)]
+pub struct NewImage {
+    /// Id chosen by the client.
+    pub id: Option<String>,
+    /// Name.
+    pub name: Option<String>,
+    /// Visibility (default private).
+    pub visibility: Option<String>,
+    /// Protected.
+    pub protected: Option<bool>,
+    /// Hidden from default lists.
+    pub os_hidden: Option<bool>,
+    /// Owner (only an admin may name another project).
+    pub owner: Option<String>,
+    /// Minimum disk (GiB).
+    pub min_disk: Option<u64>,
+    /// Minimum RAM (MiB).
+    pub min_ram: Option<u64>,
+    /// Declared disk format.
+    pub disk_format: Option<String>,
+    /// Container format.
+    pub container_format: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Every other attribute: extra properties (must be strings).
+    pub extra: BTreeMap<String, Value>,
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    api(500, e.to_string())
+/// One JSON-patch operation of `PATCH /v2/images/{id}`.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct PatchOp {
+    /// add, replace or remove.
+    pub op: String,
+    /// JSON pointer to the attribute.
+    pub path: String,
+    /// The value (add, replace).
+    pub value: Option<Value>,
 }
+
+/// The import method of `POST /v2/images/{id}/import`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImportMethod {
+    /// The data was staged with `PUT /v2/images/{id}/stage`.
+    GlanceDirect,
+    /// The service fetches `uri`.
+    WebDownload {
+        /// The URL.
+        uri: String,
+    },
+}
+
+/// A page of a listing.
+#[derive(Clone, Debug)]
+pub struct Page<T> {
+    /// The items.
+    pub items: Vec<T>,
+    /// The marker of the next page, when there is one.
+    pub next_marker: Option<String>,
+}
+
+/// Task messages and results live this long after the task ends (Glance's
+/// `task_time_to_live` default, 48 hours).
+const TASK_TTL: Duration = Duration::from_secs(48 * 3600);
+
+/// Glance's `limit_param_default` and `api_limit_max`.
+const DEFAULT_LIMIT: usize = 25;
+const MAX_LIMIT: usize = 1000;
+
+fn expires_at() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339(secs + TASK_TTL.as_secs())
+}
+
+/// A new UUID (v4), formatted.
+pub fn new_uuid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn is_uuid(s: &str) -> bool {
+    uuid::Uuid::parse_str(s).is_ok_and(|u| u.hyphenated().to_string() == s.to_ascii_lowercase())
+        && s.len() == 36
+}
+
+/// How an import waiting in a `PUT /file` learns its end.
+type Waiter = mpsc::Sender<std::result::Result<(), String>>;
 
 /// The running service.
 #[derive(Debug)]
 pub struct Service {
     /// Its configuration.
     pub config: Config,
-    /// The bearer token clients must present.
-    pub token: String,
+    /// Every token and what it stands for.
+    tokens: Vec<TokenEntry>,
     db: Db,
     workspace: Workspace,
-    queue: Mutex<VecDeque<String>>,
+    store: Arc<dyn Store>,
+    /// Queued imports: (task, image).
+    queue: Mutex<VecDeque<(String, String)>>,
     queued: Condvar,
     cancels: Mutex<HashMap<String, CancelToken>>,
-    /// Serialises check-then-set state transitions of images.
-    transitions: Mutex<()>,
-}
-
-fn image_json(i: &Image) -> Value {
-    json!({
-        "id": i.id,
-        "name": i.name,
-        "status": i.status,
-        "disk_format": i.disk_format,
-        "container_format": i.container_format,
-        "size": i.size,
-        "virtual_size": i.virtual_size,
-        "checksum": i.checksum,
-        "os_hash_algo": i.os_hash_value.as_ref().map(|_| "sha512"),
-        "os_hash_value": i.os_hash_value,
-        "os_glance_import_task": i.task_id,
-        "created_at": i.created_at,
-        "updated_at": i.updated_at,
-        "self": format!("/v2/images/{}", i.id),
-        "file": format!("/v2/images/{}/file", i.id),
-        "schema": "/v2/schemas/image",
-    })
-}
-
-fn task_json(t: &Task) -> Value {
-    json!({
-        "id": t.id,
-        "type": "api_image_import",
-        "status": t.status,
-        "message": t.message,
-        "input": {"image_id": t.image_id},
-        "created_at": t.created_at,
-        "updated_at": t.updated_at,
-        "self": format!("/v2/tasks/{}", t.id),
-    })
-}
-
-fn new_id() -> Result<String, ApiError> {
-    let b = Identity::new(None).uuid_v4().map_err(internal)?;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| api(400, format!("request body is not valid JSON: {e}")))
-}
-
-/// Moves `from` to `to`, copying when they are on different filesystems, and syncs the
-/// target's directory so the move survives a power loss too.
-fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
-    let sync_dir = || match to.parent() {
-        Some(d) => std::fs::File::open(d)?.sync_all(),
-        None => Ok(()),
-    };
-    if std::fs::rename(from, to).is_ok() {
-        return sync_dir();
-    }
-    let tmp = to.with_extension("partial");
-    std::fs::copy(from, &tmp)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, to)?;
-    sync_dir()?;
-    std::fs::remove_file(from)
-}
-
-/// The message of a successful import task.
-fn success_message(s: &Stored) -> String {
-    format!("imported: stored as {} ({} bytes)", s.disk_format, s.size)
-}
-
-/// MD5 and SHA-512 (hex) of a file.
-fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let (mut md5, mut sha) = (Md5::new(), Sha512::new());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        md5.update(&buf[..n]);
-        sha.update(&buf[..n]);
-        n_total += n as u64;
-        failpoint::hit("hash.reading");
-    }
-    failpoint::hit("hash.done");
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-    Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
+    waiters: Mutex<HashMap<String, Waiter>>,
+    /// Imports being worked on now.
+    running: AtomicUsize,
+    /// Set on SIGTERM/SIGINT: no new work starts.
+    stopping: AtomicBool,
 }
 
 impl Service {
-    /// Opens the database and workspace, recovers from a previous crash, and starts
-    /// `max_workers` workers.
-    pub fn start(config: Config) -> Result<Arc<Service>, String> {
+    /// Opens the database, workspace and store, recovers from a previous crash, and
+    /// starts `max_workers` workers.
+    pub fn start(config: Config) -> std::result::Result<Arc<Service>, String> {
         failpoint::init()?;
-        for d in [&config.data_dir, &config.store_dir] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
-        }
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
         if let Some(parent) = config
             .database
             .parent()
@@ -170,10 +186,21 @@ impl Service {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        let token = match &config.token {
-            Some(t) => t.clone(),
-            None => Self::generated_token(&config.data_dir)?,
-        };
+        let mut tokens = config.tokens.clone();
+        if let Some(t) = &config.token {
+            tokens.push(TokenEntry {
+                token: t.clone(),
+                project_id: ADMIN_PROJECT.into(),
+                admin: true,
+            });
+        }
+        if tokens.is_empty() {
+            tokens.push(TokenEntry {
+                token: Self::generated_token(&config.data_dir)?,
+                project_id: ADMIN_PROJECT.into(),
+                admin: true,
+            });
+        }
         let db = Db::open(&config.database)?;
         let workspace =
             Workspace::new(&config.workspace_dir, config.workspace_bytes).map_err(|e| {
@@ -182,17 +209,22 @@ impl Service {
                     config.workspace_dir.display()
                 )
             })?;
+        let store = FsStore::new(&config.store_dir)
+            .map_err(|e| format!("cannot create {}: {e}", config.store_dir.display()))?;
         let service = Arc::new(Service {
-            token,
+            tokens,
             db,
             workspace,
+            store: Arc::new(store),
             queue: Mutex::new(VecDeque::new()),
             queued: Condvar::new(),
             cancels: Mutex::new(HashMap::new()),
-            transitions: Mutex::new(()),
+            waiters: Mutex::new(HashMap::new()),
+            running: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
             config,
         });
-        service.recover()?;
+        service.recover(true)?;
         for i in 0..service.config.max_workers {
             let s = service.clone();
             std::thread::Builder::new()
@@ -204,7 +236,7 @@ impl Service {
     }
 
     /// The token stored in `data_dir/token`, made on first start.
-    fn generated_token(data_dir: &Path) -> Result<String, String> {
+    fn generated_token(data_dir: &Path) -> std::result::Result<String, String> {
         let path = data_dir.join("token");
         if let Ok(t) = std::fs::read_to_string(&path) {
             if !t.trim().is_empty() {
@@ -226,37 +258,47 @@ impl Service {
         Ok(t)
     }
 
-    /// After a crash: fail interrupted tasks, return their images to `queued`, keep only
-    /// complete staged uploads, and remove every other workspace file.
-    fn recover(&self) -> Result<(), String> {
+    /// After a crash (`at_start`) or at the end of a shutdown: finish or undo every
+    /// interrupted import, return images being received to `queued`, keep only complete
+    /// staged uploads, and remove every other workspace file. At start also: an
+    /// interrupted import whose stored object is complete (as its task recorded before
+    /// the move) is recorded, and every store object that belongs to no active image is
+    /// removed (see README, "Reliability").
+    fn recover(&self, at_start: bool) -> std::result::Result<(), String> {
         for status in ["pending", "processing"] {
             for t in self.db.tasks_in(status)? {
-                if self.finish_interrupted(&t)? {
+                // Only at start: at the end of a shutdown a worker may still be
+                // finishing this very import.
+                if at_start && self.finish_interrupted(&t)? {
                     continue;
                 }
                 self.db.fail_import(
                     &t.id,
                     &t.image_id,
                     "interrupted: vimport stopped during this import; stage the image again",
+                    &expires_at(),
                 )?;
             }
         }
-        self.reconcile_store()?;
-        let mut keep: Vec<PathBuf> = Vec::new();
-        for mut img in self.db.images()? {
+        let mut keep = Vec::new();
+        for img in self.db.images()? {
             let staging = self.workspace.staging_path(&img.id);
-            let staged_ok = img.status == "uploading" && img.staged && staging.is_file();
-            if staged_ok {
+            if img.status == "uploading" && img.staged && staging.is_file() {
                 let size = std::fs::metadata(&staging).map_or(0, |m| m.len());
                 // Staged data survives a restart even if the quota shrank meanwhile.
-                if !self.workspace.try_hold(&format!("stage:{}", img.id), size) {
-                    self.workspace.release(&format!("stage:{}", img.id));
+                let key = format!("stage:{}", img.id);
+                self.workspace.release(&key);
+                if !self.workspace.try_hold(&key, size) {
+                    self.workspace.release(&key);
                 }
                 keep.push(staging);
-            } else if img.status == "importing" || img.status == "uploading" {
-                img.status = "queued".into();
-                img.staged = false;
-                self.db.update_image(&img)?;
+            } else if ["importing", "uploading", "saving"].contains(&img.status.as_str()) {
+                self.db.transition(
+                    &img.id,
+                    &["importing", "uploading", "saving"],
+                    "queued",
+                    false,
+                )?;
             }
         }
         for f in self.workspace.files() {
@@ -264,50 +306,55 @@ impl Service {
                 let _ = std::fs::remove_file(&f);
             }
         }
+        if at_start {
+            self.reconcile_store()?;
+        }
         Ok(())
     }
 
-    /// An interrupted task whose stored object is complete (in the store, with the size
-    /// and checksums it recorded before the move) is finished: the task succeeds and its
-    /// image turns active. Returns whether it was.
-    fn finish_interrupted(&self, t: &Task) -> Result<bool, String> {
+    /// Records an interrupted import whose stored object is complete: in the store,
+    /// with the size and checksums its task recorded before the move (hashed again
+    /// here). Returns whether it did; if not, the caller fails the task and the
+    /// store reconciliation removes the object.
+    fn finish_interrupted(&self, t: &Task) -> std::result::Result<bool, String> {
         let Some(stored) = self.db.intent(&t.id)? else {
             return Ok(false);
         };
-        let path = self.config.store_dir.join(&t.image_id);
-        let Ok(meta) = std::fs::metadata(&path) else {
+        let Ok((mut f, len)) = self.store.open(&t.image_id) else {
             return Ok(false);
         };
-        if meta.len() != stored.size {
+        if len != stored.size {
             return Ok(false);
         }
-        let Ok((md5, sha512, _)) = hashes(&path) else {
-            return Ok(false);
-        };
-        if md5 != stored.checksum || sha512 != stored.sha512 {
-            eprintln!(
-                "vimport: recovery: {} does not hold what task {} recorded; not recorded",
-                path.display(),
-                t.id
-            );
-            return Ok(false);
+        match workflow::hashes_of(&mut f) {
+            Ok((md5, sha512, n))
+                if n == stored.size && md5 == stored.checksum && sha512 == stored.sha512 => {}
+            _ => {
+                tracing::warn!(
+                    task = %t.id,
+                    image = %t.image_id,
+                    "recovery: the stored object does not hold what the task recorded; not recorded"
+                );
+                return Ok(false);
+            }
         }
+        let message = success_message(&stored);
         let done = self
             .db
-            .finish_import(&t.id, &t.image_id, &stored, &success_message(&stored))?;
+            .finish_import(&t.id, &t.image_id, &stored, &message, &expires_at())?;
         if done {
-            eprintln!(
-                "vimport: recovery: import task {} of image {} had stored {} completely; recorded it",
-                t.id,
-                t.image_id,
-                path.display()
+            tracing::info!(
+                task = %t.id,
+                image = %t.image_id,
+                size = stored.size,
+                "recovery: the interrupted import had stored its object completely; recorded it"
             );
         }
         Ok(done)
     }
 
     /// Removes every store object that belongs to no active image, naming it.
-    fn reconcile_store(&self) -> Result<(), String> {
+    fn reconcile_store(&self) -> std::result::Result<(), String> {
         let active: std::collections::HashSet<String> = self
             .db
             .images()?
@@ -315,27 +362,40 @@ impl Service {
             .filter(|i| i.status == "active")
             .map(|i| i.id)
             .collect();
-        let dir = &self.config.store_dir;
-        let entries = std::fs::read_dir(dir)
-            .map_err(|e| format!("cannot list the store {}: {e}", dir.display()))?;
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if active.contains(&name) {
-                continue;
-            }
-            let path = e.path();
-            match std::fs::remove_file(&path) {
-                Ok(()) => eprintln!(
-                    "vimport: recovery: removed store object {} (no active image {name})",
-                    path.display()
+        let names = self
+            .store
+            .ids()
+            .map_err(|e| format!("cannot list the store: {e}"))?;
+        for name in names.into_iter().filter(|n| !active.contains(n)) {
+            match self.store.delete(&name) {
+                Ok(()) => tracing::warn!(
+                    object = %name,
+                    "recovery: removed store object {name}: it belongs to no active image"
                 ),
-                Err(err) => eprintln!(
-                    "vimport: recovery: cannot remove store object {} (no active image {name}): {err}",
-                    path.display()
+                Err(e) => tracing::error!(
+                    object = %name,
+                    error = %e,
+                    "recovery: cannot remove store object {name}, which belongs to no active image"
                 ),
             }
         }
         Ok(())
+    }
+
+    /// The caller a token stands for, compared in constant time with every token.
+    pub fn authenticate(&self, token: &str, request_id: &str) -> Option<Caller> {
+        let mut found: Option<&TokenEntry> = None;
+        for t in &self.tokens {
+            if bool::from(t.token.as_bytes().ct_eq(token.as_bytes())) && found.is_none() {
+                found = Some(t);
+            }
+        }
+        found.map(|t| Caller {
+            project_id: t.project_id.clone(),
+            user_id: t.project_id.clone(),
+            admin: t.admin,
+            request_id: request_id.to_string(),
+        })
     }
 
     /// The untrusted policy with the operator's VMDK types.
@@ -346,309 +406,765 @@ impl Service {
         }
     }
 
-    fn image_or_404(&self, id: &str) -> Result<Image, ApiError> {
-        self.db
-            .image(id)
-            .map_err(internal)?
-            .ok_or_else(|| api(404, format!("no image with id {id}")))
+    /// Whether `caller` may see `img`.
+    fn visible(caller: &Caller, img: &Image) -> bool {
+        caller.admin
+            || img.owner.as_deref() == Some(caller.project_id.as_str())
+            || img.visibility == "public"
+            || img.visibility == "community"
     }
 
-    /// `GET /v2/info/import`.
-    pub fn import_info(&self) -> ApiResult {
-        Ok((
-            200,
-            json!({"import-methods": {"description": "Import methods available.", "type": "array", "value": ["glance-direct"]}}),
-        ))
+    /// The image `id` if `caller` may see it (404 otherwise, as for a missing one).
+    fn image_for(&self, caller: &Caller, id: &str) -> Result<Image> {
+        match self.db.image(id).map_err(Error::Internal)? {
+            Some(img) if Self::visible(caller, &img) => Ok(img),
+            _ => Err(Error::NotFound(format!("No image found with ID {id}"))),
+        }
+    }
+
+    /// The image `id` if `caller` may change it (404 when invisible, 403 when only
+    /// visible).
+    fn image_to_modify(&self, caller: &Caller, id: &str) -> Result<Image> {
+        let img = self.image_for(caller, id)?;
+        if caller.admin || img.owner.as_deref() == Some(caller.project_id.as_str()) {
+            Ok(img)
+        } else {
+            Err(Error::Forbidden(format!(
+                "You are not permitted to modify image {id}: it belongs to another project"
+            )))
+        }
+    }
+
+    fn check_visibility(caller: &Caller, v: &str) -> Result<()> {
+        if !["private", "public", "shared", "community"].contains(&v) {
+            return Err(Error::BadRequest(format!(
+                "Invalid visibility value: {v}; one of private, public, shared, community"
+            )));
+        }
+        if v == "public" && !caller.admin {
+            return Err(Error::Forbidden(
+                "You are not authorized to complete publicize_image action: only an admin may make an image public".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_owner(caller: &Caller, owner: Option<&str>) -> Result<()> {
+        match owner {
+            Some(o) if !caller.admin && o != caller.project_id => Err(Error::Forbidden(format!(
+                "You are not permitted to create or move images owned by '{o}'"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_disk_format(v: Option<&str>) -> Result<()> {
+        if let Some(f) = v {
+            parse_declared_format(f).map_err(Error::BadRequest)?;
+        }
+        Ok(())
+    }
+
+    fn check_container_format(v: Option<&str>) -> Result<()> {
+        match v {
+            None | Some("bare") => Ok(()),
+            Some(other) if GLANCE_CONTAINER_FORMATS.contains(&other) => Err(Error::BadRequest(
+                format!("container_format '{other}' is not supported: vimport stores disk images only; use bare"),
+            )),
+            Some(other) => Err(Error::BadRequest(format!(
+                "container_format '{other}' is not a Glance container format; vimport accepts bare"
+            ))),
+        }
+    }
+
+    fn check_extra_key(key: &str) -> Result<()> {
+        if READ_ONLY.contains(&key) {
+            return Err(Error::Forbidden(format!("Attribute '{key}' is read-only.")));
+        }
+        if RESERVED.contains(&key) || key.starts_with("os_glance") {
+            return Err(Error::Forbidden(format!("Attribute '{key}' is reserved.")));
+        }
+        if key.is_empty() || key.len() > 255 {
+            return Err(Error::BadRequest(
+                "Custom property names must have 1 to 255 characters.".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn extra_value(key: &str, v: &Value) -> Result<String> {
+        match v {
+            Value::String(s) if s.len() <= 65535 => Ok(s.clone()),
+            Value::String(_) => Err(Error::BadRequest(format!(
+                "Property '{key}' is longer than 65535 characters."
+            ))),
+            other => Err(Error::BadRequest(format!(
+                "Provided object does not match schema 'image': {other} is not of type 'string' (additional property '{key}')"
+            ))),
+        }
+    }
+
+    fn check_tags(tags: &[String]) -> Result<()> {
+        if let Some(t) = tags.iter().find(|t| t.len() > 255) {
+            return Err(Error::BadRequest(format!(
+                "Tag '{}…' is longer than 255 characters.",
+                &t[..32]
+            )));
+        }
+        Ok(())
     }
 
     /// `POST /v2/images`.
-    pub fn create_image(&self, body: &[u8]) -> ApiResult {
-        let v = parse_json(body)?;
-        let name = v
-            .get("name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        let disk_format = v
-            .get("disk_format")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                api(
-                    400,
-                    "disk_format is required (raw, qcow2, vdi, vmdk or vhd)",
-                )
-            })?;
-        let format = parse_disk_format(disk_format).map_err(|e| api(400, e))?;
-        let container = v
-            .get("container_format")
-            .and_then(Value::as_str)
-            .unwrap_or("bare");
-        if container != "bare" {
-            return Err(api(
-                400,
-                format!("container_format '{container}' is not supported; use bare"),
-            ));
+    pub fn create_image(&self, caller: &Caller, n: NewImage) -> Result<Image> {
+        if let Some(id) = &n.id {
+            if !is_uuid(id) {
+                return Err(Error::BadRequest(format!(
+                    "Provided object does not match schema 'image': id '{id}' is not a UUID"
+                )));
+            }
+        }
+        if let Some(name) = &n.name {
+            if name.chars().count() > 255 {
+                return Err(Error::BadRequest(
+                    "name is longer than 255 characters".into(),
+                ));
+            }
+        }
+        let visibility = n.visibility.clone().unwrap_or_else(|| "private".into());
+        Self::check_visibility(caller, &visibility)?;
+        Self::check_owner(caller, n.owner.as_deref())?;
+        Self::check_disk_format(n.disk_format.as_deref())?;
+        Self::check_container_format(n.container_format.as_deref())?;
+        Self::check_tags(&n.tags)?;
+        let mut properties = BTreeMap::new();
+        for (k, v) in &n.extra {
+            Self::check_extra_key(k)?;
+            properties.insert(k.clone(), Self::extra_value(k, v)?);
         }
         let t = now();
+        let mut tags = n.tags.clone();
+        tags.sort();
+        tags.dedup();
         let img = Image {
-            id: new_id()?,
-            name,
+            id: n
+                .id
+                .clone()
+                .map_or_else(new_uuid, |s| s.to_ascii_lowercase()),
+            name: n.name,
             status: "queued".into(),
-            disk_format: disk_format_name(format).into(),
-            container_format: "bare".into(),
-            size: None,
-            virtual_size: None,
-            checksum: None,
-            os_hash_value: None,
-            task_id: None,
-            staged: false,
+            visibility,
+            protected: n.protected.unwrap_or(false),
+            os_hidden: n.os_hidden.unwrap_or(false),
+            owner: Some(n.owner.unwrap_or_else(|| caller.project_id.clone())),
+            min_disk: n.min_disk.unwrap_or(0),
+            min_ram: n.min_ram.unwrap_or(0),
+            disk_format: n
+                .disk_format
+                .map(|f| if f == "vpc" { "vhd".to_string() } else { f }),
+            container_format: n.container_format,
             created_at: t.clone(),
             updated_at: t,
+            tags,
+            properties,
+            ..Image::default()
         };
-        self.db.insert_image(&img).map_err(internal)?;
-        Ok((201, image_json(&img)))
+        if !self.db.insert_image(&img).map_err(Error::Internal)? {
+            return Err(Error::Conflict(format!(
+                "An image with identifier {} already exists",
+                img.id
+            )));
+        }
+        Ok(img)
     }
 
     /// `GET /v2/images/{id}`.
-    pub fn get_image(&self, id: &str) -> ApiResult {
-        Ok((200, image_json(&self.image_or_404(id)?)))
+    pub fn get_image(&self, caller: &Caller, id: &str) -> Result<Image> {
+        self.image_for(caller, id)
     }
 
-    /// `GET /v2/images`.
-    pub fn list_images(&self) -> ApiResult {
-        let imgs = self.db.images().map_err(internal)?;
-        Ok((
-            200,
-            json!({"images": imgs.iter().map(image_json).collect::<Vec<_>>(), "schema": "/v2/schemas/images"}),
-        ))
+    /// `GET /v2/images`: filters, sort and paging as Glance takes them in `params`.
+    pub fn list_images(&self, caller: &Caller, params: &[(String, String)]) -> Result<Page<Image>> {
+        let mut sort_keys: Vec<String> = Vec::new();
+        let mut sort_dirs: Vec<String> = Vec::new();
+        let mut sort: Option<Vec<(String, bool)>> = None;
+        let mut limit = DEFAULT_LIMIT;
+        let mut marker = None;
+        let mut filters: Vec<(&str, &str)> = Vec::new();
+        for (k, v) in params {
+            match k.as_str() {
+                "sort_key" => sort_keys.push(v.clone()),
+                "sort_dir" => sort_dirs.push(v.clone()),
+                "sort" => {
+                    let mut keys = Vec::new();
+                    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                        let (key, dir) = part.split_once(':').unwrap_or((part, "desc"));
+                        keys.push((key.to_string(), parse_dir(dir)?));
+                    }
+                    sort = Some(keys);
+                }
+                "limit" => {
+                    limit = v
+                        .parse::<usize>()
+                        .map_err(|_| {
+                            Error::BadRequest(format!(
+                                "limit param must be a non-negative integer, not '{v}'"
+                            ))
+                        })?
+                        .min(MAX_LIMIT)
+                }
+                "marker" => marker = Some(v.as_str()),
+                "member_status" => {}
+                _ => filters.push((k.as_str(), v.as_str())),
+            }
+        }
+        if sort.is_some() && !(sort_keys.is_empty() && sort_dirs.is_empty()) {
+            return Err(Error::BadRequest(
+                "The 'sort' parameter cannot be combined with 'sort_key' or 'sort_dir'".into(),
+            ));
+        }
+        let mut order: Vec<(String, bool)> = match sort {
+            Some(s) => s,
+            None => {
+                if sort_keys.is_empty() {
+                    sort_keys.push("created_at".into());
+                }
+                if sort_dirs.len() > 1 && sort_dirs.len() != sort_keys.len() {
+                    return Err(Error::BadRequest(
+                        "sort_dir must be given once or once per sort_key".into(),
+                    ));
+                }
+                let mut v = Vec::new();
+                for (i, k) in sort_keys.iter().enumerate() {
+                    let d = sort_dirs.get(i).or(sort_dirs.first()).map_or("desc", |s| s);
+                    v.push((k.clone(), parse_dir(d)?));
+                }
+                v
+            }
+        };
+        for (k, _) in &order {
+            if !SORT_KEYS.contains(&k.as_str()) {
+                return Err(Error::BadRequest(format!(
+                    "Unsupported sort_key '{k}'; one of {}",
+                    SORT_KEYS.join(", ")
+                )));
+            }
+        }
+        let desc = order.first().is_none_or(|o| o.1);
+        if !order.iter().any(|(k, _)| k == "id") {
+            order.push(("id".into(), desc));
+        }
+        let mut images = Vec::new();
+        let visibility_filter = filters
+            .iter()
+            .find(|(k, _)| *k == "visibility")
+            .map(|(_, v)| *v);
+        let hidden_filter = filters
+            .iter()
+            .find(|(k, _)| *k == "os_hidden")
+            .map(|(_, v)| *v);
+        for img in self.db.images().map_err(Error::Internal)? {
+            if !Self::visible(caller, &img) {
+                continue;
+            }
+            let own = img.owner.as_deref() == Some(caller.project_id.as_str());
+            // Community images of others appear only when asked for.
+            if visibility_filter.is_none() && img.visibility == "community" && !own {
+                continue;
+            }
+            if hidden_filter.is_none() && img.os_hidden {
+                continue;
+            }
+            let mut ok = true;
+            for (k, v) in &filters {
+                if !image_matches(&img, k, v)? {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                images.push(img);
+            }
+        }
+        images.sort_by(|a, b| {
+            for (k, desc) in &order {
+                let o = compare(a, b, k);
+                let o = if *desc { o.reverse() } else { o };
+                if o.is_ne() {
+                    return o;
+                }
+            }
+            std::cmp::Ordering::Equal
+        });
+        let start = match marker {
+            None => 0,
+            Some(m) => match images.iter().position(|i| i.id == m) {
+                Some(p) => p + 1,
+                None => {
+                    return Err(Error::BadRequest(format!(
+                        "Invalid marker. Image {m} could not be found."
+                    )))
+                }
+            },
+        };
+        let rest = images.len().saturating_sub(start);
+        let items: Vec<Image> = images.into_iter().skip(start).take(limit).collect();
+        let next_marker = if rest > items.len() && !items.is_empty() {
+            items.last().map(|i| i.id.clone())
+        } else {
+            None
+        };
+        Ok(Page { items, next_marker })
     }
 
-    /// `GET /v2/tasks/{id}`.
-    pub fn get_task(&self, id: &str) -> ApiResult {
-        let t = self
-            .db
-            .task(id)
-            .map_err(internal)?
-            .ok_or_else(|| api(404, format!("no task with id {id}")))?;
-        Ok((200, task_json(&t)))
+    /// `PATCH /v2/images/{id}` with a JSON patch.
+    pub fn patch_image(&self, caller: &Caller, id: &str, ops: &[PatchOp]) -> Result<Image> {
+        let mut img = self.image_to_modify(caller, id)?;
+        let before_disk = img.disk_format.clone();
+        let before_container = img.container_format.clone();
+        for op in ops {
+            apply_op(caller, &mut img, op)?;
+        }
+        if (img.disk_format != before_disk || img.container_format != before_container)
+            && img.status != "queued"
+        {
+            return Err(Error::Forbidden(format!(
+                "disk_format and container_format can be changed only while the image is queued (image {id} is {})",
+                img.status
+            )));
+        }
+        if !self.db.update_metadata(&img).map_err(Error::Internal)? {
+            return Err(Error::NotFound(format!("No image found with ID {id}")));
+        }
+        self.image_for(caller, id)
     }
 
-    /// The stored file of an active image, for `GET /v2/images/{id}/file`.
-    pub fn image_file(&self, id: &str) -> Result<Option<(std::fs::File, u64)>, ApiError> {
-        let img = self.image_or_404(id)?;
+    /// `PUT /v2/images/{id}/tags/{tag}`.
+    pub fn add_tag(&self, caller: &Caller, id: &str, tag: &str) -> Result<()> {
+        self.image_to_modify(caller, id)?;
+        Self::check_tags(&[tag.to_string()])?;
+        self.db.add_tag(id, tag).map_err(Error::Internal)?;
+        Ok(())
+    }
+
+    /// `DELETE /v2/images/{id}/tags/{tag}`.
+    pub fn remove_tag(&self, caller: &Caller, id: &str, tag: &str) -> Result<()> {
+        self.image_to_modify(caller, id)?;
+        if !self.db.remove_tag(id, tag).map_err(Error::Internal)? {
+            return Err(Error::NotFound(format!(
+                "Tag {tag} not found on image {id}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `DELETE /v2/images/{id}`: cancels its import, removes its files.
+    pub fn delete_image(&self, caller: &Caller, id: &str) -> Result<()> {
+        let img = self.image_to_modify(caller, id)?;
+        if img.protected {
+            return Err(Error::Forbidden(format!(
+                "Image {id} is protected and cannot be deleted."
+            )));
+        }
+        if let Some(c) = self.cancels.lock().map_err(Error::internal)?.get(id) {
+            c.cancel();
+        }
+        // The catalogue first (the image, its tags, properties and tasks, in one
+        // statement): once it is gone, any file of it is an orphan that the import
+        // (when it ends) or the startup recovery removes.
+        self.db.delete_image(id).map_err(Error::Internal)?;
+        failpoint::hit("delete.recorded");
+        if img.status != "importing" && img.status != "saving" {
+            let _ = std::fs::remove_file(self.workspace.staging_path(id));
+            self.workspace.release(&format!("stage:{id}"));
+        }
+        failpoint::hit("delete.files");
+        self.store.delete(id).map_err(Error::internal)?;
+        Ok(())
+    }
+
+    /// The stored data of an image `caller` may see: the file, its length and MD5.
+    /// `Ok(None)`: the image has no data (204).
+    pub fn image_data(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<Option<(std::fs::File, u64, Option<String>)>> {
+        let img = self.image_for(caller, id)?;
         if img.status != "active" {
             return Ok(None);
         }
-        let path = self.config.store_dir.join(&img.id);
-        let f = std::fs::File::open(&path)
-            .map_err(|e| internal(format!("stored file of image {id} is missing: {e}")))?;
-        let len = f.metadata().map_err(internal)?.len();
-        Ok(Some((f, len)))
+        let (f, len) = self
+            .store
+            .open(id)
+            .map_err(|e| Error::Internal(format!("stored data of image {id}: {e}")))?;
+        Ok(Some((f, len, img.checksum)))
     }
 
     /// `PUT /v2/images/{id}/stage`: streams `body` into the workspace.
-    pub fn stage(&self, id: &str, body: &mut dyn Read, content_length: Option<u64>) -> ApiResult {
+    pub fn stage(
+        &self,
+        caller: &Caller,
+        id: &str,
+        body: &mut dyn Read,
+        content_length: Option<u64>,
+    ) -> Result<()> {
+        self.refuse_when_stopping()?;
+        let img = self.image_to_modify(caller, id)?;
+        let declared = img.disk_format.as_deref().ok_or_else(|| {
+            Error::BadRequest(format!(
+                "image {id} has no disk_format: set it (PATCH) before uploading data"
+            ))
+        })?;
+        parse_declared_format(declared).map_err(Error::BadRequest)?;
+        self.receive_into_staging(id, "uploading", body, content_length)
+    }
+
+    /// Takes image `id` from `queued` to `status` and streams `body` into its staging
+    /// file; on failure the image returns to `queued` and nothing is left.
+    fn receive_into_staging(
+        &self,
+        id: &str,
+        status: &str,
+        body: &mut dyn Read,
+        content_length: Option<u64>,
+    ) -> Result<()> {
         let cap = self.config.image_size_cap;
         let key = format!("stage:{id}");
-        let mut img = {
-            let _t = self.transitions.lock().map_err(internal)?;
-            let mut img = self.image_or_404(id)?;
-            if img.status != "queued" {
-                return Err(api(409, format!(
-                    "image {id} is {}: data can be staged only while it is queued (once per import)",
-                    img.status
+        if let Some(len) = content_length {
+            if len > cap {
+                return Err(Error::TooLarge(format!(
+                    "the upload of {len} bytes exceeds image_size_cap ({cap} bytes)"
                 )));
             }
-            if let Some(len) = content_length {
-                if len > cap {
-                    return Err(api(
-                        413,
-                        format!("the upload of {len} bytes exceeds image_size_cap ({cap} bytes)"),
-                    ));
-                }
-                if !self.workspace.try_hold(&key, len) {
-                    return Err(api(413, format!(
-                        "workspace full: {len} bytes do not fit ({} of {} bytes in use); try again later",
-                        self.workspace.used(),
-                        self.workspace.capacity()
-                    )));
-                }
+        }
+        if !self
+            .db
+            .transition(id, &["queued"], status, false)
+            .map_err(Error::Internal)?
+        {
+            let now = self.db.image(id).map_err(Error::Internal)?;
+            return Err(Error::Conflict(format!(
+                "image {id} is {}: data can be uploaded only while it is queued (once per import)",
+                now.map_or("deleted".into(), |i| i.status)
+            )));
+        }
+        if let Some(len) = content_length {
+            if !self.workspace.try_hold(&key, len) {
+                let _ = self.db.transition(id, &[status], "queued", false);
+                return Err(Error::TooLarge(format!(
+                    "workspace full: {len} bytes do not fit ({} of {} bytes in use); try again later",
+                    self.workspace.used(),
+                    self.workspace.capacity()
+                )));
             }
-            img.status = "uploading".into();
-            img.staged = false;
-            self.db.update_image(&img).map_err(internal)?;
-            img
-        };
+        }
         let path = self.workspace.staging_path(id);
-        let result = self.receive(&path, body, content_length, &key, cap);
-        match result {
+        match receive(&self.workspace, &path, body, content_length, &key, cap) {
             Ok(()) => {
                 failpoint::hit("stage.received");
-                let _t = self.transitions.lock().map_err(internal)?;
-                let still = self.db.image(id).map_err(internal)?;
-                if still.is_none_or(|i| i.status != "uploading") {
-                    // Deleted while receiving: its upload must not stay in the workspace.
+                if status == "uploading"
+                    && !self
+                        .db
+                        .transition(id, &["uploading"], "uploading", true)
+                        .map_err(Error::Internal)?
+                {
+                    // Deleted meanwhile.
                     let _ = std::fs::remove_file(&path);
                     self.workspace.release(&key);
-                    return Err(api(
-                        404,
-                        format!("image {id} was deleted during the upload"),
-                    ));
+                    return Err(Error::NotFound(format!("No image found with ID {id}")));
                 }
-                img.staged = true;
-                self.db.update_image(&img).map_err(internal)?;
-                Ok((204, Value::Null))
+                Ok(())
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 self.workspace.release(&key);
-                img.status = "queued".into();
-                img.staged = false;
-                self.db.update_image(&img).map_err(internal)?;
+                let _ = self.db.transition(id, &[status], "queued", false);
                 Err(e)
             }
         }
     }
 
-    fn receive(
-        &self,
-        path: &Path,
-        body: &mut dyn Read,
-        content_length: Option<u64>,
-        key: &str,
-        cap: u64,
-    ) -> Result<(), ApiError> {
-        let mut f = std::fs::File::create(path).map_err(internal)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = body
-                .read(&mut buf)
-                .map_err(|e| api(400, format!("upload interrupted: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-            if total > cap {
-                return Err(api(
-                    413,
-                    format!("the upload exceeds image_size_cap ({cap} bytes)"),
-                ));
-            }
-            if content_length.is_none() && !self.workspace.try_hold(key, n as u64) {
-                return Err(api(
-                    413,
-                    "workspace full while receiving the upload; try again later",
-                ));
-            }
-            f.write_all(&buf[..n]).map_err(internal)?;
-            failpoint::hit("stage.receiving");
+    fn refuse_when_stopping(&self) -> Result<()> {
+        if self.stopping.load(Ordering::SeqCst) {
+            Err(Error::Unavailable(
+                "vimport is shutting down; try again later".into(),
+            ))
+        } else {
+            Ok(())
         }
-        if let Some(len) = content_length {
-            if total != len {
-                return Err(api(
-                    400,
-                    format!("upload ended after {total} of {len} bytes"),
-                ));
-            }
-        }
-        f.sync_all().map_err(internal)
     }
 
-    /// `POST /v2/images/{id}/import`.
-    pub fn import(self: &Arc<Self>, id: &str, body: &[u8]) -> ApiResult {
-        let v = parse_json(body)?;
-        let method = v
-            .pointer("/method/name")
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        if method != "glance-direct" {
-            return Err(api(
-                400,
-                format!("import method '{method}' is not enabled; enabled methods: glance-direct"),
-            ));
-        }
-        let _t = self.transitions.lock().map_err(internal)?;
-        let mut img = self.image_or_404(id)?;
-        if !(img.status == "uploading" && img.staged) {
-            return Err(api(
-                409,
-                format!(
-                    "image {id} is {}{}: stage its data first (PUT /v2/images/{id}/stage)",
-                    img.status,
-                    if img.status == "uploading" {
-                        " (upload not complete)"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
+    fn new_task(&self, caller: &Caller, image_id: &str, input: Value) -> Task {
         let t = now();
-        let task = Task {
-            id: new_id()?,
-            image_id: id.to_string(),
+        Task {
+            id: new_uuid(),
+            kind: "api_image_import".into(),
+            image_id: image_id.to_string(),
             status: "pending".into(),
             message: "waiting for a worker".into(),
+            input: input.to_string(),
+            result: None,
+            owner: Some(caller.project_id.clone()),
+            user_id: Some(caller.user_id.clone()),
+            request_id: Some(caller.request_id.clone()),
+            expires_at: None,
             created_at: t.clone(),
             updated_at: t,
-        };
-        img.status = "importing".into();
-        img.task_id = Some(task.id.clone());
-        self.db.start_import(&task, &img).map_err(internal)?;
-        self.cancels
-            .lock()
-            .map_err(internal)?
-            .insert(id.to_string(), CancelToken::new());
-        self.queue
-            .lock()
-            .map_err(internal)?
-            .push_back(task.id.clone());
-        self.queued.notify_one();
-        failpoint::hit("import.accepted");
-        Ok((202, json!({"task_id": task.id})))
+        }
     }
 
-    /// `DELETE /v2/images/{id}`: cancels its import, removes its files.
-    pub fn delete_image(&self, id: &str) -> ApiResult {
-        let _t = self.transitions.lock().map_err(internal)?;
-        let img = self.image_or_404(id)?;
-        if let Some(c) = self.cancels.lock().map_err(internal)?.get(id) {
-            c.cancel();
+    fn enqueue(&self, image_id: &str, task_id: &str) -> Result<()> {
+        self.cancels
+            .lock()
+            .map_err(Error::internal)?
+            .insert(image_id.to_string(), CancelToken::new());
+        self.queue
+            .lock()
+            .map_err(Error::internal)?
+            .push_back((task_id.to_string(), image_id.to_string()));
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// `POST /v2/images/{id}/import`; returns the task id.
+    pub fn import(
+        &self,
+        caller: &Caller,
+        id: &str,
+        method: ImportMethod,
+        request: Value,
+    ) -> Result<String> {
+        self.refuse_when_stopping()?;
+        let img = self.image_to_modify(caller, id)?;
+        if img.disk_format.is_none() {
+            return Err(Error::BadRequest(format!(
+                "image {id} has no disk_format: set it (PATCH) before importing"
+            )));
         }
-        // The catalogue first: once the image is gone, any file of it is an orphan that
-        // the import (when it ends) or the startup recovery removes.
-        self.db.delete_image(id).map_err(internal)?;
-        failpoint::hit("delete.recorded");
-        if img.status != "importing" {
+        let input = serde_json::json!({"image_id": id, "import_req": request});
+        let task = self.new_task(caller, id, input);
+        match &method {
+            ImportMethod::GlanceDirect => {
+                if !self
+                    .db
+                    .start_import(&task, false)
+                    .map_err(Error::Internal)?
+                {
+                    let img = self.image_for(caller, id)?;
+                    return Err(Error::Conflict(format!(
+                        "image {id} is {}{}: stage its data first (PUT /v2/images/{id}/stage)",
+                        img.status,
+                        if img.status == "uploading" {
+                            " (upload not complete)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+            ImportMethod::WebDownload { uri } => {
+                web_download::check_uri(&self.config.web_download, uri)
+                    .map_err(Error::BadRequest)?;
+                if !self.db.start_import(&task, true).map_err(Error::Internal)? {
+                    let img = self.image_for(caller, id)?;
+                    return Err(Error::Conflict(format!(
+                        "image {id} is {}: web-download imports only a queued image",
+                        img.status
+                    )));
+                }
+            }
+        }
+        self.enqueue(id, &task.id)?;
+        failpoint::hit("import.accepted");
+        Ok(task.id)
+    }
+
+    /// `PUT /v2/images/{id}/file`: receives the data, then runs the import workflow and
+    /// answers when the image is active (or why it is not: then it is `queued` again).
+    pub fn upload(
+        &self,
+        caller: &Caller,
+        id: &str,
+        body: &mut dyn Read,
+        content_length: Option<u64>,
+    ) -> Result<()> {
+        self.refuse_when_stopping()?;
+        let img = self.image_to_modify(caller, id)?;
+        let declared = img.disk_format.as_deref().ok_or_else(|| {
+            Error::BadRequest(format!(
+                "image {id} has no disk_format: set it (PATCH) before uploading data"
+            ))
+        })?;
+        parse_declared_format(declared).map_err(Error::BadRequest)?;
+        self.receive_into_staging(id, "saving", body, content_length)?;
+        let task = self.new_task(
+            caller,
+            id,
+            serde_json::json!({"image_id": id, "import_req": {"method": {"name": "upload"}}}),
+        );
+        let (tx, rx) = mpsc::channel();
+        let start = self.db.insert_task(&task).and_then(|_| {
+            self.waiters
+                .lock()
+                .map_err(|_| "lock poisoned".to_string())
+                .map(|mut w| {
+                    w.insert(task.id.clone(), tx);
+                })
+        });
+        if let Err(e) = start
+            .map_err(Error::Internal)
+            .and_then(|_| self.enqueue(id, &task.id))
+        {
+            let _ = self
+                .db
+                .fail_import(&task.id, id, "cannot queue the import", &expires_at());
             let _ = std::fs::remove_file(self.workspace.staging_path(id));
             self.workspace.release(&format!("stage:{id}"));
+            return Err(e);
         }
-        failpoint::hit("delete.files");
-        let _ = std::fs::remove_file(self.config.store_dir.join(id));
-        Ok((204, Value::Null))
+        match rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(Error::BadRequest(message)),
+            Err(_) => Err(Error::Internal("the import worker vanished".into())),
+        }
+    }
+
+    /// `GET /v2/tasks/{id}`.
+    pub fn get_task(&self, caller: &Caller, id: &str) -> Result<Task> {
+        match self.db.task(id).map_err(Error::Internal)? {
+            Some(t) if caller.admin || t.owner.as_deref() == Some(caller.project_id.as_str()) => {
+                Ok(t)
+            }
+            _ => Err(Error::NotFound(format!(
+                "Task with the given ID {id} not found"
+            ))),
+        }
+    }
+
+    /// `GET /v2/images/{id}/tasks`, oldest first.
+    pub fn image_tasks(&self, caller: &Caller, id: &str) -> Result<Vec<Task>> {
+        self.image_for(caller, id)?;
+        self.db.tasks_of(id).map_err(Error::Internal)
+    }
+
+    /// `GET /v2/tasks`: filters `type`, `status`; `sort_key`, `sort_dir`, `limit`,
+    /// `marker`.
+    pub fn list_tasks(&self, caller: &Caller, params: &[(String, String)]) -> Result<Page<Task>> {
+        let mut sort_key = "created_at".to_string();
+        let mut desc = true;
+        let mut limit = DEFAULT_LIMIT;
+        let mut marker = None;
+        let mut filters = Vec::new();
+        for (k, v) in params {
+            match k.as_str() {
+                "sort_key" => sort_key = v.clone(),
+                "sort_dir" => desc = parse_dir(v)?,
+                "limit" => {
+                    limit = v
+                        .parse::<usize>()
+                        .map_err(|_| {
+                            Error::BadRequest(format!(
+                                "limit param must be a non-negative integer, not '{v}'"
+                            ))
+                        })?
+                        .min(MAX_LIMIT)
+                }
+                "marker" => marker = Some(v.clone()),
+                "type" | "status" => filters.push((k.clone(), v.clone())),
+                other => {
+                    return Err(Error::BadRequest(format!(
+                        "Invalid filter '{other}'; tasks filter on type and status"
+                    )))
+                }
+            }
+        }
+        if !["id", "type", "status", "created_at", "updated_at"].contains(&sort_key.as_str()) {
+            return Err(Error::BadRequest(format!("Invalid sort_key '{sort_key}'")));
+        }
+        let mut tasks: Vec<Task> = self
+            .db
+            .tasks()
+            .map_err(Error::Internal)?
+            .into_iter()
+            .filter(|t| caller.admin || t.owner.as_deref() == Some(caller.project_id.as_str()))
+            .filter(|t| {
+                filters.iter().all(|(k, v)| match k.as_str() {
+                    "type" => &t.kind == v,
+                    _ => &t.status == v,
+                })
+            })
+            .collect();
+        let key = |t: &Task| -> (String, String) {
+            let k = match sort_key.as_str() {
+                "id" => t.id.clone(),
+                "type" => t.kind.clone(),
+                "status" => t.status.clone(),
+                "updated_at" => t.updated_at.clone(),
+                _ => t.created_at.clone(),
+            };
+            (k, t.id.clone())
+        };
+        tasks.sort_by_key(key);
+        if desc {
+            tasks.reverse();
+        }
+        let start = match &marker {
+            None => 0,
+            Some(m) => tasks
+                .iter()
+                .position(|t| &t.id == m)
+                .map(|p| p + 1)
+                .ok_or_else(|| {
+                    Error::BadRequest(format!("Invalid marker. Task {m} could not be found."))
+                })?,
+        };
+        let rest = tasks.len().saturating_sub(start);
+        let items: Vec<Task> = tasks.into_iter().skip(start).take(limit).collect();
+        let next_marker = if rest > items.len() && !items.is_empty() {
+            items.last().map(|t| t.id.clone())
+        } else {
+            None
+        };
+        Ok(Page { items, next_marker })
     }
 
     fn worker_loop(self: Arc<Self>) {
         loop {
-            let task_id = {
+            let (task_id, image_id) = {
                 let Ok(mut q) = self.queue.lock() else { return };
                 loop {
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
                     if let Some(t) = q.pop_front() {
+                        // Counted while the queue is locked, so shutdown never sees a
+                        // task neither queued nor running.
+                        self.running.fetch_add(1, Ordering::SeqCst);
                         break t;
                     }
-                    q = match self.queued.wait(q) {
-                        Ok(q) => q,
+                    q = match self.queued.wait_timeout(q, Duration::from_millis(200)) {
+                        Ok(q) => q.0,
                         Err(_) => return,
                     };
                 }
             };
-            self.run_task(&task_id);
+            self.run_task(&task_id, &image_id);
+            self.running.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    fn run_task(&self, task_id: &str) {
+    fn run_task(&self, task_id: &str, image_id: &str) {
         let Ok(Some(task)) = self.db.task(task_id) else {
+            // The image was deleted (with its tasks) before the import started: its
+            // staged upload must not stay.
+            let _ = std::fs::remove_file(self.workspace.staging_path(image_id));
+            self.workspace.release(&format!("stage:{image_id}"));
+            if let Ok(mut c) = self.cancels.lock() {
+                c.remove(image_id);
+            }
+            if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(task_id)) {
+                let _ = w.send(Err("cancelled: the image was deleted".to_string()));
+            }
             return;
         };
         let image_id = task.image_id.clone();
@@ -658,161 +1174,618 @@ impl Service {
             .ok()
             .and_then(|c| c.get(&image_id).cloned())
             .unwrap_or_default();
-        let _ = self
-            .db
-            .set_task(task_id, "processing", "inspecting the upload");
+        let _ = self.db.set_task(task_id, "processing", "starting");
         failpoint::hit("task.processing");
-        let output = self.workspace.output_path(task_id);
         let staging = self.workspace.staging_path(&image_id);
-        let result = self.import_one(task_id, &image_id, &staging, &output, &cancel);
-        if result.is_ok() {
-            failpoint::hit("store.recorded");
-        }
+        let result = self.import_one(&task, &staging, &cancel);
         let _ = std::fs::remove_file(&staging);
-        let _ = std::fs::remove_file(&output);
         self.workspace.release(&format!("stage:{image_id}"));
-        self.workspace.release(&format!("convert:{task_id}"));
         if let Ok(mut c) = self.cancels.lock() {
             c.remove(&image_id);
         }
-        let _t = self.transitions.lock();
-        match result {
-            // Already recorded, just before the image turned active.
-            Ok(_) => {}
+        let outcome = match result {
+            Ok(stored) => {
+                let message = success_message(&stored);
+                // The task's success and the image's `active` are one transaction.
+                match self
+                    .db
+                    .finish_import(task_id, &image_id, &stored, &message, &expires_at())
+                {
+                    Ok(true) => {
+                        failpoint::hit("store.recorded");
+                        Ok(())
+                    }
+                    Ok(false) => {
+                        // Deleted during the import: its data must not stay.
+                        let _ = self.store.delete(&image_id);
+                        let m = "cancelled: the image was deleted during the import";
+                        let _ = self.db.fail_import(task_id, &image_id, m, &expires_at());
+                        Err(m.to_string())
+                    }
+                    Err(e) => {
+                        let _ = self.store.delete(&image_id);
+                        let _ = self.db.fail_import(
+                            task_id,
+                            &image_id,
+                            "internal error",
+                            &expires_at(),
+                        );
+                        Err(e)
+                    }
+                }
+            }
             Err(message) => {
                 let message = if cancel.is_cancelled() {
-                    "cancelled: the image was deleted during the import".to_string()
+                    if self.stopping.load(Ordering::SeqCst) {
+                        "cancelled: vimport shut down during this import; stage the image again"
+                            .to_string()
+                    } else {
+                        "cancelled: the image was deleted during the import".to_string()
+                    }
                 } else {
                     message
                 };
-                let _ = self.db.fail_import(task_id, &image_id, &message);
+                let _ = self
+                    .db
+                    .fail_import(task_id, &image_id, &message, &expires_at());
+                Err(message)
             }
+        };
+        if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(task_id)) {
+            let _ = w.send(outcome);
         }
     }
 
-    /// Inspect, convert, hash and store one staged upload; returns the success message.
+    /// Fetches a web-download's data (if the task is one), then runs the workflow.
     fn import_one(
         &self,
-        task_id: &str,
-        image_id: &str,
+        task: &Task,
         staging: &Path,
-        output: &Path,
         cancel: &CancelToken,
-    ) -> Result<String, String> {
-        let img = self.db.image(image_id)?.ok_or("the image was deleted")?;
-        let declared = parse_disk_format(&img.disk_format)?;
-        let name = |p: &Path| p.display().to_string();
-        let report = vconvert_engine::inspect(staging, Some(declared), &self.policy())
-            .map_err(|e| format!("cannot inspect the upload: {e}"))?;
-        if !report.violations.is_empty() {
-            return Err(format!("image refused: {}", report.violations.join("; ")));
+    ) -> std::result::Result<crate::db::Stored, String> {
+        let img = self
+            .db
+            .image(&task.image_id)?
+            .ok_or("cancelled: the image was deleted")?;
+        let declared = parse_declared_format(img.disk_format.as_deref().unwrap_or(""))?;
+        let progress = |m: &str| {
+            let _ = self.db.set_task(&task.id, "processing", m);
+        };
+        let input: Value = serde_json::from_str(&task.input).unwrap_or(Value::Null);
+        if input
+            .pointer("/import_req/method/name")
+            .and_then(Value::as_str)
+            == Some("web-download")
+        {
+            let uri = input
+                .pointer("/import_req/method/uri")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            progress(&format!("downloading {uri}"));
+            let key = format!("stage:{}", task.image_id);
+            web_download::fetch(
+                &self.config.web_download,
+                uri,
+                staging,
+                self.config.image_size_cap,
+                &|n| self.workspace.try_hold(&key, n),
+                cancel,
+            )?;
         }
-        let target = self.config.output_format;
-        let no_refs = OpenOptions::default();
-        let src =
-            vconvert_engine::open(staging, Some(declared), &no_refs).map_err(|e| e.to_string())?;
-        let virtual_size = src.virtual_size();
-        let stored_from: PathBuf = if declared == target {
-            staging.to_path_buf()
-        } else {
-            let need = vconvert_engine::measure(Some(src.as_ref()), 0, target, &Options::new())
-                .map_err(|e| e.to_string())?;
-            let db = &self.db;
-            self.workspace.hold_wait(&format!("convert:{task_id}"), need.required, cancel, |used| {
-                let _ = db.set_task(task_id, "processing", &format!(
-                    "waiting for workspace: the conversion needs {} bytes; {used} of {} bytes in use",
-                    need.required,
-                    self.workspace.capacity()
-                ));
-            })?;
-            let label = format!(
-                "converting {} to {}",
-                disk_format_name(declared),
-                disk_format_name(target)
+        let policy = self.policy();
+        let job = workflow::Job {
+            image_id: &task.image_id,
+            task_id: &task.id,
+            declared,
+            staging,
+            target: self.config.output_format,
+            policy: &policy,
+            rate_limit: self.config.convert_rate_limit,
+            cancel,
+            progress: &progress,
+            record: &|stored: &Stored| self.db.record_intent(&task.id, stored),
+        };
+        workflow::run(&job, &self.workspace, self.store.as_ref())
+    }
+
+    /// Stops taking work: new uploads and imports get 503, queued imports are
+    /// cancelled at once, running ones may finish within `grace`, then are cancelled;
+    /// returns when every worker is idle, with their images `queued` again and the
+    /// workspace cleaned.
+    pub fn shutdown(&self, grace: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.queued.notify_all();
+        let pending: Vec<String> = self
+            .queue
+            .lock()
+            .map(|mut q| q.drain(..).map(|(t, _)| t).collect())
+            .unwrap_or_default();
+        for task_id in pending {
+            if let Ok(Some(t)) = self.db.task(&task_id) {
+                let m = "cancelled: vimport shut down before this import started; stage the image again";
+                let _ = self.db.fail_import(&t.id, &t.image_id, m, &expires_at());
+                let _ = std::fs::remove_file(self.workspace.staging_path(&t.image_id));
+                self.workspace.release(&format!("stage:{}", t.image_id));
+                if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(&t.id)) {
+                    let _ = w.send(Err(m.to_string()));
+                }
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while self.running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.running.load(Ordering::SeqCst) > 0 {
+            tracing::warn!(
+                running = self.running.load(Ordering::SeqCst),
+                "shutdown grace period over: cancelling running imports"
             );
-            let last = Mutex::new(Instant::now() - Duration::from_secs(1));
-            let progress = |done: u64, total: u64| {
-                failpoint::hit("convert.progress");
-                if let Ok(mut l) = last.lock() {
-                    if l.elapsed() >= Duration::from_millis(250) || done == total {
-                        *l = Instant::now();
-                        let pct = if total == 0 {
-                            100.0
-                        } else {
-                            done as f64 * 100.0 / total as f64
-                        };
-                        let _ = db.set_task(
-                            task_id,
-                            "processing",
-                            &format!("{label}: {pct:.1}% ({done} of {total} bytes)"),
-                        );
+            if let Ok(c) = self.cancels.lock() {
+                for t in c.values() {
+                    t.cancel();
+                }
+            }
+            let hard = Instant::now() + Duration::from_secs(30);
+            while self.running.load(Ordering::SeqCst) > 0 && Instant::now() < hard {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Err(e) = self.recover(false) {
+            tracing::error!(error = %e, "cleanup at shutdown failed");
+        }
+    }
+
+    /// Imports running or waiting now.
+    pub fn busy(&self) -> usize {
+        self.running.load(Ordering::SeqCst) + self.queue.lock().map_or(0, |q| q.len())
+    }
+}
+
+/// The message of a successful import task.
+fn success_message(s: &Stored) -> String {
+    format!("imported: stored as {} ({} bytes)", s.disk_format, s.size)
+}
+
+/// Streams `body` into `path`, holding workspace space under `key` as it grows when
+/// the length is unknown; refuses more than `cap` bytes.
+fn receive(
+    workspace: &Workspace,
+    path: &Path,
+    body: &mut dyn Read,
+    content_length: Option<u64>,
+    key: &str,
+    cap: u64,
+) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(Error::internal)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = body
+            .read(&mut buf)
+            .map_err(|e| Error::BadRequest(format!("upload interrupted: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > cap {
+            return Err(Error::TooLarge(format!(
+                "the upload exceeds image_size_cap ({cap} bytes)"
+            )));
+        }
+        if let Some(len) = content_length {
+            if total > len {
+                return Err(Error::BadRequest(format!(
+                    "upload longer than its Content-Length ({len} bytes)"
+                )));
+            }
+        } else if !workspace.try_hold(key, n as u64) {
+            return Err(Error::TooLarge(
+                "workspace full while receiving the upload; try again later".into(),
+            ));
+        }
+        f.write_all(&buf[..n]).map_err(Error::internal)?;
+        failpoint::hit("stage.receiving");
+    }
+    if let Some(len) = content_length {
+        if total != len {
+            return Err(Error::BadRequest(format!(
+                "upload ended after {total} of {len} bytes"
+            )));
+        }
+    }
+    f.sync_all().map_err(Error::internal)
+}
+
+/// Glance's `_available_sort_keys`.
+const SORT_KEYS: &[&str] = &[
+    "name",
+    "status",
+    "container_format",
+    "disk_format",
+    "size",
+    "id",
+    "created_at",
+    "updated_at",
+];
+
+fn parse_dir(d: &str) -> Result<bool> {
+    match d {
+        "asc" => Ok(false),
+        "desc" => Ok(true),
+        other => Err(Error::BadRequest(format!(
+            "Invalid sort direction: {other}; asc or desc"
+        ))),
+    }
+}
+
+fn compare(a: &Image, b: &Image, key: &str) -> std::cmp::Ordering {
+    match key {
+        "name" => a.name.cmp(&b.name),
+        "status" => a.status.cmp(&b.status),
+        "container_format" => a.container_format.cmp(&b.container_format),
+        "disk_format" => a.disk_format.cmp(&b.disk_format),
+        "size" => a.size.cmp(&b.size),
+        "id" => a.id.cmp(&b.id),
+        "updated_at" => a.updated_at.cmp(&b.updated_at),
+        _ => a.created_at.cmp(&b.created_at),
+    }
+}
+
+/// `value` against `filter`: `in:a,b,…` (any of), or equality.
+fn matches_str(actual: Option<&str>, filter: &str) -> bool {
+    match filter.strip_prefix("in:") {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().trim_matches('"'))
+            .any(|s| Some(s) == actual),
+        None => Some(filter) == actual,
+    }
+}
+
+fn parse_bool(k: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(Error::BadRequest(format!(
+            "{k} must be true or false, not '{v}'"
+        ))),
+    }
+}
+
+/// Whether `img` passes the list filter `k=v`.
+fn image_matches(img: &Image, k: &str, v: &str) -> Result<bool> {
+    let size = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| Error::BadRequest(format!("{k} must be a number of bytes, not '{v}'")))
+    };
+    Ok(match k {
+        "name" => matches_str(img.name.as_deref(), v),
+        "status" => matches_str(Some(&img.status), v),
+        "visibility" => v == "all" || matches_str(Some(&img.visibility), v),
+        "owner" => matches_str(img.owner.as_deref(), v),
+        "disk_format" => matches_str(img.disk_format.as_deref(), v),
+        "container_format" => matches_str(img.container_format.as_deref(), v),
+        "id" => matches_str(Some(&img.id), v),
+        "tag" => img.tags.iter().any(|t| t == v),
+        "size_min" => {
+            let m = size(v)?;
+            img.size.is_some_and(|s| s >= m)
+        }
+        "size_max" => {
+            let m = size(v)?;
+            img.size.is_some_and(|s| s <= m)
+        }
+        "protected" => img.protected == parse_bool(k, v)?,
+        "os_hidden" => img.os_hidden == parse_bool(k, v)?,
+        "created_at" | "updated_at" => {
+            let actual = if k == "created_at" {
+                &img.created_at
+            } else {
+                &img.updated_at
+            };
+            let (op, when) = v.split_once(':').unwrap_or(("eq", v));
+            let when = when.trim();
+            match op {
+                "eq" => actual.as_str() == when,
+                "neq" => actual.as_str() != when,
+                "gt" => actual.as_str() > when,
+                "gte" => actual.as_str() >= when,
+                "lt" => actual.as_str() < when,
+                "lte" => actual.as_str() <= when,
+                other => {
+                    return Err(Error::BadRequest(format!(
+                        "Invalid operator '{other}' for {k}; one of eq, neq, gt, gte, lt, lte"
+                    )))
+                }
+            }
+        }
+        extra => matches_str(img.properties.get(extra).map(String::as_str), v),
+    })
+}
+
+/// Splits and unescapes a JSON pointer (`/a~1b` → `["a/b"]`).
+fn pointer(path: &str) -> Result<Vec<String>> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(Error::BadRequest(format!(
+            "Json path should start with a '/', not '{path}'"
+        )));
+    };
+    if rest.is_empty() || rest.contains("//") || rest.ends_with('/') {
+        return Err(Error::BadRequest(format!("Pointer `{path}` is not valid.")));
+    }
+    Ok(rest
+        .split('/')
+        .map(|p| p.replace("~1", "/").replace("~0", "~"))
+        .collect())
+}
+
+fn want_str(k: &str, v: &Value, nullable: bool) -> Result<Option<String>> {
+    match v {
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Null if nullable => Ok(None),
+        other => Err(Error::BadRequest(format!(
+            "Invalid value for '{k}': {other} is not a string"
+        ))),
+    }
+}
+
+fn want_u64(k: &str, v: &Value) -> Result<u64> {
+    v.as_u64().ok_or_else(|| {
+        Error::BadRequest(format!(
+            "Invalid value for '{k}': {v} is not a non-negative integer"
+        ))
+    })
+}
+
+fn want_bool(k: &str, v: &Value) -> Result<bool> {
+    v.as_bool()
+        .ok_or_else(|| Error::BadRequest(format!("Invalid value for '{k}': {v} is not a boolean")))
+}
+
+/// Applies one JSON-patch operation to `img` as Glance's v2.1 patch does.
+fn apply_op(caller: &Caller, img: &mut Image, op: &PatchOp) -> Result<()> {
+    let path = pointer(&op.path)?;
+    let root = path[0].as_str();
+    if !["add", "replace", "remove"].contains(&op.op.as_str()) {
+        return Err(Error::BadRequest(format!(
+            "Invalid operation: `{}`. It must be one of the following: add, remove, replace.",
+            op.op
+        )));
+    }
+    if READ_ONLY.contains(&root) {
+        return Err(Error::Forbidden(format!(
+            "Attribute '{root}' is read-only."
+        )));
+    }
+    if RESERVED.contains(&root) || root.starts_with("os_glance") {
+        return Err(Error::Forbidden(format!("Attribute '{root}' is reserved.")));
+    }
+    let value = if op.op == "remove" {
+        Value::Null
+    } else {
+        op.value.clone().ok_or_else(|| {
+            Error::BadRequest(format!(
+                "Operation \"{}\" requires a member named \"value\".",
+                op.op
+            ))
+        })?
+    };
+    const BASE: &[&str] = &[
+        "name",
+        "visibility",
+        "protected",
+        "os_hidden",
+        "owner",
+        "min_disk",
+        "min_ram",
+        "disk_format",
+        "container_format",
+        "tags",
+    ];
+    if root == "tags" && path.len() == 2 {
+        // `/tags/-` adds one tag; `/tags/N` replaces or removes the Nth.
+        let tag = if op.op == "remove" {
+            None
+        } else {
+            Some(want_str("tags", &value, false)?.unwrap_or_default())
+        };
+        match (op.op.as_str(), path[1].as_str()) {
+            ("add", "-") => img.tags.push(tag.unwrap_or_default()),
+            (_, n) => {
+                let i = n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|i| *i < img.tags.len())
+                    .ok_or_else(|| Error::Conflict(format!("No tag at /tags/{n}")))?;
+                match tag {
+                    Some(t) => img.tags[i] = t,
+                    None => {
+                        img.tags.remove(i);
                     }
                 }
-            };
-            let opts = ConvertOptions {
-                cancel: cancel.clone(),
-                progress: Some(&progress),
-                rate_limit: self.config.convert_rate_limit,
-                ..ConvertOptions::default()
-            };
-            vconvert_engine::convert(src.as_ref(), output, target, Options::new(), &opts).map_err(
-                |e| match e {
-                    vconvert_core::Error::Cancelled => "cancelled".to_string(),
-                    e => format!("conversion failed: {e}"),
-                },
-            )?;
-            let check = vconvert_engine::inspect(output, Some(target), &self.policy())
-                .map_err(|e| e.to_string())?;
-            if !check.violations.is_empty() {
-                return Err(format!(
-                    "converted image refused: {}",
-                    check.violations.join("; ")
-                ));
             }
-            failpoint::hit("convert.done");
-            output.to_path_buf()
-        };
-        drop(src);
-        if cancel.is_cancelled() {
-            return Err("cancelled".into());
         }
-        let _ = self
-            .db
-            .set_task(task_id, "processing", "computing checksums");
-        let (md5, sha512, size) =
-            hashes(&stored_from).map_err(|e| format!("cannot read {}: {e}", name(&stored_from)))?;
-        let stored = Stored {
-            disk_format: disk_format_name(target).into(),
-            size,
-            virtual_size,
-            checksum: md5,
-            sha512,
-        };
-        // Intent first: a crash after the move finds in the task what the stored object
-        // is, and recovery records it (or removes it) instead of leaving it orphaned.
-        self.db.record_intent(task_id, &stored)?;
-        failpoint::hit("store.intent");
-        let stored_path = self.config.store_dir.join(image_id);
-        move_file(&stored_from, &stored_path).map_err(|e| {
-            format!(
-                "cannot store the image in {}: {e}",
-                name(&self.config.store_dir)
-            )
-        })?;
-        failpoint::hit("store.moved");
-        let _t = self
-            .transitions
-            .lock()
-            .map_err(|_| "lock poisoned".to_string())?;
-        let message = success_message(&stored);
-        // The task's success and the image's active state are one transaction.
-        if !self
-            .db
-            .finish_import(task_id, image_id, &stored, &message)?
-        {
-            let _ = std::fs::remove_file(&stored_path);
-            return Err("cancelled".into());
+        Service::check_tags(&img.tags)?;
+        img.tags.sort();
+        img.tags.dedup();
+        return Ok(());
+    }
+    if path.len() > 1 {
+        return Err(Error::BadRequest(format!(
+            "Invalid JSON pointer for this resource: '{}'",
+            op.path
+        )));
+    }
+    if BASE.contains(&root) {
+        if op.op == "remove" {
+            return Err(Error::Forbidden(format!(
+                "Property {root} may not be removed."
+            )));
         }
-        Ok(message)
+        match root {
+            "name" => {
+                img.name = want_str(root, &value, true)?;
+                if img.name.as_ref().is_some_and(|n| n.chars().count() > 255) {
+                    return Err(Error::BadRequest(
+                        "name is longer than 255 characters".into(),
+                    ));
+                }
+            }
+            "visibility" => {
+                let v = want_str(root, &value, false)?.unwrap_or_default();
+                Service::check_visibility(caller, &v)?;
+                img.visibility = v;
+            }
+            "protected" => img.protected = want_bool(root, &value)?,
+            "os_hidden" => img.os_hidden = want_bool(root, &value)?,
+            "owner" => {
+                let o = want_str(root, &value, true)?;
+                Service::check_owner(caller, Some(o.as_deref().unwrap_or("")))?;
+                img.owner = o;
+            }
+            "min_disk" => img.min_disk = want_u64(root, &value)?,
+            "min_ram" => img.min_ram = want_u64(root, &value)?,
+            "disk_format" => {
+                let f = want_str(root, &value, true)?;
+                Service::check_disk_format(f.as_deref())?;
+                img.disk_format = f.map(|f| if f == "vpc" { "vhd".into() } else { f });
+            }
+            "container_format" => {
+                let f = want_str(root, &value, true)?;
+                Service::check_container_format(f.as_deref())?;
+                img.container_format = f;
+            }
+            _ => {
+                let Value::Array(items) = &value else {
+                    return Err(Error::BadRequest(format!(
+                        "Invalid value for 'tags': {value} is not an array"
+                    )));
+                };
+                let mut tags = Vec::new();
+                for t in items {
+                    tags.push(want_str("tags", t, false)?.unwrap_or_default());
+                }
+                Service::check_tags(&tags)?;
+                tags.sort();
+                tags.dedup();
+                img.tags = tags;
+            }
+        }
+        return Ok(());
+    }
+    Service::check_extra_key(root)?;
+    match op.op.as_str() {
+        "remove" => {
+            if img.properties.remove(root).is_none() {
+                return Err(Error::Conflict(format!("Property {root} does not exist.")));
+            }
+        }
+        "replace" if !img.properties.contains_key(root) => {
+            return Err(Error::Conflict(format!("Property {root} does not exist.")));
+        }
+        _ => {
+            let v = Service::extra_value(root, &value)?;
+            img.properties.insert(root.to_string(), v);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(admin: bool) -> Caller {
+        Caller {
+            project_id: "p1".into(),
+            user_id: "p1".into(),
+            admin,
+            request_id: "req-x".into(),
+        }
+    }
+
+    fn op(op: &str, path: &str, value: Value) -> PatchOp {
+        PatchOp {
+            op: op.into(),
+            path: path.into(),
+            value: Some(value),
+        }
+    }
+
+    #[test]
+    fn patch_follows_glance() {
+        let c = caller(false);
+        let mut img = Image {
+            status: "queued".into(),
+            visibility: "private".into(),
+            ..Image::default()
+        };
+        apply_op(&c, &mut img, &op("add", "/os_distro", "debian".into())).unwrap();
+        apply_op(&c, &mut img, &op("add", "/os_distro", "ubuntu".into())).unwrap();
+        assert_eq!(img.properties["os_distro"], "ubuntu", "add replaces");
+        apply_op(&c, &mut img, &op("replace", "/name", "n".into())).unwrap();
+        assert_eq!(img.name.as_deref(), Some("n"));
+        apply_op(&c, &mut img, &op("add", "/tags/-", "t1".into())).unwrap();
+        assert_eq!(img.tags, vec!["t1"]);
+        let e = |o: PatchOp, img: &mut Image| apply_op(&c, img, &o).unwrap_err();
+        assert!(
+            matches!(e(op("replace", "/status", "active".into()), &mut img), Error::Forbidden(m) if m.contains("read-only"))
+        );
+        assert!(
+            matches!(e(op("add", "/os_glance_x", "1".into()), &mut img), Error::Forbidden(m) if m.contains("reserved"))
+        );
+        assert!(matches!(
+            e(op("replace", "/hw_x", "1".into()), &mut img),
+            Error::Conflict(_)
+        ));
+        assert!(matches!(
+            e(op("remove", "/hw_x", Value::Null), &mut img),
+            Error::Conflict(_)
+        ));
+        assert!(matches!(
+            e(op("remove", "/name", Value::Null), &mut img),
+            Error::Forbidden(_)
+        ));
+        assert!(matches!(
+            e(op("add", "/hw_x", 1.into()), &mut img),
+            Error::BadRequest(_)
+        ));
+        assert!(matches!(
+            e(op("replace", "/visibility", "public".into()), &mut img),
+            Error::Forbidden(_)
+        ));
+        assert!(matches!(
+            e(op("move", "/name", "x".into()), &mut img),
+            Error::BadRequest(_)
+        ));
+        apply_op(&c, &mut img, &op("remove", "/os_distro", Value::Null)).unwrap();
+        assert!(img.properties.is_empty());
+        apply_op(
+            &caller(true),
+            &mut img,
+            &op("replace", "/visibility", "public".into()),
+        )
+        .unwrap();
+        assert_eq!(img.visibility, "public");
+    }
+
+    #[test]
+    fn filters() {
+        let img = Image {
+            id: "a".into(),
+            status: "active".into(),
+            size: Some(10),
+            tags: vec!["x".into()],
+            properties: [("os_distro".to_string(), "debian".to_string())].into(),
+            ..Image::default()
+        };
+        assert!(image_matches(&img, "size_min", "10").unwrap());
+        assert!(!image_matches(&img, "size_min", "11").unwrap());
+        assert!(image_matches(&img, "size_max", "10").unwrap());
+        assert!(image_matches(&img, "status", "in:queued,active").unwrap());
+        assert!(image_matches(&img, "os_distro", "debian").unwrap());
+        assert!(!image_matches(&img, "os_distro", "ubuntu").unwrap());
+        assert!(image_matches(&img, "tag", "x").unwrap());
+        assert!(image_matches(&img, "size_min", "x").is_err());
     }
 }

@@ -77,7 +77,7 @@ fn wrong_requests_get_clear_4xx() {
     let (s, b) = v.json("POST", "/v2/images", Some("{not json"));
     assert_eq!(s, 400);
     assert!(msg(&b).contains("not valid JSON"), "{b}");
-    for bad in ["vhdx", "ploop", "iso"] {
+    for bad in ["vhdx", "ploop", "ami", "qed"] {
         let (s, b) = v.json(
             "POST",
             "/v2/images",
@@ -109,7 +109,7 @@ fn wrong_requests_get_clear_4xx() {
     let (s, b) = v.json(
         "POST",
         &format!("/v2/images/{id}/import"),
-        Some(r#"{"method":{"name":"web-download"}}"#),
+        Some(r#"{"method":{"name":"copy-image"}}"#),
     );
     assert_eq!(s, 400);
     assert!(msg(&b).contains("glance-direct"), "{b}");

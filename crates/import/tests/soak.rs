@@ -272,20 +272,23 @@ fn import_until_active(
                 continue;
             }
         };
-        // A task of this image that ended in failure must have been interrupted.
-        if let Some(t) = img["os_glance_import_task"].as_str() {
-            if img["status"] == "queued" && seen_tasks.insert(t.to_string()) {
-                if let Ok((200, b)) = call(&agent, &base, "GET", &format!("/v2/tasks/{t}"), None) {
-                    let task = json(&b);
+        // Every task of a queued image ended, and in failure only by an interruption.
+        if img["status"] == "queued" {
+            let path = format!("/v2/images/{image_id}/tasks");
+            if let Ok((200, b)) = call(&agent, &base, "GET", &path, None) {
+                for task in json(&b)["tasks"].as_array().cloned().unwrap_or_default() {
+                    let t = task["id"].as_str().unwrap_or("").to_string();
+                    if seen_tasks.contains(&t) {
+                        continue;
+                    }
                     let message = task["message"].as_str().unwrap_or("");
                     assert!(
                         task["status"] == "failure" && message.contains("interrupted"),
-                        "{name}: image {image_id} is queued and its last task did not fail \
-                         by an interruption: {task}"
+                        "{name}: image {image_id} is queued and its task did not fail by an \
+                         interruption: {task}"
                     );
+                    seen_tasks.insert(t);
                     outcome.interrupted += 1;
-                } else {
-                    seen_tasks.remove(t);
                 }
             }
         }

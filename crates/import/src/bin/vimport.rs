@@ -1,12 +1,13 @@
 //! `vimport`: runs the image import service.
 
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::time::Duration;
 
 use vconvert_import::{http, Config, Service};
 
 const HELP: &str = "\
-vimport: image import service (staged upload -> inspect -> convert -> store)
+vimport: image import service speaking Glance's Image API v2
+(create -> stage/upload/web-download -> inspect -> convert -> store)
 
 Usage: vimport [--config FILE]
 
@@ -22,8 +23,20 @@ VIMPORT_<KEY> environment variables, which win. Keys and defaults:
   store_dir           <data_dir>/store
   database            <data_dir>/vimport.db
   listen              127.0.0.1:9292
-  token               (generated on first start into <data_dir>/token)
+  token               an admin token (project 'admin'); with no token and no
+                      tokens, one is generated into <data_dir>/token
+  tokens              token:project[:admin],...  (more tokens, with projects)
   convert_rate_limit  (none; bytes per second, e.g. 200M)
+  shutdown_grace      30   (seconds running imports may finish after SIGTERM)
+  request_timeout     60   (seconds, metadata calls; not uploads/downloads)
+  web_download_allowed_schemes     http,https
+  web_download_disallowed_schemes  (none)
+  web_download_allowed_hosts       (none: any host not disallowed)
+  web_download_disallowed_hosts    (none)
+  web_download_allowed_ports       80,443  (empty: any port not disallowed)
+  web_download_disallowed_ports    (none)
+
+Logs go to stderr (RUST_LOG filters them, default info): one line per request.
 ";
 
 fn main() -> ExitCode {
@@ -58,32 +71,100 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("vimport-http")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vimport: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = rt.block_on(run(config));
+    // Blocking calls still running (an upload cut off by the shutdown) are not waited
+    // for: their images were returned to queued and their files removed.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+async fn run(config: Config) -> ExitCode {
     let listen = config.listen.clone();
-    let server = match tiny_http::Server::http(&listen) {
-        Ok(s) => Arc::new(s),
+    let listener = match tokio::net::TcpListener::bind(&listen).await {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("vimport: cannot listen on {listen}: {e}");
             return ExitCode::from(1);
         }
     };
-    let service = match Service::start(config) {
-        Ok(s) => s,
+    let grace = Duration::from_secs(config.shutdown_grace);
+    let generated = config.token.is_none() && config.tokens.is_empty();
+    let service = match tokio::task::spawn_blocking(move || Service::start(config)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            eprintln!("vimport: {e}");
+            return ExitCode::from(1);
+        }
         Err(e) => {
             eprintln!("vimport: {e}");
             return ExitCode::from(1);
         }
     };
-    let addr = server
-        .server_addr()
-        .to_ip()
+    let addr = listener
+        .local_addr()
         .map_or(listen.clone(), |a| a.to_string());
-    if service.config.token.is_none() {
+    if generated {
         eprintln!(
-            "vimport: token in {} (send 'Authorization: Bearer <token>')",
+            "vimport: admin token in {} (send 'X-Auth-Token: <token>')",
             service.config.data_dir.join("token").display()
         );
     }
     println!("vimport listening on http://{addr}");
-    http::serve(service, server, 16);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, service.clone(), async move {
+        let _ = stop_rx.await;
+    }));
+    let signal = wait_for_signal().await;
+    tracing::info!(
+        signal,
+        busy = service.busy(),
+        grace_s = grace.as_secs(),
+        "stopping: no new requests; running imports may finish within the grace period"
+    );
+    let _ = stop_tx.send(());
+    let svc = service.clone();
+    let _ = tokio::task::spawn_blocking(move || svc.shutdown(grace)).await;
+    if tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still open after the imports ended; closing them");
+    }
+    tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Waits for SIGTERM or SIGINT; returns its name.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
 }

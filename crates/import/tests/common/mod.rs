@@ -130,17 +130,28 @@ impl Vimport {
         self.json("GET", &format!("/v2/tasks/{id}"), None).1
     }
 
-    /// Polls the image until its status is not `importing`; returns the task.
+    /// The image's last task (`GET /v2/images/{id}/tasks`).
+    pub fn last_task(&self, id: &str) -> Value {
+        let (s, v) = self.json("GET", &format!("/v2/images/{id}/tasks"), None);
+        assert_eq!(s, 200, "{v}");
+        v["tasks"]
+            .as_array()
+            .and_then(|t| t.last())
+            .cloned()
+            .expect("the image has a task")
+    }
+
+    /// Polls the image until its status is not `importing`; returns its last task.
     pub fn wait_import(&self, id: &str, limit: Duration) -> Value {
         let start = Instant::now();
         loop {
             let img = self.image(id);
             if img["status"] != "importing" {
-                let task = img["os_glance_import_task"]
-                    .as_str()
-                    .expect("task id")
-                    .to_string();
-                return self.task(&task);
+                assert!(
+                    img.get("os_glance_import_task").is_none(),
+                    "the import lock stays after the import: {img}"
+                );
+                return self.last_task(id);
             }
             assert!(
                 start.elapsed() < limit,

@@ -1,0 +1,201 @@
+//! Image data, streamed both ways with backpressure (never whole in memory):
+//! `PUT /v2/images/{id}/stage`, `PUT /v2/images/{id}/file` (upload through the import
+//! workflow) and `GET /v2/images/{id}/file` (with `Content-MD5` and `Range`).
+
+use std::io::{Read, Seek, SeekFrom};
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use axum::Router;
+use futures_util::TryStreamExt;
+use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
+
+use super::auth::Auth;
+use super::{blocking, empty, AppState};
+use crate::error::{Error, Result};
+
+/// The request body as a blocking reader (for a blocking thread), and its declared
+/// length.
+fn body_reader(headers: &HeaderMap, body: Body) -> (Box<dyn Read + Send>, Option<u64>) {
+    let len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let stream = body
+        .into_data_stream()
+        .map_err(|e| std::io::Error::other(e.to_string()));
+    (Box::new(SyncIoBridge::new(StreamReader::new(stream))), len)
+}
+
+/// Bytes of a refused upload read and discarded before answering, so the client
+/// (which sends before it reads) sees the answer rather than a broken pipe; past
+/// this the connection is closed.
+const DRAIN_MAX: u64 = 64 << 20;
+
+/// Discards what is left of a refused upload, up to [`DRAIN_MAX`].
+fn drain(reader: &mut dyn Read) {
+    let _ = std::io::copy(&mut reader.take(DRAIN_MAX), &mut std::io::sink());
+}
+
+async fn stage(
+    State(s): State<AppState>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let (mut reader, len) = body_reader(&headers, body);
+    let svc = s.service.clone();
+    blocking(move || {
+        let r = svc.stage(&caller, &id, &mut reader, len);
+        if r.is_err() {
+            drain(&mut reader);
+        }
+        r
+    })
+    .await?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+async fn upload(
+    State(s): State<AppState>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let (mut reader, len) = body_reader(&headers, body);
+    let svc = s.service.clone();
+    blocking(move || {
+        let r = svc.upload(&caller, &id, &mut reader, len);
+        if r.is_err() {
+            drain(&mut reader);
+        }
+        r
+    })
+    .await?;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+/// A single `bytes=` range of an entity of `size` bytes, as (first, last) inclusive.
+/// `Ok(None)`: no usable Range (serve everything).
+fn parse_range(v: &str, size: u64) -> Result<Option<(u64, u64)>> {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        // Several ranges: served whole, as RFC 9110 allows.
+        return Ok(None);
+    }
+    let (a, b) = spec
+        .split_once('-')
+        .ok_or(Error::RangeNotSatisfiable { size })?;
+    let (a, b) = (a.trim(), b.trim());
+    let range = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+        if n == 0 || size == 0 {
+            return Err(Error::RangeNotSatisfiable { size });
+        }
+        (size.saturating_sub(n), size - 1)
+    } else {
+        let first: u64 = a.parse().map_err(|_| Error::RangeNotSatisfiable { size })?;
+        let last = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>()
+                .map_err(|_| Error::RangeNotSatisfiable { size })?
+                .min(size.saturating_sub(1))
+        };
+        if first >= size || last < first {
+            return Err(Error::RangeNotSatisfiable { size });
+        }
+        (first, last)
+    };
+    Ok(Some(range))
+}
+
+async fn download(
+    State(s): State<AppState>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response> {
+    let svc = s.service.clone();
+    let range_header = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let found = blocking(move || svc.image_data(&caller, &id)).await?;
+    let Some((mut file, size, checksum)) = found else {
+        return Ok(empty(StatusCode::NO_CONTENT));
+    };
+    let range = match &range_header {
+        Some(r) => parse_range(r, size)?,
+        None => None,
+    };
+    let (status, start, len) = match range {
+        Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        None => (StatusCode::OK, 0, size),
+    };
+    let file = blocking(move || {
+        file.seek(SeekFrom::Start(start)).map_err(Error::internal)?;
+        Ok(file)
+    })
+    .await?;
+    let reader = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), len);
+    let mut res = (
+        status,
+        Body::from_stream(ReaderStream::with_capacity(reader, 1 << 16)),
+    )
+        .into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    } else if let Some(md5) = checksum.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        // Glance sends the stored checksum (hex MD5) for the whole file only.
+        h.insert("content-md5", md5);
+    }
+    Ok(res)
+}
+
+/// The routes (no request timeout, no JSON body limit).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v2/images/{id}/stage", put(stage))
+        .route("/v2/images/{id}/file", put(upload).get(download))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100).unwrap(), Some((50, 99)));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100).unwrap(), None);
+        assert_eq!(parse_range("items=0-1", 100).unwrap(), None);
+        for bad in ["bytes=100-", "bytes=5-2", "bytes=x-1", "bytes=-0"] {
+            assert!(
+                matches!(
+                    parse_range(bad, 100),
+                    Err(Error::RangeNotSatisfiable { size: 100 })
+                ),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Where active images' bytes live, behind [`Store`] so the import workflow does not
+//! know the backend; [`FsStore`] keeps one file per image in `store_dir`.
+
+use std::fmt::Debug;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// An image store. Calls block.
+pub trait Store: Send + Sync + Debug {
+    /// Takes the complete, synced file `from` as the data of image `id`, atomically
+    /// (a reader sees the old data, none, or all of the new).
+    fn put(&self, id: &str, from: &Path) -> io::Result<()>;
+    /// The data of image `id` and its length.
+    fn open(&self, id: &str) -> io::Result<(File, u64)>;
+    /// Removes the data of image `id` (no error when there is none).
+    fn delete(&self, id: &str) -> io::Result<()>;
+    /// Names of every object in the store, for reconciliation at start: image ids, and
+    /// whatever a crash left half-made (a partial copy), which [`Store::delete`]
+    /// removes too.
+    fn ids(&self) -> io::Result<Vec<String>>;
+}
+
+/// A directory with one file per image, named by its id.
+#[derive(Debug)]
+pub struct FsStore {
+    dir: PathBuf,
+}
+
+impl FsStore {
+    /// A store in `dir` (created if missing).
+    pub fn new(dir: &Path) -> io::Result<FsStore> {
+        std::fs::create_dir_all(dir)?;
+        Ok(FsStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Syncs the directory, so a rename into it survives a power loss too.
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+impl Store for FsStore {
+    fn put(&self, id: &str, from: &Path) -> io::Result<()> {
+        let to = self.path(id);
+        if std::fs::rename(from, &to).is_ok() {
+            return self.sync_dir();
+        }
+        // Another filesystem: copy beside the target, sync, rename.
+        let tmp = self.dir.join(format!(".{id}.partial"));
+        let result = (|| {
+            std::fs::copy(from, &tmp)?;
+            File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &to)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result?;
+        self.sync_dir()?;
+        std::fs::remove_file(from)
+    }
+
+    fn open(&self, id: &str) -> io::Result<(File, u64)> {
+        let f = File::open(self.path(id))?;
+        let len = f.metadata()?.len();
+        Ok((f, len))
+    }
+
+    fn delete(&self, id: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    fn ids(&self) -> io::Result<Vec<String>> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            v.push(e?.file_name().to_string_lossy().into_owned());
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_open_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStore::new(&dir.path().join("store")).unwrap();
+        let src = dir.path().join("x");
+        std::fs::write(&src, b"hello").unwrap();
+        s.put("i1", &src).unwrap();
+        assert!(!src.exists());
+        assert_eq!(s.open("i1").unwrap().1, 5);
+        assert_eq!(s.ids().unwrap(), vec!["i1"]);
+        s.delete("i1").unwrap();
+        s.delete("i1").unwrap();
+        assert!(s.open("i1").is_err());
+    }
+}

@@ -1,0 +1,228 @@
+//! The import workflow of one upload: inspect → convert → inspect again → hash →
+//! store. Blocking; it runs on a worker thread, and the conversion on the engine's own
+//! threads. It knows the store only through [`Store`] and records nothing in the
+//! database: the caller turns its result into task and image state.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use md5::Md5;
+use sha2::{Digest, Sha512};
+use vconvert_core::{Format, Options};
+use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
+
+use crate::config::{disk_format_name, DiskFormat};
+use crate::db::Stored;
+use crate::failpoint;
+use crate::store::Store;
+use crate::workspace::Workspace;
+
+/// What one import needs.
+pub struct Job<'a> {
+    /// The image.
+    pub image_id: &'a str,
+    /// Its task (names the workspace hold and output file).
+    pub task_id: &'a str,
+    /// The format the user declared.
+    pub declared: DiskFormat,
+    /// The staged upload.
+    pub staging: &'a Path,
+    /// The format to store.
+    pub target: Format,
+    /// The inspection policy.
+    pub policy: &'a Policy,
+    /// Bytes per second the conversion may process.
+    pub rate_limit: Option<u64>,
+    /// Cancels the import.
+    pub cancel: &'a CancelToken,
+    /// Told what the import is doing (the task's message).
+    pub progress: &'a (dyn Fn(&str) + Sync),
+    /// Records what is about to be stored, before it is put in the store (the task's
+    /// intent, which lets the startup recovery record a stored object whose import
+    /// was interrupted before it was recorded). An error stops the import.
+    pub record: &'a (dyn Fn(&Stored) -> Result<(), String> + Sync),
+}
+
+/// MD5 and SHA-512 (hex) of a file, and its length.
+pub fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
+    hashes_of(&mut std::fs::File::open(path)?)
+}
+
+/// MD5 and SHA-512 (hex) of what `f` reads, and its length.
+pub fn hashes_of(f: &mut dyn Read) -> std::io::Result<(String, String, u64)> {
+    let (mut md5, mut sha) = (Md5::new(), Sha512::new());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n_total = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        md5.update(&buf[..n]);
+        sha.update(&buf[..n]);
+        n_total += n as u64;
+        failpoint::hit("hash.reading");
+    }
+    Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
+}
+
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs the workflow; the stored file is in `store` under the image id when it
+/// returns `Ok`. On error nothing of it is left in the workspace or the store (the
+/// staged upload is the caller's).
+pub fn run(job: &Job<'_>, workspace: &Workspace, store: &dyn Store) -> Result<Stored, String> {
+    let output = workspace.output_path(job.task_id);
+    let result = run_inner(job, workspace, store, &output);
+    let _ = std::fs::remove_file(&output);
+    workspace.release(&format!("convert:{}", job.task_id));
+    result
+}
+
+fn run_inner(
+    job: &Job<'_>,
+    workspace: &Workspace,
+    store: &dyn Store,
+    output: &Path,
+) -> Result<Stored, String> {
+    (job.progress)("inspecting the upload");
+    let (stored_from, stored_format, virtual_size): (PathBuf, &str, u64) = match job.declared {
+        DiskFormat::Iso => {
+            // TODO(h16): declare iso to the engine once it can; until then the upload is
+            // inspected as raw bytes (so a qcow2/vmdk/… in disguise is refused as a
+            // polyglot) and must carry the ISO 9660 signature.
+            let report = vconvert_engine::inspect(job.staging, Some(Format::Raw), job.policy)
+                .map_err(|e| format!("cannot inspect the upload: {e}"))?;
+            if !report.violations.is_empty() {
+                return Err(format!("image refused: {}", report.violations.join("; ")));
+            }
+            if !report.signatures.contains(&"iso") {
+                return Err(format!(
+                    "image refused: declared format iso but the upload has no ISO 9660 signature (found: {})",
+                    if report.signatures.is_empty() {
+                        "none".to_string()
+                    } else {
+                        report.signatures.join(", ")
+                    }
+                ));
+            }
+            (job.staging.to_path_buf(), "iso", report.actual_size)
+        }
+        DiskFormat::Engine(declared) => {
+            let report = vconvert_engine::inspect(job.staging, Some(declared), job.policy)
+                .map_err(|e| format!("cannot inspect the upload: {e}"))?;
+            if !report.violations.is_empty() {
+                return Err(format!("image refused: {}", report.violations.join("; ")));
+            }
+            let src = vconvert_engine::open(job.staging, Some(declared), &OpenOptions::default())
+                .map_err(|e| e.to_string())?;
+            let virtual_size = src.virtual_size();
+            let target = job.target;
+            if declared == target {
+                (
+                    job.staging.to_path_buf(),
+                    disk_format_name(target),
+                    virtual_size,
+                )
+            } else {
+                convert(job, workspace, src.as_ref(), declared, output)?;
+                (output.to_path_buf(), disk_format_name(target), virtual_size)
+            }
+        }
+    };
+    if job.cancel.is_cancelled() {
+        return Err("cancelled".into());
+    }
+    (job.progress)("computing checksums");
+    let (checksum, sha512, size) =
+        hashes(&stored_from).map_err(|e| format!("cannot read {}: {e}", stored_from.display()))?;
+    failpoint::hit("hash.done");
+    if job.cancel.is_cancelled() {
+        return Err("cancelled".into());
+    }
+    let stored = Stored {
+        disk_format: stored_format.to_string(),
+        size,
+        virtual_size,
+        checksum,
+        sha512,
+    };
+    // The intent first: a crash after the put finds in the task what the stored object
+    // must be, and recovery records it instead of leaving it orphaned (or removes it).
+    (job.record)(&stored)?;
+    failpoint::hit("store.intent");
+    store
+        .put(job.image_id, &stored_from)
+        .map_err(|e| format!("cannot store the image: {e}"))?;
+    failpoint::hit("store.moved");
+    Ok(stored)
+}
+
+fn convert(
+    job: &Job<'_>,
+    workspace: &Workspace,
+    src: &dyn vconvert_core::ImageReader,
+    declared: Format,
+    output: &Path,
+) -> Result<(), String> {
+    let target = job.target;
+    let need = vconvert_engine::measure(Some(src), 0, target, &Options::new())
+        .map_err(|e| e.to_string())?;
+    workspace.hold_wait(
+        &format!("convert:{}", job.task_id),
+        need.required,
+        job.cancel,
+        |used| {
+            (job.progress)(&format!(
+                "waiting for workspace: the conversion needs {} bytes; {used} of {} bytes in use",
+                need.required,
+                workspace.capacity()
+            ))
+        },
+    )?;
+    let label = format!(
+        "converting {} to {}",
+        disk_format_name(declared),
+        disk_format_name(target)
+    );
+    let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+    let progress = |done: u64, total: u64| {
+        failpoint::hit("convert.progress");
+        if let Ok(mut l) = last.lock() {
+            if l.elapsed() >= Duration::from_millis(250) || done == total {
+                *l = Instant::now();
+                let pct = if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                };
+                (job.progress)(&format!("{label}: {pct:.1}% ({done} of {total} bytes)"));
+            }
+        }
+    };
+    let opts = ConvertOptions {
+        cancel: job.cancel.clone(),
+        progress: Some(&progress),
+        rate_limit: job.rate_limit,
+        ..ConvertOptions::default()
+    };
+    vconvert_engine::convert(src, output, target, Options::new(), &opts).map_err(|e| match e {
+        vconvert_core::Error::Cancelled => "cancelled".to_string(),
+        e => format!("conversion failed: {e}"),
+    })?;
+    failpoint::hit("convert.done");
+    let check =
+        vconvert_engine::inspect(output, Some(target), job.policy).map_err(|e| e.to_string())?;
+    if !check.violations.is_empty() {
+        return Err(format!(
+            "converted image refused: {}",
+            check.violations.join("; ")
+        ));
+    }
+    Ok(())
+}
