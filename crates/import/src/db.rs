@@ -545,8 +545,23 @@ impl Db {
             let mut v: Vec<Image> = st
                 .query_map([], image_from)?
                 .collect::<rusqlite::Result<_>>()?;
+            // Tags and properties of all images in two queries, not two per image.
+            let mut tags: std::collections::HashMap<String, Vec<String>> = Default::default();
+            let mut st = c.prepare("SELECT image_id, tag FROM image_tags ORDER BY tag")?;
+            for r in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))? {
+                let (id, t) = r?;
+                tags.entry(id).or_default().push(t);
+            }
+            let mut props: std::collections::HashMap<String, BTreeMap<String, String>> =
+                Default::default();
+            let mut st = c.prepare("SELECT image_id, name, value FROM image_properties")?;
+            for r in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))? {
+                let (id, k, val) = r?;
+                props.entry(id).or_default().insert(k, val);
+            }
             for i in &mut v {
-                fill(c, i)?;
+                i.tags = tags.remove(&i.id).unwrap_or_default();
+                i.properties = props.remove(&i.id).unwrap_or_default();
             }
             Ok(v)
         })

@@ -1024,6 +1024,9 @@ impl Service {
         }
         match rx.recv() {
             Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) if self.stopping.load(Ordering::SeqCst) => {
+                Err(Error::Unavailable(message))
+            }
             Ok(Err(message)) => Err(Error::BadRequest(message)),
             Err(_) => Err(Error::Internal("the import worker vanished".into())),
         }
@@ -1396,8 +1399,10 @@ fn receive(
     f.sync_all().map_err(Error::internal)
 }
 
-/// Glance's `_available_sort_keys`.
+/// Glance's `_available_sort_keys`, and `min_disk`, `min_ram` (which Glance refuses).
 const SORT_KEYS: &[&str] = &[
+    "min_disk",
+    "min_ram",
     "name",
     "status",
     "container_format",
@@ -1425,6 +1430,8 @@ fn compare(a: &Image, b: &Image, key: &str) -> std::cmp::Ordering {
         "container_format" => a.container_format.cmp(&b.container_format),
         "disk_format" => a.disk_format.cmp(&b.disk_format),
         "size" => a.size.cmp(&b.size),
+        "min_disk" => a.min_disk.cmp(&b.min_disk),
+        "min_ram" => a.min_ram.cmp(&b.min_ram),
         "id" => a.id.cmp(&b.id),
         "updated_at" => a.updated_at.cmp(&b.updated_at),
         _ => a.created_at.cmp(&b.created_at),

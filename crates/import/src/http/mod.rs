@@ -115,6 +115,7 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| axum::body::HttpBody::size_hint(res.body()).exact())
         .unwrap_or(0);
     tracing::info!(
         target: "vimport::request",

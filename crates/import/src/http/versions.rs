@@ -9,9 +9,12 @@ use serde::Serialize;
 
 use super::AppState;
 
-/// The v2 minor versions served: 2.7 (os_hidden, multihash) and before.
+/// The v2 minor versions served: 2.12 (`GET /v2/images/{id}/tasks`; glanceclient
+/// asks for exactly this id before calling it), 2.7 (os_hidden, multihash) and
+/// before. Not 2.8–2.11 (multiple stores), 2.13+ (cache, locations).
 const VERSIONS: &[(&str, &str)] = &[
-    ("v2.7", "CURRENT"),
+    ("v2.12", "CURRENT"),
+    ("v2.7", "SUPPORTED"),
     ("v2.6", "SUPPORTED"),
     ("v2.5", "SUPPORTED"),
     ("v2.4", "SUPPORTED"),

@@ -83,6 +83,71 @@ impl Vimport {
         (status, out)
     }
 
+    /// Any request: `headers` as given (no token unless among them); returns status,
+    /// response headers (lower-case names) and body.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> (u16, std::collections::BTreeMap<String, String>, Vec<u8>) {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let res = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: {e}"),
+        };
+        let status = resp.status();
+        let hs = resp
+            .headers_names()
+            .into_iter()
+            .filter_map(|n| {
+                resp.header(&n)
+                    .map(|v| (n.to_ascii_lowercase(), v.to_string()))
+            })
+            .collect();
+        let mut out = Vec::new();
+        resp.into_reader().read_to_end(&mut out).expect("body");
+        (status, hs, out)
+    }
+
+    /// A JSON request with token `token` sent as `X-Auth-Token` (Glance's clients).
+    pub fn as_user(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut headers = vec![("X-Auth-Token", token)];
+        if method == "PATCH" {
+            headers.push((
+                "Content-Type",
+                "application/openstack-images-v2.1-json-patch",
+            ));
+        } else if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        let (s, _, b) = self.raw(method, path, &headers, body.map(str::as_bytes));
+        (
+            s,
+            if b.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&b)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&b).into()))
+            },
+        )
+    }
+
     pub fn json(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         let (s, b) = self.call(method, path, body.map(str::as_bytes));
         (
