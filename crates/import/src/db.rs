@@ -246,8 +246,10 @@ impl Db {
     /// has not run yet.
     pub fn open(path: &Path) -> DbResult<Db> {
         let mut conn = Connection::open(path).map_err(err)?;
+        // Foreign keys are off while migrations rebuild tables (dropping `images` with
+        // them on would cascade to its tasks); each migration must leave none broken.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
         )
         .map_err(err)?;
         let applied: i64 = conn
@@ -257,10 +259,21 @@ impl Db {
             let tx = conn.transaction().map_err(err)?;
             tx.execute_batch(sql)
                 .map_err(|e| format!("migration {name} failed: {e}"))?;
+            let broken: i64 = tx
+                .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+                    r.get(0)
+                })
+                .map_err(err)?;
+            if broken > 0 {
+                return Err(format!(
+                    "migration {name} failed: it leaves {broken} rows with a broken foreign key"
+                ));
+            }
             tx.execute_batch(&format!("PRAGMA user_version = {}", n + 1))
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
+        conn.execute_batch("PRAGMA foreign_keys=ON;").map_err(err)?;
         if applied as usize > MIGRATIONS.len() {
             return Err(format!(
                 "database {} is at schema version {applied}, newer than this vimport ({})",
