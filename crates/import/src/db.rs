@@ -601,7 +601,7 @@ impl Db {
     pub fn tasks(&self) -> DbResult<Vec<Task>> {
         self.with(|c| {
             let mut st = c.prepare(&format!(
-                "SELECT {TASK_COLS} FROM tasks ORDER BY created_at, id"
+                "SELECT {TASK_COLS} FROM tasks ORDER BY created_at, rowid"
             ))?;
             let rows = st.query_map([], task_from)?;
             rows.collect()
@@ -612,7 +612,7 @@ impl Db {
     pub fn tasks_of(&self, image_id: &str) -> DbResult<Vec<Task>> {
         self.with(|c| {
             let mut st = c.prepare(&format!(
-                "SELECT {TASK_COLS} FROM tasks WHERE image_id=?1 ORDER BY created_at, id"
+                "SELECT {TASK_COLS} FROM tasks WHERE image_id=?1 ORDER BY created_at, rowid"
             ))?;
             let rows = st.query_map([image_id], task_from)?;
             rows.collect()

@@ -1097,17 +1097,14 @@ impl Service {
                 })
             })
             .collect();
-        let key = |t: &Task| -> (String, String) {
-            let k = match sort_key.as_str() {
-                "id" => t.id.clone(),
-                "type" => t.kind.clone(),
-                "status" => t.status.clone(),
-                "updated_at" => t.updated_at.clone(),
-                _ => t.created_at.clone(),
-            };
-            (k, t.id.clone())
-        };
-        tasks.sort_by_key(key);
+        // A stable sort: ties keep the order of creation.
+        tasks.sort_by_key(|t| match sort_key.as_str() {
+            "id" => t.id.clone(),
+            "type" => t.kind.clone(),
+            "status" => t.status.clone(),
+            "updated_at" => t.updated_at.clone(),
+            _ => t.created_at.clone(),
+        });
         if desc {
             tasks.reverse();
         }

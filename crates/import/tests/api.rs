@@ -117,6 +117,18 @@ fn wrong_requests_get_clear_4xx() {
     assert_eq!(v.stage(&id, &vec![1u8; 2 << 20]), 413);
     assert_eq!(v.image(&id)["status"], "queued");
     assert!(v.files().0.is_empty());
+    // The size glanceclient announces with a chunked upload is checked first.
+    let (s, _, _) = v.raw(
+        "PUT",
+        &format!("/v2/images/{id}/stage"),
+        &[
+            ("X-Auth-Token", common::TOKEN),
+            ("x-openstack-image-size", "2097152"),
+        ],
+        Some(&[1u8; 100]),
+    );
+    assert_eq!(s, 413);
+    assert_eq!(v.image(&id)["status"], "queued");
     assert_eq!(v.stage(&id, &[1u8; 4096]), 204);
     assert_eq!(v.stage(&id, &[1u8; 4096]), 409, "stage twice");
     assert_eq!(v.call("GET", "/v2/images/nope", None).0, 404);

@@ -516,7 +516,9 @@ fn put_file_imports_and_downloads_serve_ranges() {
     );
 }
 
-/// Serves `body` to every GET on a loopback port until dropped; returns the port.
+/// Serves `body` on a loopback port until the test ends: `/missing` is a 404,
+/// `/redirect` a 302 to `localhost` (a host the filter refuses), anything else the
+/// body. Returns the port.
 fn serve_once(body: Vec<u8>) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -524,16 +526,27 @@ fn serve_once(body: Vec<u8>) -> u16 {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { return };
             let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = r.read_line(&mut request);
             let mut line = String::new();
             while r.read_line(&mut line).is_ok_and(|n| n > 2) {
                 line.clear();
             }
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = c.write_all(&body);
+            if request.contains("/missing") {
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            } else if request.contains("/redirect") {
+                let _ = write!(c, "HTTP/1.1 302 Found\r\nLocation: http://localhost:{port}/img\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            } else {
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(&body);
+            }
         }
     });
     port
@@ -596,16 +609,27 @@ fn web_download_fetches_under_the_uri_filter() {
             "{b}"
         );
     }
-    assert_eq!(import(&format!("http://127.0.0.1:{port}/img.qcow2")).0, 202);
-    let start = Instant::now();
-    let img = loop {
-        let img = v.as_user(ALICE, "GET", &format!("/v2/images/{id}"), None).1;
-        if img["status"] != "importing" {
-            break img;
+    let wait = || {
+        let start = Instant::now();
+        loop {
+            let img = v.as_user(ALICE, "GET", &format!("/v2/images/{id}"), None).1;
+            if img["status"] != "importing" {
+                break img;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(50));
     };
+    // Failures at the remote end: the task says why, the image is queued again.
+    for (path, why) in [("missing", "HTTP 404"), ("redirect", "host 'localhost'")] {
+        assert_eq!(import(&format!("http://127.0.0.1:{port}/{path}")).0, 202);
+        assert_eq!(wait()["status"], "queued");
+        let t = v.last_task(id);
+        assert_eq!(t["status"], "failure");
+        assert!(t["message"].as_str().unwrap().contains(why), "{t}");
+    }
+    assert_eq!(import(&format!("http://127.0.0.1:{port}/img.qcow2")).0, 202);
+    let img = wait();
     assert_eq!(img["status"], "active", "{img} {}", v.last_task(id));
     assert_eq!(img["disk_format"], "raw");
     let (s, _, data) = v.raw(
@@ -622,8 +646,14 @@ fn web_download_fetches_under_the_uri_filter() {
     assert!(t["expires_at"].is_string());
     let (s, tasks) = v.as_user(ALICE, "GET", "/v2/tasks", None);
     assert_eq!(s, 200);
-    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 1);
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 3);
     assert!(tasks["tasks"][0].get("input").is_none(), "list shows stubs");
+    let (_, failed) = v.as_user(ALICE, "GET", "/v2/tasks?status=failure&limit=1", None);
+    assert_eq!(failed["tasks"].as_array().unwrap().len(), 1);
+    assert!(
+        failed["next"].as_str().unwrap().contains("marker="),
+        "{failed}"
+    );
     assert!(v.as_user(BOB, "GET", "/v2/tasks", None).1["tasks"]
         .as_array()
         .unwrap()
@@ -784,4 +814,60 @@ fn iso_is_stored_as_uploaded_and_a_disguised_one_is_refused() {
             .1["status"],
         "queued"
     );
+}
+
+#[test]
+fn sigterm_lets_a_conversion_finish_within_the_grace_period() {
+    let Some(q) = vconvert_testkit::qemu() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let mut data = vec![0u8; 6 << 20];
+    vconvert_testkit::Rng::new(12).fill(&mut data);
+    std::fs::write(&raw, &data).unwrap();
+    let qcow = dir.path().join("src.qcow2");
+    q.img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]);
+    let mut v = launch(
+        &dir.path().join("data"),
+        &[
+            ("VIMPORT_CONVERT_RATE_LIMIT", "4M"),
+            ("VIMPORT_SHUTDOWN_GRACE", "60"),
+        ],
+    );
+    let id = v.create("finishes", "qcow2");
+    assert_eq!(v.stage(&id, &std::fs::read(&qcow).unwrap()), 204);
+    assert_eq!(v.import(&id).0, 202);
+    let start = Instant::now();
+    while !v.last_task(&id)["message"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("converting")
+    {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = v.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = v.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let (ws, store) = v.files();
+    assert!(ws.is_empty(), "{ws:?}");
+    assert_eq!(store.len(), 1);
+    let v = launch(&dir.path().join("data"), &[]);
+    assert_eq!(v.image(&id)["status"], "active");
+    let (_, back) = v.call("GET", &format!("/v2/images/{id}/file"), None);
+    assert!(back == data);
 }

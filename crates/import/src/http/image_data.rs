@@ -3,6 +3,8 @@
 //! workflow) and `GET /v2/images/{id}/file` (with `Content-MD5` and `Range`).
 
 use std::io::{Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -17,9 +19,34 @@ use super::auth::Auth;
 use super::{blocking, empty, AppState};
 use crate::error::{Error, Result};
 
-/// The request body as a blocking reader (for a blocking thread), and its declared
-/// length.
-fn body_reader(headers: &HeaderMap, body: Body) -> (Box<dyn Read + Send>, Option<u64>) {
+/// Counts the bytes read through it (for the request log of chunked uploads).
+struct Counting<R> {
+    inner: R,
+    n: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// An empty 204 telling the request log how many bytes were received.
+fn received(n: &AtomicU64) -> Response {
+    let mut r = empty(StatusCode::NO_CONTENT);
+    r.extensions_mut()
+        .insert(super::BytesIn(n.load(Ordering::Relaxed)));
+    r
+}
+
+/// The request body as a blocking reader (for a blocking thread), its declared
+/// length, and the count of bytes read.
+fn body_reader(
+    headers: &HeaderMap,
+    body: Body,
+) -> (Box<dyn Read + Send>, Option<u64>, Arc<AtomicU64>) {
     let len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -27,7 +54,12 @@ fn body_reader(headers: &HeaderMap, body: Body) -> (Box<dyn Read + Send>, Option
     let stream = body
         .into_data_stream()
         .map_err(|e| std::io::Error::other(e.to_string()));
-    (Box::new(SyncIoBridge::new(StreamReader::new(stream))), len)
+    let n = Arc::new(AtomicU64::new(0));
+    let reader = Counting {
+        inner: SyncIoBridge::new(StreamReader::new(stream)),
+        n: n.clone(),
+    };
+    (Box::new(reader), len, n)
 }
 
 /// Bytes of a refused upload read and discarded before answering, so the client
@@ -40,6 +72,22 @@ fn drain(reader: &mut dyn Read) {
     let _ = std::io::copy(&mut reader.take(DRAIN_MAX), &mut std::io::sink());
 }
 
+/// Refuses at once an upload whose announced size (`x-openstack-image-size`, which
+/// glanceclient sends with its chunked uploads) exceeds `image_size_cap`.
+fn check_announced_size(s: &AppState, headers: &HeaderMap) -> Result<()> {
+    let cap = s.service.config.image_size_cap;
+    match headers
+        .get("x-openstack-image-size")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(n) if n > cap => Err(Error::TooLarge(format!(
+            "the upload of {n} bytes exceeds image_size_cap ({cap} bytes)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 async fn stage(
     State(s): State<AppState>,
     Auth(caller): Auth,
@@ -47,17 +95,18 @@ async fn stage(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let (mut reader, len) = body_reader(&headers, body);
+    let (mut reader, len, count) = body_reader(&headers, body);
     let svc = s.service.clone();
+    let announced = check_announced_size(&s, &headers);
     blocking(move || {
-        let r = svc.stage(&caller, &id, &mut reader, len);
+        let r = announced.and_then(|_| svc.stage(&caller, &id, &mut reader, len));
         if r.is_err() {
             drain(&mut reader);
         }
         r
     })
     .await?;
-    Ok(empty(StatusCode::NO_CONTENT))
+    Ok(received(&count))
 }
 
 async fn upload(
@@ -67,17 +116,18 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let (mut reader, len) = body_reader(&headers, body);
+    let (mut reader, len, count) = body_reader(&headers, body);
     let svc = s.service.clone();
+    let announced = check_announced_size(&s, &headers);
     blocking(move || {
-        let r = svc.upload(&caller, &id, &mut reader, len);
+        let r = announced.and_then(|_| svc.upload(&caller, &id, &mut reader, len));
         if r.is_err() {
             drain(&mut reader);
         }
         r
     })
     .await?;
-    Ok(empty(StatusCode::NO_CONTENT))
+    Ok(received(&count))
 }
 
 /// A single `bytes=` range of an entity of `size` bytes, as (first, last) inclusive.

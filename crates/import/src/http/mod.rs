@@ -44,6 +44,10 @@ pub struct AppState {
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
+/// Bytes of a streamed request body, for the request log (a response extension).
+#[derive(Clone, Copy, Debug)]
+pub struct BytesIn(pub u64);
+
 /// Runs blocking service work off the async runtime.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
@@ -107,6 +111,7 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
             format!("The server could not complete request {id}; the operator can find it in the log by this id."),
         );
     }
+    let bytes_in = res.extensions().get::<BytesIn>().map_or(bytes_in, |b| b.0);
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-openstack-request-id", v);
     }
