@@ -355,11 +355,12 @@ impl Service {
 
     /// Removes every store object that belongs to no active image, naming it.
     fn reconcile_store(&self) -> std::result::Result<(), String> {
+        // Glance keeps the data of a deactivated image too.
         let active: std::collections::HashSet<String> = self
             .db
             .images()?
             .into_iter()
-            .filter(|i| i.status == "active")
+            .filter(|i| i.status == "active" || i.status == "deactivated")
             .map(|i| i.id)
             .collect();
         let names = self

@@ -408,6 +408,24 @@ fn delete_until_gone(shared: &Shared, id: &str, limit: Duration) {
     }
 }
 
+/// Every image, following the pages of `GET /v2/images` (`next` links).
+fn list_images(agent: &ureq::Agent, base: &str) -> Result<Vec<Value>, String> {
+    let mut out = Vec::new();
+    let mut path = "/v2/images?limit=1000".to_string();
+    loop {
+        let (s, b) = call(agent, base, "GET", &path, None)?;
+        if s != 200 {
+            return Err(format!("GET {path} answered {s}"));
+        }
+        let page = json(&b);
+        out.extend(page["images"].as_array().cloned().unwrap_or_default());
+        match page["next"].as_str() {
+            Some(next) => path = next.to_string(),
+            None => return Ok(out),
+        }
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -475,9 +493,7 @@ fn check_invariants(
     deleted: &[String],
 ) -> Catalogue {
     let agent = agent();
-    let (s, b) = call(&agent, base, "GET", "/v2/images", None).expect("list images");
-    assert_eq!(s, 200);
-    let listed = json(&b)["images"].as_array().cloned().unwrap_or_default();
+    let listed = list_images(&agent, base).expect("list images");
     let mut active: HashSet<String> = HashSet::new();
     for img in &listed {
         let id = img["id"].as_str().expect("id").to_string();
@@ -545,6 +561,22 @@ fn check_invariants(
         assert!(stored.contains(id), "active image {id} has no store object");
     }
     let cat = catalogue(&data.join("vimport.db"));
+    // The API shows the catalogue: the same images, in the same statuses.
+    let api: BTreeMap<String, String> = listed
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap_or("").to_string(),
+                i["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let db: BTreeMap<String, String> = cat
+        .images
+        .iter()
+        .map(|(id, (status, _))| (id.clone(), status.clone()))
+        .collect();
+    assert_eq!(api, db, "the listing and the catalogue differ");
     for (id, (image, status, message)) in &cat.tasks {
         assert!(
             status == "success" || status == "failure",
@@ -592,11 +624,11 @@ fn steps_in_flight(base: &str) -> Vec<&'static str> {
     let agent = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(2))
         .build();
-    let Ok((200, b)) = call(&agent, base, "GET", "/v2/images", None) else {
+    let Ok(images) = list_images(&agent, base) else {
         return vec![];
     };
     let mut steps = Vec::new();
-    for img in json(&b)["images"].as_array().cloned().unwrap_or_default() {
+    for img in images {
         match img["status"].as_str() {
             Some("uploading") => steps.push("staging"),
             Some("saving") => steps.push("PUT /file (receiving or importing)"),
