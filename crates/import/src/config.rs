@@ -454,6 +454,16 @@ mod tests {
             ]
         );
         assert!(c.web_download.allowed_ports.is_empty());
+        std::fs::write(
+            &file,
+            "token = \"old\"\ntokens = [\"s3:p3\", \"s4:p4:admin\"]\nshutdown_grace = 5\n",
+        )
+        .unwrap();
+        let f = Config::load(Some(&file), &env(&[])).unwrap();
+        assert_eq!(f.token.as_deref(), Some("old"));
+        assert_eq!(f.tokens.len(), 2);
+        assert!(f.tokens[1].admin && !f.tokens[0].admin);
+        assert_eq!(f.shutdown_grace, 5);
         assert_eq!(c.web_download.disallowed_hosts, vec!["example.com"]);
         assert_eq!(c.web_download.allowed_schemes, vec!["http", "https"]);
         assert_eq!(c.shutdown_grace, 30);

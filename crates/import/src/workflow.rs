@@ -68,6 +68,13 @@ pub fn hashes_of(f: &mut dyn Read) -> std::io::Result<(String, String, u64)> {
     Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
 }
 
+/// The engine's format names in an engine message, as Glance's users know them (the
+/// engine's `vpc` is Glance's `vhd`).
+fn glance_names(msg: &str) -> String {
+    msg.replace("declared format vpc", "declared format vhd")
+        .replace("which is vpc", "which is vhd")
+}
+
 /// Lower-case hex of `b`.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -78,7 +85,11 @@ pub fn hex(b: &[u8]) -> String {
 /// staged upload is the caller's).
 pub fn run(job: &Job<'_>, workspace: &Workspace, store: &dyn Store) -> Result<Stored, String> {
     let output = workspace.output_path(job.task_id);
-    let result = run_inner(job, workspace, store, &output);
+    // The user sees "the upload" and "the converted image", not workspace paths.
+    let result = run_inner(job, workspace, store, &output).map_err(|e| {
+        e.replace(&job.staging.display().to_string(), "the upload")
+            .replace(&output.display().to_string(), "the converted image")
+    });
     let _ = std::fs::remove_file(&output);
     workspace.release(&format!("convert:{}", job.task_id));
     result
@@ -120,10 +131,15 @@ fn run_inner(
             let report = vconvert_engine::inspect(job.staging, Some(declared), job.policy)
                 .map_err(|e| format!("cannot inspect the upload: {e}"))?;
             if !report.violations.is_empty() {
-                return Err(format!("image refused: {}", report.violations.join("; ")));
+                return Err(glance_names(&format!(
+                    "image refused: {}",
+                    report.violations.join("; ")
+                )));
             }
             let src = vconvert_engine::open(job.staging, Some(declared), &OpenOptions::default())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                format!("cannot open the {} upload: {e}", disk_format_name(declared))
+            })?;
             let virtual_size = src.virtual_size();
             let target = job.target;
             if declared == target {
@@ -216,7 +232,10 @@ fn convert(
     };
     vconvert_engine::convert(src, output, target, Options::new(), &opts).map_err(|e| match e {
         vconvert_core::Error::Cancelled => "cancelled".to_string(),
-        e => format!("conversion failed: {e}"),
+        e => format!(
+            "conversion of the {} upload failed: {e}",
+            disk_format_name(declared)
+        ),
     })?;
     failpoint::hit("convert.done");
     let check =
@@ -228,4 +247,19 @@ fn convert(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn engine_names_become_glance_names() {
+        assert_eq!(
+            super::glance_names("declared format vpc does not match the content, which is qcow2"),
+            "declared format vhd does not match the content, which is qcow2"
+        );
+        assert_eq!(
+            super::glance_names("declared format raw does not match the content, which is vpc"),
+            "declared format raw does not match the content, which is vhd"
+        );
+    }
 }

@@ -41,13 +41,16 @@ struct ErrorDetail<'a> {
     message: String,
 }
 
-/// The JSON body of an error answer (keystonemiddleware's and Glance's shape).
+/// The JSON body of an error answer (keystonemiddleware's shape). The message starts
+/// with the status line, as Glance's own (webob) error pages do, so glanceclient prints
+/// `HTTP 404 Not Found: …` as it does against Glance.
 pub fn error_body(status: StatusCode, message: String) -> Response {
+    let title = status.canonical_reason().unwrap_or("");
     let body = ErrorBody {
         error: ErrorDetail {
             code: status.as_u16(),
-            title: status.canonical_reason().unwrap_or(""),
-            message,
+            title,
+            message: format!("{} {title}: {message}", status.as_u16()),
         },
     };
     (status, Json(body)).into_response()
