@@ -152,6 +152,10 @@ impl Config {
             }
         }
         for (k, v) in env {
+            // Fail points are read by `failpoint::init`, not configuration.
+            if k == crate::failpoint::ENV {
+                continue;
+            }
             if let Some(key) = k.strip_prefix("VIMPORT_") {
                 values.insert(key.to_ascii_lowercase(), (v.clone(), k.clone()));
             }

@@ -22,6 +22,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_glance_model",
         include_str!("../migrations/0002_glance_model.sql"),
     ),
+    (
+        "0003_task_constraints",
+        include_str!("../migrations/0003_task_constraints.sql"),
+    ),
 ];
 
 /// The property that records the stores an import failed to reach (Glance's name).
@@ -242,8 +246,10 @@ impl Db {
     /// has not run yet.
     pub fn open(path: &Path) -> DbResult<Db> {
         let mut conn = Connection::open(path).map_err(err)?;
+        // Foreign keys are off while migrations rebuild tables (dropping `images` with
+        // them on would cascade to its tasks); each migration must leave none broken.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
         )
         .map_err(err)?;
         let applied: i64 = conn
@@ -253,10 +259,21 @@ impl Db {
             let tx = conn.transaction().map_err(err)?;
             tx.execute_batch(sql)
                 .map_err(|e| format!("migration {name} failed: {e}"))?;
+            let broken: i64 = tx
+                .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| {
+                    r.get(0)
+                })
+                .map_err(err)?;
+            if broken > 0 {
+                return Err(format!(
+                    "migration {name} failed: it leaves {broken} rows with a broken foreign key"
+                ));
+            }
             tx.execute_batch(&format!("PRAGMA user_version = {}", n + 1))
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
+        conn.execute_batch("PRAGMA foreign_keys=ON;").map_err(err)?;
         if applied as usize > MIGRATIONS.len() {
             return Err(format!(
                 "database {} is at schema version {applied}, newer than this vimport ({})",
@@ -610,6 +627,59 @@ impl Db {
             rows.collect()
         })
     }
+
+    /// Records in task `id` what its import is about to put in the store, before it
+    /// does (the startup recovery records a stored object only if its task says what
+    /// it is).
+    pub fn record_intent(&self, id: &str, stored: &Stored) -> DbResult<()> {
+        let json = serde_json::json!({
+            "disk_format": stored.disk_format,
+            "size": stored.size,
+            "virtual_size": stored.virtual_size,
+            "checksum": stored.checksum,
+            "sha512": stored.sha512,
+        })
+        .to_string();
+        self.with(|c| {
+            c.execute(
+                "UPDATE tasks SET stored=?2, message=?3, updated_at=?4 WHERE id=?1",
+                params![id, json, "storing the image", now()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// What task `id` recorded it was about to store, if anything.
+    pub fn intent(&self, id: &str) -> DbResult<Option<Stored>> {
+        let text: Option<String> = self.with(|c| {
+            c.query_row("SELECT stored FROM tasks WHERE id=?1", [id], |r| r.get(0))
+                .optional()
+                .map(Option::flatten)
+        })?;
+        let Some(text) = text else { return Ok(None) };
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("task {id}: stored intent is not JSON: {e}"))?;
+        let field = |k: &str| v[k].as_str().map(str::to_string);
+        let number = |k: &str| v[k].as_u64();
+        match (
+            field("disk_format"),
+            number("size"),
+            number("virtual_size"),
+            field("checksum"),
+            field("sha512"),
+        ) {
+            (Some(disk_format), Some(size), Some(virtual_size), Some(checksum), Some(sha512)) => {
+                Ok(Some(Stored {
+                    disk_format,
+                    size,
+                    virtual_size,
+                    checksum,
+                    sha512,
+                }))
+            }
+            _ => Err(format!("task {id}: stored intent is incomplete: {text}")),
+        }
+    }
 }
 
 fn insert_task(c: &Connection, t: &Task) -> rusqlite::Result<()> {
@@ -694,14 +764,60 @@ mod tests {
         assert_eq!((back.status.as_str(), back.staged), ("queued", false));
         assert_eq!(back.properties[FAILED_IMPORT], "file");
         assert_eq!(db.task("t1").unwrap().unwrap().status, "failure");
-        assert!(db.delete_image("i1").unwrap());
-        assert!(db.image("i1").unwrap().is_none());
-        // Survives reopening; tags and properties went with the image.
+        // Survives reopening.
         drop(db);
         let db = Db::open(&dir.path().join("x.db")).unwrap();
         assert_eq!(db.task("t1").unwrap().unwrap().message, "broken");
+        // Tags, properties and tasks go with the image.
+        assert!(db.delete_image("i1").unwrap());
+        assert!(db.image("i1").unwrap().is_none());
+        assert!(
+            db.task("t1").unwrap().is_none(),
+            "the task went with its image"
+        );
         assert!(db.insert_image(&image("i1")).unwrap());
         assert_eq!(db.image("i1").unwrap().unwrap().tags, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn the_schema_holds_the_constraints_and_the_intent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("x.db")).unwrap();
+        assert!(db.insert_image(&image("i1")).unwrap());
+        let task = |id: &str, image: &str| Task {
+            id: id.into(),
+            kind: "api_image_import".into(),
+            image_id: image.into(),
+            status: "pending".into(),
+            input: "{}".into(),
+            created_at: now(),
+            updated_at: now(),
+            ..Task::default()
+        };
+        // A task of no image, and statuses outside the lists, are refused by SQLite.
+        let e = db.insert_task(&task("t0", "nope")).unwrap_err();
+        assert!(e.contains("FOREIGN KEY"), "{e}");
+        let e = db.set_task("t0", "done", "").map(|_| ());
+        assert!(e.is_ok(), "no such task: nothing to update");
+        db.insert_task(&task("t1", "i1")).unwrap();
+        let e = db.set_task("t1", "done", "").unwrap_err();
+        assert!(e.contains("CHECK"), "{e}");
+        let e = db
+            .transition("i1", &["queued"], "imported", false)
+            .unwrap_err();
+        assert!(e.contains("CHECK"), "{e}");
+        // The intent round-trips.
+        assert_eq!(db.intent("t1").unwrap(), None);
+        let stored = Stored {
+            disk_format: "raw".into(),
+            size: 1 << 40,
+            virtual_size: 1 << 40,
+            checksum: "m".into(),
+            sha512: "s".into(),
+        };
+        db.record_intent("t1", &stored).unwrap();
+        assert_eq!(db.intent("t1").unwrap(), Some(stored));
+        assert_eq!(db.task("t1").unwrap().unwrap().message, "storing the image");
     }
 
     #[test]
@@ -715,12 +831,23 @@ mod tests {
             [],
         )
         .unwrap();
+        // A task of the image, and one left behind by a deleted image.
+        c.execute_batch(
+            "INSERT INTO tasks VALUES ('t', 'i', 'success', 'ok', 't', 't');
+             INSERT INTO tasks VALUES ('gone', 'deleted-image', 'failure', 'x', 't', 't');",
+        )
+        .unwrap();
         drop(c);
         let db = Db::open(&path).unwrap();
         let i = db.image("i").unwrap().unwrap();
         assert_eq!(i.os_hash_algo.as_deref(), Some("sha512"));
         assert_eq!(i.visibility, "private");
         assert_eq!(i.size, Some(5));
+        assert_eq!(db.task("t").unwrap().unwrap().image_id, "i");
+        assert!(
+            db.task("gone").unwrap().is_none(),
+            "orphan tasks are dropped"
+        );
         drop(db);
         // Opening again applies nothing more.
         let db = Db::open(&path).unwrap();

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod failpoint;
 pub mod http;
 pub mod service;
 pub mod store;

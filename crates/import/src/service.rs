@@ -18,11 +18,11 @@ use vconvert_engine::{CancelToken, Policy};
 use crate::config::{
     parse_declared_format, Config, TokenEntry, ADMIN_PROJECT, GLANCE_CONTAINER_FORMATS,
 };
-use crate::db::{now, rfc3339, Db, Image, Task};
+use crate::db::{now, rfc3339, Db, Image, Stored, Task};
 use crate::error::{Error, Result};
 use crate::store::{FsStore, Store};
 use crate::workspace::Workspace;
-use crate::{web_download, workflow};
+use crate::{failpoint, web_download, workflow};
 
 /// Who is calling: the project and rights of the token, and the request's id.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,7 +160,8 @@ pub struct Service {
     db: Db,
     workspace: Workspace,
     store: Arc<dyn Store>,
-    queue: Mutex<VecDeque<String>>,
+    /// Queued imports: (task, image).
+    queue: Mutex<VecDeque<(String, String)>>,
     queued: Condvar,
     cancels: Mutex<HashMap<String, CancelToken>>,
     waiters: Mutex<HashMap<String, Waiter>>,
@@ -174,6 +175,7 @@ impl Service {
     /// Opens the database, workspace and store, recovers from a previous crash, and
     /// starts `max_workers` workers.
     pub fn start(config: Config) -> std::result::Result<Arc<Service>, String> {
+        failpoint::init()?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
         if let Some(parent) = config
@@ -222,7 +224,7 @@ impl Service {
             stopping: AtomicBool::new(false),
             config,
         });
-        service.recover()?;
+        service.recover(true)?;
         for i in 0..service.config.max_workers {
             let s = service.clone();
             std::thread::Builder::new()
@@ -256,12 +258,20 @@ impl Service {
         Ok(t)
     }
 
-    /// After a crash (or at the end of a shutdown): fail interrupted tasks, return
-    /// their images to `queued`, keep only complete staged uploads, and remove every
-    /// other workspace file.
-    fn recover(&self) -> std::result::Result<(), String> {
+    /// After a crash (`at_start`) or at the end of a shutdown: finish or undo every
+    /// interrupted import, return images being received to `queued`, keep only complete
+    /// staged uploads, and remove every other workspace file. At start also: an
+    /// interrupted import whose stored object is complete (as its task recorded before
+    /// the move) is recorded, and every store object that belongs to no active image is
+    /// removed (see README, "Reliability").
+    fn recover(&self, at_start: bool) -> std::result::Result<(), String> {
         for status in ["pending", "processing"] {
             for t in self.db.tasks_in(status)? {
+                // Only at start: at the end of a shutdown a worker may still be
+                // finishing this very import.
+                if at_start && self.finish_interrupted(&t)? {
+                    continue;
+                }
                 self.db.fail_import(
                     &t.id,
                     &t.image_id,
@@ -294,6 +304,80 @@ impl Service {
         for f in self.workspace.files() {
             if !keep.contains(&f) {
                 let _ = std::fs::remove_file(&f);
+            }
+        }
+        if at_start {
+            self.reconcile_store()?;
+        }
+        Ok(())
+    }
+
+    /// Records an interrupted import whose stored object is complete: in the store,
+    /// with the size and checksums its task recorded before the move (hashed again
+    /// here). Returns whether it did; if not, the caller fails the task and the
+    /// store reconciliation removes the object.
+    fn finish_interrupted(&self, t: &Task) -> std::result::Result<bool, String> {
+        let Some(stored) = self.db.intent(&t.id)? else {
+            return Ok(false);
+        };
+        let Ok((mut f, len)) = self.store.open(&t.image_id) else {
+            return Ok(false);
+        };
+        if len != stored.size {
+            return Ok(false);
+        }
+        match workflow::hashes_of(&mut f) {
+            Ok((md5, sha512, n))
+                if n == stored.size && md5 == stored.checksum && sha512 == stored.sha512 => {}
+            _ => {
+                tracing::warn!(
+                    task = %t.id,
+                    image = %t.image_id,
+                    "recovery: the stored object does not hold what the task recorded; not recorded"
+                );
+                return Ok(false);
+            }
+        }
+        let message = success_message(&stored);
+        let done = self
+            .db
+            .finish_import(&t.id, &t.image_id, &stored, &message, &expires_at())?;
+        if done {
+            tracing::info!(
+                task = %t.id,
+                image = %t.image_id,
+                size = stored.size,
+                "recovery: the interrupted import had stored its object completely; recorded it"
+            );
+        }
+        Ok(done)
+    }
+
+    /// Removes every store object that belongs to no active image, naming it.
+    fn reconcile_store(&self) -> std::result::Result<(), String> {
+        // Glance keeps the data of a deactivated image too.
+        let active: std::collections::HashSet<String> = self
+            .db
+            .images()?
+            .into_iter()
+            .filter(|i| i.status == "active" || i.status == "deactivated")
+            .map(|i| i.id)
+            .collect();
+        let names = self
+            .store
+            .ids()
+            .map_err(|e| format!("cannot list the store: {e}"))?;
+        for name in names.into_iter().filter(|n| !active.contains(n)) {
+            match self.store.delete(&name) {
+                Ok(()) => tracing::warn!(
+                    object = %name,
+                    "recovery: removed store object {name}: it belongs to no active image"
+                ),
+                Err(e) => tracing::error!(
+                    object = %name,
+                    error = %e,
+                    "recovery: cannot remove store object {name}, which belongs to no active image"
+                ),
             }
         }
         Ok(())
@@ -685,11 +769,16 @@ impl Service {
         if let Some(c) = self.cancels.lock().map_err(Error::internal)?.get(id) {
             c.cancel();
         }
+        // The catalogue first (the image, its tags, properties and tasks, in one
+        // statement): once it is gone, any file of it is an orphan that the import
+        // (when it ends) or the startup recovery removes.
         self.db.delete_image(id).map_err(Error::Internal)?;
+        failpoint::hit("delete.recorded");
         if img.status != "importing" && img.status != "saving" {
             let _ = std::fs::remove_file(self.workspace.staging_path(id));
             self.workspace.release(&format!("stage:{id}"));
         }
+        failpoint::hit("delete.files");
         self.store.delete(id).map_err(Error::internal)?;
         Ok(())
     }
@@ -773,6 +862,7 @@ impl Service {
         let path = self.workspace.staging_path(id);
         match receive(&self.workspace, &path, body, content_length, &key, cap) {
             Ok(()) => {
+                failpoint::hit("stage.received");
                 if status == "uploading"
                     && !self
                         .db
@@ -832,7 +922,7 @@ impl Service {
         self.queue
             .lock()
             .map_err(Error::internal)?
-            .push_back(task_id.to_string());
+            .push_back((task_id.to_string(), image_id.to_string()));
         self.queued.notify_one();
         Ok(())
     }
@@ -886,6 +976,7 @@ impl Service {
             }
         }
         self.enqueue(id, &task.id)?;
+        failpoint::hit("import.accepted");
         Ok(task.id)
     }
 
@@ -1040,7 +1131,7 @@ impl Service {
 
     fn worker_loop(self: Arc<Self>) {
         loop {
-            let task_id = {
+            let (task_id, image_id) = {
                 let Ok(mut q) = self.queue.lock() else { return };
                 loop {
                     if self.stopping.load(Ordering::SeqCst) {
@@ -1058,13 +1149,23 @@ impl Service {
                     };
                 }
             };
-            self.run_task(&task_id);
+            self.run_task(&task_id, &image_id);
             self.running.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    fn run_task(&self, task_id: &str) {
+    fn run_task(&self, task_id: &str, image_id: &str) {
         let Ok(Some(task)) = self.db.task(task_id) else {
+            // The image was deleted (with its tasks) before the import started: its
+            // staged upload must not stay.
+            let _ = std::fs::remove_file(self.workspace.staging_path(image_id));
+            self.workspace.release(&format!("stage:{image_id}"));
+            if let Ok(mut c) = self.cancels.lock() {
+                c.remove(image_id);
+            }
+            if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(task_id)) {
+                let _ = w.send(Err("cancelled: the image was deleted".to_string()));
+            }
             return;
         };
         let image_id = task.image_id.clone();
@@ -1075,6 +1176,7 @@ impl Service {
             .and_then(|c| c.get(&image_id).cloned())
             .unwrap_or_default();
         let _ = self.db.set_task(task_id, "processing", "starting");
+        failpoint::hit("task.processing");
         let staging = self.workspace.staging_path(&image_id);
         let result = self.import_one(&task, &staging, &cancel);
         let _ = std::fs::remove_file(&staging);
@@ -1084,15 +1186,16 @@ impl Service {
         }
         let outcome = match result {
             Ok(stored) => {
-                let message = format!(
-                    "imported: stored as {} ({} bytes)",
-                    stored.disk_format, stored.size
-                );
+                let message = success_message(&stored);
+                // The task's success and the image's `active` are one transaction.
                 match self
                     .db
                     .finish_import(task_id, &image_id, &stored, &message, &expires_at())
                 {
-                    Ok(true) => Ok(()),
+                    Ok(true) => {
+                        failpoint::hit("store.recorded");
+                        Ok(())
+                    }
                     Ok(false) => {
                         // Deleted during the import: its data must not stay.
                         let _ = self.store.delete(&image_id);
@@ -1181,6 +1284,7 @@ impl Service {
             rate_limit: self.config.convert_rate_limit,
             cancel,
             progress: &progress,
+            record: &|stored: &Stored| self.db.record_intent(&task.id, stored),
         };
         workflow::run(&job, &self.workspace, self.store.as_ref())
     }
@@ -1195,7 +1299,7 @@ impl Service {
         let pending: Vec<String> = self
             .queue
             .lock()
-            .map(|mut q| q.drain(..).collect())
+            .map(|mut q| q.drain(..).map(|(t, _)| t).collect())
             .unwrap_or_default();
         for task_id in pending {
             if let Ok(Some(t)) = self.db.task(&task_id) {
@@ -1227,7 +1331,7 @@ impl Service {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        if let Err(e) = self.recover() {
+        if let Err(e) = self.recover(false) {
             tracing::error!(error = %e, "cleanup at shutdown failed");
         }
     }
@@ -1236,6 +1340,11 @@ impl Service {
     pub fn busy(&self) -> usize {
         self.running.load(Ordering::SeqCst) + self.queue.lock().map_or(0, |q| q.len())
     }
+}
+
+/// The message of a successful import task.
+fn success_message(s: &Stored) -> String {
+    format!("imported: stored as {} ({} bytes)", s.disk_format, s.size)
 }
 
 /// Streams `body` into `path`, holding workspace space under `key` as it grows when
@@ -1276,6 +1385,7 @@ fn receive(
             ));
         }
         f.write_all(&buf[..n]).map_err(Error::internal)?;
+        failpoint::hit("stage.receiving");
     }
     if let Some(len) = content_length {
         if total != len {

@@ -15,7 +15,9 @@ pub trait Store: Send + Sync + Debug {
     fn open(&self, id: &str) -> io::Result<(File, u64)>;
     /// Removes the data of image `id` (no error when there is none).
     fn delete(&self, id: &str) -> io::Result<()>;
-    /// Ids of every image with data in the store (for reconciliation at start).
+    /// Names of every object in the store, for reconciliation at start: image ids, and
+    /// whatever a crash left half-made (a partial copy), which [`Store::delete`]
+    /// removes too.
     fn ids(&self) -> io::Result<Vec<String>>;
 }
 
@@ -37,13 +39,18 @@ impl FsStore {
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
     }
+
+    /// Syncs the directory, so a rename into it survives a power loss too.
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
 }
 
 impl Store for FsStore {
     fn put(&self, id: &str, from: &Path) -> io::Result<()> {
         let to = self.path(id);
         if std::fs::rename(from, &to).is_ok() {
-            return Ok(());
+            return self.sync_dir();
         }
         // Another filesystem: copy beside the target, sync, rename.
         let tmp = self.dir.join(format!(".{id}.partial"));
@@ -56,6 +63,7 @@ impl Store for FsStore {
             let _ = std::fs::remove_file(&tmp);
         }
         result?;
+        self.sync_dir()?;
         std::fs::remove_file(from)
     }
 
@@ -75,10 +83,7 @@ impl Store for FsStore {
     fn ids(&self) -> io::Result<Vec<String>> {
         let mut v = Vec::new();
         for e in std::fs::read_dir(&self.dir)? {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            if !name.starts_with('.') {
-                v.push(name);
-            }
+            v.push(e?.file_name().to_string_lossy().into_owned());
         }
         Ok(v)
     }

@@ -15,6 +15,7 @@ use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
 
 use crate::config::{disk_format_name, DiskFormat};
 use crate::db::Stored;
+use crate::failpoint;
 use crate::store::Store;
 use crate::workspace::Workspace;
 
@@ -38,11 +39,19 @@ pub struct Job<'a> {
     pub cancel: &'a CancelToken,
     /// Told what the import is doing (the task's message).
     pub progress: &'a (dyn Fn(&str) + Sync),
+    /// Records what is about to be stored, before it is put in the store (the task's
+    /// intent, which lets the startup recovery record a stored object whose import
+    /// was interrupted before it was recorded). An error stops the import.
+    pub record: &'a (dyn Fn(&Stored) -> Result<(), String> + Sync),
 }
 
 /// MD5 and SHA-512 (hex) of a file, and its length.
 pub fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
-    let mut f = std::fs::File::open(path)?;
+    hashes_of(&mut std::fs::File::open(path)?)
+}
+
+/// MD5 and SHA-512 (hex) of what `f` reads, and its length.
+pub fn hashes_of(f: &mut dyn Read) -> std::io::Result<(String, String, u64)> {
     let (mut md5, mut sha) = (Md5::new(), Sha512::new());
     let mut buf = vec![0u8; 1 << 20];
     let mut n_total = 0u64;
@@ -54,6 +63,7 @@ pub fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
         md5.update(&buf[..n]);
         sha.update(&buf[..n]);
         n_total += n as u64;
+        failpoint::hit("hash.reading");
     }
     Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
 }
@@ -150,19 +160,26 @@ fn run_inner(
     (job.progress)("computing checksums");
     let (checksum, sha512, size) =
         hashes(&stored_from).map_err(|e| format!("cannot read {}: {e}", stored_from.display()))?;
+    failpoint::hit("hash.done");
     if job.cancel.is_cancelled() {
         return Err("cancelled".into());
     }
-    store
-        .put(job.image_id, &stored_from)
-        .map_err(|e| format!("cannot store the image: {e}"))?;
-    Ok(Stored {
+    let stored = Stored {
         disk_format: stored_format.to_string(),
         size,
         virtual_size,
         checksum,
         sha512,
-    })
+    };
+    // The intent first: a crash after the put finds in the task what the stored object
+    // must be, and recovery records it instead of leaving it orphaned (or removes it).
+    (job.record)(&stored)?;
+    failpoint::hit("store.intent");
+    store
+        .put(job.image_id, &stored_from)
+        .map_err(|e| format!("cannot store the image: {e}"))?;
+    failpoint::hit("store.moved");
+    Ok(stored)
 }
 
 fn convert(
@@ -194,6 +211,7 @@ fn convert(
     );
     let last = Mutex::new(Instant::now() - Duration::from_secs(1));
     let progress = |done: u64, total: u64| {
+        failpoint::hit("convert.progress");
         if let Ok(mut l) = last.lock() {
             if l.elapsed() >= Duration::from_millis(250) || done == total {
                 *l = Instant::now();
@@ -219,6 +237,7 @@ fn convert(
             disk_format_name(declared)
         ),
     })?;
+    failpoint::hit("convert.done");
     let check =
         vconvert_engine::inspect(output, Some(target), job.policy).map_err(|e| e.to_string())?;
     if !check.violations.is_empty() {
