@@ -476,7 +476,11 @@ fn clusters_named_past_the_virtual_size_are_not_leaks() {
     let dir = tempdir();
     let img = dir.path().join("shrunk.qcow2");
     q.img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
-    q.io("qcow2", &img, &["write -P 0x11 0 64k".into(), "write -P 0x22 3M 64k".into()]);
+    q.io(
+        "qcow2",
+        &img,
+        &["write -P 0x11 0 64k".into(), "write -P 0x22 3M 64k".into()],
+    );
     // Header field `size` (big-endian u64 at byte 24) set to 1 MiB, as a shrink that
     // stopped before freeing the clusters past the new end leaves it.
     let mut bytes = std::fs::read(&img).unwrap();
@@ -484,7 +488,12 @@ fn clusters_named_past_the_virtual_size_are_not_leaks() {
     std::fs::write(&img, &bytes).unwrap();
     assert_eq!(q.check("qcow2", &img).0, 0, "qemu-img sees no leak");
     let out = vconvert(&["check", "--output=json", s(&img)]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(json(&out)["leaks"].as_u64().unwrap_or(0), 0);
     ok(&["check", "-r", "leaks", s(&img)]);
     let (code, text) = q.check("qcow2", &img);

@@ -325,15 +325,15 @@ pub const GLANCE_CONTAINER_FORMATS: &[&str] = &[
 
 /// The `disk_format` values vimport accepts for uploads: the engine's formats, and
 /// `iso` (stored as uploaded, see [`DiskFormat::Iso`]).
-pub const ACCEPTED_DISK_FORMATS: &str = "raw, qcow2, vdi, vmdk, vhd, iso";
+pub const ACCEPTED_DISK_FORMATS: &str = "raw, qcow2, vdi, vmdk, vhd, vhdx, iso";
 
 /// A declared `disk_format` vimport accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiskFormat {
     /// A format the engine reads and converts.
     Engine(Format),
-    /// An ISO 9660 image: inspected as raw bytes (it must not be another format in
-    /// disguise) and stored as uploaded, never converted.
+    /// An ISO 9660 / UDF image: inspected as an ISO (`DeclaredFormat::Iso`: it must
+    /// not be another format in disguise) and stored as uploaded, never converted.
     Iso,
 }
 
@@ -357,11 +357,8 @@ pub fn parse_declared_format(s: &str) -> Result<DiskFormat, String> {
         "vdi" => Ok(DiskFormat::Engine(Format::Vdi)),
         "vmdk" => Ok(DiskFormat::Engine(Format::Vmdk)),
         "vhd" | "vpc" => Ok(DiskFormat::Engine(Format::Vpc)),
+        "vhdx" => Ok(DiskFormat::Engine(Format::Vhdx)),
         "iso" => Ok(DiskFormat::Iso),
-        // The one place to enable VHDX once the engine reads it.
-        "vhdx" => Err(format!(
-            "disk_format 'vhdx' is not supported yet (the engine does not read VHDX); accepted formats: {ACCEPTED_DISK_FORMATS}"
-        )),
         other if GLANCE_DISK_FORMATS.contains(&other) => Err(format!(
             "disk_format '{other}' is not supported: vimport converts every upload and cannot read {other}; accepted formats: {ACCEPTED_DISK_FORMATS}"
         )),
@@ -376,10 +373,10 @@ pub fn parse_disk_format(s: &str) -> Result<Format, String> {
     match parse_declared_format(s) {
         Ok(DiskFormat::Engine(f)) => Ok(f),
         Ok(DiskFormat::Iso) => Err(
-            "iso cannot be an output_format; supported formats: raw, qcow2, vdi, vmdk, vhd".into(),
+            "iso cannot be an output_format; supported formats: raw, qcow2, vdi, vmdk, vhd, vhdx".into(),
         ),
         Err(_) => Err(format!(
-            "disk_format '{s}' is not supported; supported formats: raw, qcow2, vdi, vmdk, vhd"
+            "disk_format '{s}' is not supported; supported formats: raw, qcow2, vdi, vmdk, vhd, vhdx"
         )),
     }
 }
@@ -476,7 +473,11 @@ mod tests {
             parse_declared_format("vpc"),
             Ok(DiskFormat::Engine(Format::Vpc))
         );
-        for f in ["vhdx", "ploop", "ami", "nope"] {
+        assert_eq!(
+            parse_declared_format("vhdx"),
+            Ok(DiskFormat::Engine(Format::Vhdx))
+        );
+        for f in ["ploop", "ami", "nope"] {
             let e = parse_declared_format(f).unwrap_err();
             assert!(e.contains(f) && e.contains(ACCEPTED_DISK_FORMATS), "{e}");
         }
@@ -489,8 +490,8 @@ mod tests {
             e.0.contains("max_workers") && e.0.contains("VIMPORT_MAX_WORKERS"),
             "{e}"
         );
-        let e = Config::load(None, &env(&[("VIMPORT_OUTPUT_FORMAT", "vhdx")])).unwrap_err();
-        assert!(e.0.contains("vhdx") && e.0.contains("raw, qcow2"), "{e}");
+        let e = Config::load(None, &env(&[("VIMPORT_OUTPUT_FORMAT", "ploop")])).unwrap_err();
+        assert!(e.0.contains("ploop") && e.0.contains("raw, qcow2"), "{e}");
         let e = Config::load(None, &env(&[("VIMPORT_TOKENS", "a:p:root")])).unwrap_err();
         assert!(e.0.contains("tokens") && e.0.contains("admin"), "{e}");
         let e = Config::load(None, &env(&[("VIMPORT_WORKERS", "1")])).unwrap_err();

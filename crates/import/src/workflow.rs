@@ -104,26 +104,16 @@ fn run_inner(
     (job.progress)("inspecting the upload");
     let (stored_from, stored_format, virtual_size): (PathBuf, &str, u64) = match job.declared {
         DiskFormat::Iso => {
-            // TODO(h16): when h16's `vconvert_engine::inspect_as` / `DeclaredFormat::Iso`
-            // lands, call `inspect_as(job.staging, Some(DeclaredFormat::Iso), job.policy)`
-            // here and drop the signature check below (the engine then refuses ISO
-            // content declared raw, which this raw inspection would trip on). Until
-            // then the upload is inspected as raw bytes (a qcow2/vmdk/… in disguise is
-            // refused as a polyglot) and must carry the ISO 9660 signature.
-            let report = vconvert_engine::inspect(job.staging, Some(Format::Raw), job.policy)
-                .map_err(|e| format!("cannot inspect the upload: {e}"))?;
+            // The engine's ISO rules: ISO 9660 / UDF content, no other format in
+            // disguise (a polyglot), the partition-table checks.
+            let report = vconvert_engine::inspect_as(
+                job.staging,
+                Some(vconvert_engine::DeclaredFormat::Iso),
+                job.policy,
+            )
+            .map_err(|e| format!("cannot inspect the upload: {e}"))?;
             if !report.violations.is_empty() {
                 return Err(format!("image refused: {}", report.violations.join("; ")));
-            }
-            if !report.signatures.contains(&"iso") {
-                return Err(format!(
-                    "image refused: declared format iso but the upload has no ISO 9660 signature (found: {})",
-                    if report.signatures.is_empty() {
-                        "none".to_string()
-                    } else {
-                        report.signatures.join(", ")
-                    }
-                ));
             }
             (job.staging.to_path_buf(), "iso", report.actual_size)
         }

@@ -1241,14 +1241,14 @@ fn glance_failures() {
         &[
             "image-create",
             "--name",
-            "vhdx",
+            "ploop",
             "--disk-format",
-            "vhdx",
+            "ploop",
             "--container-format",
             "bare",
         ],
     );
-    assert!(!r.ok, "disk_format vhdx was accepted:\n{r}");
+    assert!(!r.ok, "disk_format ploop was accepted:\n{r}");
     assert!(
         r.stderr.contains("qcow2"),
         "the refusal does not list the formats:\n{r}"

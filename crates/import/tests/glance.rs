@@ -229,7 +229,7 @@ fn image_model_patch_and_tags_as_glance() {
         (r#"{"disk_format":"raw","hw_x":null}"#, 400),
         (r#"{"disk_format":"raw","hw_x":5}"#, 400),
         (r#"{"disk_format":"raw","container_format":"ova"}"#, 400),
-        (r#"{"disk_format":"vhdx"}"#, 400),
+        (r#"{"disk_format":"ploop"}"#, 400),
         (r#"{"id":"not-a-uuid"}"#, 400),
     ] {
         let (s, b) = v.as_user(ALICE, "POST", "/v2/images", Some(body));

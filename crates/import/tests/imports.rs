@@ -77,6 +77,8 @@ fn every_format_imports_to_raw_identically() {
         ("vmdk", "vmdk", "subformat=streamOptimized"),
         ("vhd", "vpc", ""),
         ("vpc", "vpc", "subformat=fixed"),
+        ("vhdx", "vhdx", ""),
+        ("vhdx", "vhdx", "subformat=fixed,block_size=1M"),
     ];
     for (i, (glance, qfmt, opts)) in cases.into_iter().enumerate() {
         let bytes = qemu_image(&q, dir.path(), qfmt, opts, 6 << 20, i as u64 + 1);
@@ -281,4 +283,73 @@ fn killed_mid_conversion_restarts_clean() {
     // The image can be staged and imported again.
     assert_eq!(v.stage(&id, &bytes), 204);
     assert_eq!(v.import(&id).0, 202);
+}
+
+/// The classes `--untrusted` refuses (issue 16) refused by the service too: the import
+/// fails naming the rule, the image goes back to `queued`, nothing is left behind.
+#[test]
+fn refused_classes_end_queued_with_the_rule_and_leave_nothing() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let v = Vimport::start(&dir.path().join("data"), &[]);
+
+    // An ISO 9660 volume (primary volume descriptor at sector 16, terminator at 17).
+    let mut iso = vec![0u8; 64 * 2048];
+    let pvd = 16 * 2048;
+    iso[pvd] = 1;
+    iso[pvd + 1..pvd + 6].copy_from_slice(b"CD001");
+    iso[pvd + 6] = 1;
+    iso[pvd + 80..pvd + 84].copy_from_slice(&64u32.to_le_bytes());
+    iso[pvd + 84..pvd + 88].copy_from_slice(&64u32.to_be_bytes());
+    iso[pvd + 128..pvd + 130].copy_from_slice(&2048u16.to_le_bytes());
+    iso[pvd + 130..pvd + 132].copy_from_slice(&2048u16.to_be_bytes());
+    iso[17 * 2048] = 255;
+    iso[17 * 2048 + 1..17 * 2048 + 6].copy_from_slice(b"CD001");
+
+    // A raw disk whose MBR has the boot signature but no partition (oslo's rule).
+    let mut mbr = vec![0u8; 1 << 20];
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+
+    // A qcow2 whose first L2 entry maps guest cluster 0 onto the refcount table.
+    let qc = dir.path().join("overlap.qcow2");
+    q.img(&["create", "-q", "-f", "qcow2", qc.to_str().unwrap(), "4M"]);
+    q.io("qcow2", &qc, &["write -P 0x33 0 64k".into()]);
+    let mut overlap = std::fs::read(&qc).unwrap();
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let reftable = be64(&overlap, 48);
+    let l1 = be64(&overlap, 40) as usize;
+    let l2 = (be64(&overlap, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert_ne!(l2, 0, "qemu-io allocated an L2 table");
+    overlap[l2..l2 + 8].copy_from_slice(&(reftable | 1 << 63).to_be_bytes());
+
+    let cases: [(&str, &str, Vec<u8>, &str); 3] = [
+        ("iso declared raw", "raw", iso.clone(), "declare it as iso"),
+        ("empty MBR", "raw", mbr, "partition"),
+        ("qcow2 overlap", "qcow2", overlap, "metadata overlap"),
+    ];
+    for (what, fmt, bytes, rule) in cases {
+        let id = v.create(what, fmt);
+        assert_eq!(v.stage(&id, &bytes), 204, "{what}");
+        assert_eq!(v.import(&id).0, 202, "{what}");
+        let task = v.wait_import(&id, Duration::from_secs(60));
+        assert_eq!(task["status"], "failure", "{what}: {task}");
+        let message = task["message"].as_str().unwrap_or("");
+        assert!(message.contains(rule), "{what}: {message}");
+        assert_eq!(v.image(&id)["status"], "queued", "{what}");
+    }
+    let (ws, store) = v.files();
+    assert!(ws.is_empty(), "workspace not empty: {ws:?}");
+    assert!(store.is_empty(), "store not empty: {store:?}");
+
+    // The same ISO declared as one is stored as uploaded.
+    let id = v.create("cd", "iso");
+    assert_eq!(v.stage(&id, &iso), 204);
+    assert_eq!(v.import(&id).0, 202);
+    let task = v.wait_import(&id, Duration::from_secs(60));
+    assert_eq!(task["status"], "success", "{task}");
+    assert_eq!(v.image(&id)["disk_format"], "iso");
+    let (s, bytes) = v.call("GET", &format!("/v2/images/{id}/file"), None);
+    assert_eq!(s, 200);
+    assert!(bytes == iso, "the ISO is stored as uploaded");
 }

@@ -14,7 +14,7 @@ Usage: vimport [--config FILE]
 Configuration comes from FILE (default: ./vimport.toml if it exists) and from
 VIMPORT_<KEY> environment variables, which win. Keys and defaults:
   data_dir            vimport-data
-  output_format       raw            (raw, qcow2, vdi, vmdk, vhd)
+  output_format       raw            (raw, qcow2, vdi, vmdk, vhd, vhdx)
   vmdk_allowed_types  streamOptimized,monolithicSparse
   image_size_cap      1T
   max_workers         2
