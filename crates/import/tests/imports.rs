@@ -323,10 +323,20 @@ fn refused_classes_end_queued_with_the_rule_and_leave_nothing() {
     assert_ne!(l2, 0, "qemu-io allocated an L2 table");
     overlap[l2..l2 + 8].copy_from_slice(&(reftable | 1 << 63).to_be_bytes());
 
-    let cases: [(&str, &str, Vec<u8>, &str); 3] = [
+    // A sparse VMDK whose descriptor names a host file as its parent: qemu would open it
+    // as the backing file (vconvert never follows it, but a qemu downstream would).
+    let vm = dir.path().join("hint.vmdk");
+    q.img(&["create", "-q", "-f", "vmdk", vm.to_str().unwrap(), "4M"]);
+    let mut hint = std::fs::read(&vm).unwrap();
+    let text_end = 0x200 + hint[0x200..].iter().position(|&b| b == 0).unwrap();
+    let line = b"parentFileNameHint=\"/etc/passwd\"\n";
+    hint[text_end..text_end + line.len()].copy_from_slice(line);
+
+    let cases: [(&str, &str, Vec<u8>, &str); 4] = [
         ("iso declared raw", "raw", iso.clone(), "declare it as iso"),
         ("empty MBR", "raw", mbr, "partition"),
         ("qcow2 overlap", "qcow2", overlap, "metadata overlap"),
+        ("vmdk parent hint", "vmdk", hint, "parentFileNameHint"),
     ];
     for (what, fmt, bytes, rule) in cases {
         let id = v.create(what, fmt);
