@@ -801,14 +801,9 @@ impl Service {
         Ok(Some((f, len, img.checksum)))
     }
 
-    /// `PUT /v2/images/{id}/stage`: streams `body` into the workspace.
-    pub fn stage(
-        &self,
-        caller: &Caller,
-        id: &str,
-        body: &mut dyn Read,
-        content_length: Option<u64>,
-    ) -> Result<()> {
+    /// Whether `caller` may upload data into image `id` now: the service is running, the
+    /// caller may modify the image, and its declared `disk_format` is one vimport takes.
+    fn may_receive_data(&self, caller: &Caller, id: &str) -> Result<()> {
         self.refuse_when_stopping()?;
         let img = self.image_to_modify(caller, id)?;
         let declared = img.disk_format.as_deref().ok_or_else(|| {
@@ -817,6 +812,18 @@ impl Service {
             ))
         })?;
         parse_declared_format(declared).map_err(Error::BadRequest)?;
+        Ok(())
+    }
+
+    /// `PUT /v2/images/{id}/stage`: streams `body` into the workspace.
+    pub fn stage(
+        &self,
+        caller: &Caller,
+        id: &str,
+        body: &mut dyn Read,
+        content_length: Option<u64>,
+    ) -> Result<()> {
+        self.may_receive_data(caller, id)?;
         self.receive_into_staging(id, "uploading", body, content_length)
     }
 
@@ -989,14 +996,7 @@ impl Service {
         body: &mut dyn Read,
         content_length: Option<u64>,
     ) -> Result<()> {
-        self.refuse_when_stopping()?;
-        let img = self.image_to_modify(caller, id)?;
-        let declared = img.disk_format.as_deref().ok_or_else(|| {
-            Error::BadRequest(format!(
-                "image {id} has no disk_format: set it (PATCH) before uploading data"
-            ))
-        })?;
-        parse_declared_format(declared).map_err(Error::BadRequest)?;
+        self.may_receive_data(caller, id)?;
         self.receive_into_staging(id, "saving", body, content_length)?;
         let task = self.new_task(
             caller,

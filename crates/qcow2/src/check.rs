@@ -52,22 +52,36 @@ struct Counter {
     report: CheckReport,
 }
 
+/// Most corruptions one structure lying past the end of the file adds to the report.
+const MAX_PAST_END_REPORTS: u64 = 1024;
+
 impl Counter {
     /// Counts one reference to every cluster that `[offset, offset + len)` touches.
     fn inc(&mut self, offset: u64, len: u64, what: &str) {
         if len == 0 {
             return;
         }
-        let first = offset >> self.cluster_bits;
-        let last = (offset + len - 1) >> self.cluster_bits;
-        for c in first..=last {
-            match self.refs.get_mut(c as usize) {
-                Some(r) => *r = r.saturating_add(1),
-                None => self.report.corruptions.push(format!(
-                    "{what} at {offset:#x} lies past the end of the file"
-                )),
-            }
+        let (first, last) = self.span(offset, len);
+        let end = (self.refs.len() as u64).min(last.saturating_add(1));
+        for c in first..end {
+            let r = &mut self.refs[c as usize];
+            *r = r.saturating_add(1);
         }
+        // One corruption per cluster past the end, as qemu counts them, up to a bound
+        // (a hostile length must not make the report unbounded).
+        let past = last.saturating_add(1) - first.max(end);
+        for _ in 0..past.min(MAX_PAST_END_REPORTS) {
+            self.report.corruptions.push(format!(
+                "{what} at {offset:#x} lies past the end of the file"
+            ));
+        }
+    }
+
+    /// The first and last host cluster `[offset, offset + len)` touches (`len` > 0);
+    /// values read from disk may make `offset + len` overflow, so it saturates.
+    fn span(&self, offset: u64, len: u64) -> (u64, u64) {
+        let last_byte = offset.saturating_add(len - 1);
+        (offset >> self.cluster_bits, last_byte >> self.cluster_bits)
     }
 
     /// Records `[offset, offset + len)` as metadata of `kind`; a cluster that already
@@ -77,12 +91,10 @@ impl Counter {
         if len == 0 {
             return;
         }
-        let first = offset >> self.cluster_bits;
-        let last = (offset + len - 1) >> self.cluster_bits;
-        for c in first..=last {
-            let Some(m) = self.meta.get_mut(c as usize) else {
-                break;
-            };
+        let (first, last) = self.span(offset, len);
+        let end = (self.meta.len() as u64).min(last.saturating_add(1));
+        for c in first..end {
+            let m = &mut self.meta[c as usize];
             if *m != 0 && *m != kind {
                 let had = META_NAMES[*m as usize];
                 self.report.corruptions.push(format!(
@@ -100,9 +112,9 @@ impl Counter {
         if len == 0 {
             return None;
         }
-        let first = offset >> self.cluster_bits;
-        let last = (offset + len - 1) >> self.cluster_bits;
-        (first..=last).find_map(|c| match self.meta.get(c as usize) {
+        let (first, last) = self.span(offset, len);
+        let end = (self.meta.len() as u64).min(last.saturating_add(1));
+        (first..end).find_map(|c| match self.meta.get(c as usize) {
             Some(&m) if m != 0 => Some((c, META_NAMES[m as usize])),
             _ => None,
         })
@@ -260,7 +272,7 @@ fn check_collecting(
     )?;
     for w in rt_bytes.chunks_exact(8) {
         let off = BigEndian::read_u64(w) & !511;
-        if off != 0 && off % cs == 0 && off + cs <= file.len() {
+        if off != 0 && off % cs == 0 && off.checked_add(cs).is_some_and(|e| e <= file.len()) {
             c.mark(off, cs, META_REFBLOCK);
         }
     }
@@ -376,7 +388,7 @@ fn check_collecting(
         if off == 0 {
             continue;
         }
-        if off % cs != 0 || off + cs > file.len() {
+        if off % cs != 0 || off.checked_add(cs).is_none_or(|e| e > file.len()) {
             c.report.corruptions.push(format!(
                 "refcount block {i} at {off:#x} is outside the image"
             ));
