@@ -95,6 +95,14 @@ pub trait ImageReader: Send + Sync {
         Vec::new()
     }
 
+    /// The identifier a child disk names this image by when it is a parent (a VHDX's
+    /// `DataWriteGuid`, MS-VHDX 2.2.2.1, which a child's `parent_linkage` must match), so
+    /// a reader can tell that its parent changed since the child was made. Default:
+    /// none (the format names no such identifier).
+    fn parent_identity(&self) -> Option<String> {
+        None
+    }
+
     /// Things worth a warning that do not make the image unsafe (e.g. a VMDK sparse
     /// extent whose `uncleanShutdown` flag is set: VMware sets it while a disk is open).
     /// `info` prints them; the inspector reports them without refusing. Default: none.

@@ -321,6 +321,41 @@ fn differencing_vhdx_reads_through_its_parent_and_is_refused_untrusted() {
     assert!(e.contains("refused") && e.contains("parent.vhdx"), "{e}");
     let r = inspect(&child, Some(Format::Vhdx), &Policy::untrusted()).unwrap();
     assert!(!r.violations.is_empty(), "{r:?}");
+
+    // A parent whose DataWriteGuid is not the child's parent_linkage changed after the
+    // child was made: refused, naming the locator; parent_linkage2 is accepted too.
+    for (linkage2, accepted) in [
+        (None, false),
+        (Some("{02020202-0202-0202-0202-020202020202}"), true),
+    ] {
+        let mut locator = vec![
+            (
+                "parent_linkage".to_string(),
+                "{0a0a0a0a-0a0a-0a0a-0a0a-0a0a0a0a0a0a}".to_string(),
+            ),
+            ("relative_path".into(), ".\\parent.vhdx".into()),
+        ];
+        if let Some(l2) = linkage2 {
+            locator.push(("parent_linkage2".into(), l2.into()));
+        }
+        c.parent = Some(locator);
+        let other = dir.path().join("stale-child.vhdx");
+        std::fs::write(&other, c.build().0).unwrap();
+        match open(&other, None, &trusted()) {
+            Ok(img) => {
+                assert!(accepted, "a stale parent was read");
+                assert_eq!(read_all(img.as_ref()).unwrap(), want);
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(!accepted, "{e}");
+                assert!(
+                    e.contains("parent_linkage") && e.contains("DataWriteGuid"),
+                    "{e}"
+                );
+            }
+        }
+    }
 }
 
 #[test]

@@ -350,6 +350,31 @@ impl VhdxReader {
         Ok(())
     }
 
+    /// MS-VHDX 2.6.2.6.3: the parent's `DataWriteGuid` must equal the locator's
+    /// `parent_linkage` (or `parent_linkage2`, the GUID a parent written once more after
+    /// the child was made may carry); a parent that differs was changed since the child
+    /// was made, and reading through it would give a disk that never existed.
+    fn check_linkage(&self, parent: &dyn ImageReader, name: &str) -> Result<()> {
+        let Some(loc) = &self.meta.parent_locator else {
+            return Ok(());
+        };
+        let (Some(linkage), Some(identity)) = (loc.get("parent_linkage"), parent.parent_identity())
+        else {
+            return Ok(());
+        };
+        let same = |l: &str| l.trim_matches(['{', '}']).eq_ignore_ascii_case(&identity);
+        if same(linkage) || loc.get("parent_linkage2").is_some_and(same) {
+            return Ok(());
+        }
+        Err(self.file.corrupt(
+            "VHDX parent locator",
+            self.region(METADATA_REGION, "metadata")?.file_offset,
+            format!(
+                "parent_linkage {linkage} does not match the DataWriteGuid {{{identity}}} of the parent {name}: the parent changed after this differencing disk was made"
+            ),
+        ))
+    }
+
     /// Candidate parent paths from the locator, best first: `relative_path`, then
     /// `absolute_win32_path` (as it is, then its file name beside this file), then
     /// `volume_path`'s file name.
@@ -391,6 +416,7 @@ impl VhdxReader {
             .find(|(_, p)| p.exists())
             .unwrap_or_else(|| (first.clone(), relative_to(self.file.path(), &first)));
         let parent = resolver.open_image(&self.file, &path, Some(Format::Vhdx))?;
+        self.check_linkage(parent.as_ref(), &name)?;
         self.parent_name = Some(name);
         self.parent_full = Some(path_string(path));
         self.parent = Some(parent);
@@ -650,6 +676,10 @@ impl ImageReader for VhdxReader {
 
     fn host_file(&self, index: u32) -> Option<&ImageFile> {
         (index == 0).then_some(&self.file)
+    }
+
+    fn parent_identity(&self) -> Option<String> {
+        Some(self.headers.current.data_write_guid.to_string())
     }
 
     fn safety_findings(&self) -> Vec<String> {
