@@ -319,7 +319,10 @@ pub(crate) fn with_writer<J: WriterJob>(
         Format::Qcow2 => job.run(Qcow2Writer::create(output, params, options)?),
         Format::Vdi => job.run(VdiWriter::create(output, params, options)?),
         Format::Vpc => job.run(VpcWriter::create(output, params, options)?),
-        Format::Vmdk => job.run(VmdkWriter::create(output, params, options)?),
+        Format::Vmdk => {
+            let (options, parent) = crate::backing::vmdk_parent(output.target(), options)?;
+            job.run(VmdkWriter::create_over(output, params, options, parent)?)
+        }
         Format::Vhdx => job.run(VhdxWriter::create(output, params, options)?),
     }
 }
