@@ -194,8 +194,9 @@ struct SnapshotArgs {
 /// raw: the file's length (`--preallocation=falloc|full` reserves or writes the new
 /// space). qcow2: the header and, when needed, a larger L1 table, written in an order
 /// that leaves a consistent image at every step (a crash at worst leaks clusters,
-/// which `check -r leaks` reclaims); shrinking frees the clusters past the new end.
-/// Other formats are refused, as qemu-img refuses them.
+/// which `check -r leaks` reclaims); shrinking frees the clusters past the new end;
+/// `--preallocation=metadata|falloc|full` gives every new guest cluster a host
+/// cluster (sparse, reserved or written with zeros), as qemu-img does. Other formats are refused, as qemu-img refuses them.
 #[derive(Args, Debug)]
 struct ResizeArgs {
     /// Image format; probed from the content when omitted.
@@ -204,8 +205,10 @@ struct ResizeArgs {
     /// Allow the image to shrink (deleting what lies past the new end).
     #[arg(long)]
     shrink: bool,
-    /// How the new space is reserved: off (default), falloc or full (raw).
-    #[arg(long, value_name = "MODE", value_parser = ["off", "falloc", "full", "metadata"])]
+    /// How the new space is reserved: off (default); metadata (qcow2: tables and
+    /// host clusters, the file extended sparsely); falloc (reserved on the file
+    /// system); full (written with zeros). Growing only.
+    #[arg(long, value_name = "MODE")]
     preallocation: Option<String>,
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]

@@ -3,7 +3,9 @@
 //! backing files) compare equal and pass `qemu-img check`; formats and sizes qemu-img
 //! refuses are refused with its words; and a crash at every step (fail points, the
 //! process aborts as `kill -9` would stop it) leaves an image without corruption that
-//! reads as before or after the resize.
+//! reads as before or after the resize. `--preallocation=metadata|falloc|full` grows
+//! as qemu-img does (same content, same allocation in `qemu-img map`, the space
+//! reserved on disk).
 
 mod common;
 
@@ -136,6 +138,86 @@ fn resize_matches_qemu_img() {
     }
 }
 
+/// qemu-img's map of a qcow2 image without host offsets, adjacent ranges of the same
+/// kind merged: where the image is allocated, as data or as zero clusters.
+fn allocation(q: &Qemu, img: &Path) -> Vec<serde_json::Value> {
+    let out = q.img(&["map", "--output=json", "-f", "qcow2", s(img)]);
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut merged: Vec<serde_json::Value> = Vec::new();
+    for mut e in map {
+        let o = e.as_object_mut().unwrap();
+        o.remove("offset");
+        // Whether data reads as zeros from a hole of the host file depends on where
+        // the file system blocks fall, not on the image.
+        if o["data"] == true {
+            o.remove("zero");
+        }
+        if let Some(last) = merged.last_mut() {
+            let key = |v: &serde_json::Value| {
+                let mut v = v.clone();
+                let o = v.as_object_mut().unwrap();
+                o.remove("start");
+                o.remove("length");
+                v
+            };
+            if key(last) == key(&e) {
+                let len = last["length"].as_u64().unwrap() + e["length"].as_u64().unwrap();
+                last["length"] = len.into();
+                continue;
+            }
+        }
+        merged.push(e);
+    }
+    merged
+}
+
+#[test]
+fn resize_preallocation_matches_qemu_img() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    // Plain, compat=0.10, 512-byte clusters (the L1 table moves, new refcount blocks
+    // among the preallocated clusters), 1-bit refcounts, extended L2, overlays.
+    for i in [0, 1, 2, 3, 5, 7, 8] {
+        let img = build_qcow2(&q, dir.path(), i);
+        for mode in ["metadata", "falloc", "full"] {
+            // 512-byte clusters: a refcount table of one cluster counts 8 MiB of file.
+            let sizes: &[&str] = if i == 2 { &["+3M"] } else { &["+3M", "40M"] };
+            for &size in sizes {
+                let what = format!("{:?} --preallocation={mode} {size}", QCOW2[i]);
+                let ours = img.with_extension("ours");
+                let theirs = img.with_extension("theirs");
+                std::fs::copy(&img, &ours).unwrap();
+                std::fs::copy(&img, &theirs).unwrap();
+                let arg = format!("--preallocation={mode}");
+                let out = ok(&["resize", "-f", "qcow2", &arg, s(&ours), size]);
+                assert_eq!(String::from_utf8_lossy(&out.stdout), "Image resized.\n");
+                q.img(&["resize", "-q", "-f", "qcow2", &arg, s(&theirs), size]);
+                let (code, text) = q.check("qcow2", &ours);
+                assert_eq!(code, 0, "{what}: qemu-img check: {text}");
+                let vsize = |p: &Path| q.info_json(Some("qcow2"), p)["virtual-size"].clone();
+                assert_eq!(vsize(&ours), vsize(&theirs), "{what}: size");
+                q.assert_same("qcow2", &ours, "qcow2", &theirs);
+                q.assert_same("qcow2", &ours, "qcow2", &img);
+                assert_eq!(
+                    allocation(&q, &ours),
+                    allocation(&q, &theirs),
+                    "{what}: allocation"
+                );
+                if mode != "metadata" {
+                    let grown = vsize(&ours).as_u64().unwrap()
+                        - q.info_json(Some("qcow2"), &img)["virtual-size"]
+                            .as_u64()
+                            .unwrap();
+                    assert!(
+                        vconvert_testkit::allocated_bytes(&ours) >= grown,
+                        "{what}: the new space is reserved on disk"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn resize_refuses_what_qemu_img_refuses() {
     let Some(q) = qemu() else { return };
@@ -158,6 +240,32 @@ fn resize_refuses_what_qemu_img_refuses() {
     assert!(err.contains("New image size must be positive"), "{err}");
     let err = fails(&["resize", s(&img), "5000000"]);
     assert!(err.contains("multiple of 512"), "{err}");
+    for shrink in [&["--shrink"][..], &[]] {
+        let mut args = vec!["resize", "--preallocation=full"];
+        args.extend(shrink);
+        args.extend([s(&img), "1M"]);
+        let err = fails(&args);
+        assert!(
+            err.contains("Preallocation can only be used for growing images"),
+            "{err}"
+        );
+    }
+    let err = fails(&["resize", "--preallocation=bad", s(&img), "+1M"]);
+    assert!(err.contains("Invalid preallocation mode 'bad'"), "{err}");
+    let raw = dir.path().join("x.raw");
+    std::fs::write(&raw, [0u8; 512]).unwrap();
+    let err = fails(&[
+        "resize",
+        "-f",
+        "raw",
+        "--preallocation=metadata",
+        s(&raw),
+        "+1M",
+    ]);
+    assert!(
+        err.contains("Unsupported preallocation mode: metadata"),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read(&img).unwrap(),
         before,
@@ -214,15 +322,40 @@ fn a_crash_at_any_step_leaves_a_consistent_image() {
             ],
         ),
     ];
-    for &(img, size, points) in cases {
+    // With preallocation: (image, size, --preallocation, fail points).
+    let pre_cases: &[(&Path, &str, &str, &[&str])] = &[
+        (
+            &small,
+            "4M",
+            "--preallocation=full",
+            &[
+                "qcow2-refcount-block-written",
+                "qcow2-grow-preallocated",
+                "qcow2-grow-l2-counted",
+                "qcow2-grow-l1-counted",
+                "qcow2-grow-header",
+            ],
+        ),
+        (
+            &plain,
+            "+3M",
+            "--preallocation=metadata",
+            &["qcow2-grow-preallocated"],
+        ),
+    ];
+    let all = cases
+        .iter()
+        .map(|&(i, z, p)| (i, z, "--preallocation=off", p))
+        .chain(pre_cases.iter().copied());
+    for (img, size, prealloc, points) in all {
         // What qemu-img makes of the same resize.
         let after = img.with_extension("after");
         std::fs::copy(img, &after).unwrap();
-        q.img(&["resize", "-q", "--shrink", s(&after), size]);
+        q.img(&["resize", "-q", "--shrink", prealloc, s(&after), size]);
         for point in points {
             let work = img.with_extension("crash");
             std::fs::copy(img, &work).unwrap();
-            crash_at(point, &["resize", "--shrink", s(&work), size]);
+            crash_at(point, &["resize", "--shrink", prealloc, s(&work), size]);
             let (code, text) = q.check("qcow2", &work);
             assert!(
                 code == 0 || code == 3,
@@ -240,7 +373,7 @@ fn a_crash_at_any_step_leaves_a_consistent_image() {
             let (code, text) = q.check("qcow2", &work);
             assert_eq!(code, 0, "{point}: after check -r leaks: {text}");
             // And the interrupted resize can be done again.
-            ok(&["resize", "-q", "--shrink", s(&work), size]);
+            ok(&["resize", "-q", "--shrink", prealloc, s(&work), size]);
             q.assert_same("qcow2", &after, "qcow2", &work);
             assert_eq!(q.check("qcow2", &work).0, 0, "{point}: check after redoing");
         }

@@ -36,7 +36,7 @@ pub use header::{
 };
 pub use reader::{L1Table, Qcow2OpenOptions, Qcow2Reader};
 pub use rebase::rebase;
-pub use resize::resize;
+pub use resize::{resize, Preallocation};
 pub use snapshot::Snapshot;
 pub use snapshot_edit::{apply_snapshot, create_snapshot, delete_snapshot};
 pub use writer::Qcow2Writer;

@@ -8,6 +8,11 @@
 //! - Growing past them: a new L1 table is written at the end of the file and synced,
 //!   its clusters are counted, then one header write switches to it (size, L1 size,
 //!   L1 offset, 24 bytes in one sector), then the old table's clusters are freed.
+//! - Growing with preallocation (`metadata`, `falloc`, `full`): host clusters for
+//!   every new guest cluster are allocated at the end of the file (a refcount block
+//!   placed among them wherever their range has none), reserved or written with zeros
+//!   and synced, then counted, then named by L2 entries past the current end (unseen
+//!   until the header grows); then the L1 table and header as above.
 //! - Shrinking: the header's size is written first (the guest no longer sees the end);
 //!   then each L2 table loses its entries past the end (or the L1 its tables wholly
 //!   past it), synced, before the clusters they referenced are freed.
@@ -131,8 +136,7 @@ impl<'a> Writer<'a> {
     }
 
     /// Makes the refcount block covering `cluster` exist: a new block at the end of
-    /// the file, counting itself, written and synced before the refcount table points
-    /// at it (until then nothing refers to it).
+    /// the file (see [`Writer::place_block`]).
     fn ensure_block(&self, cluster: u64) -> Result<()> {
         if self.block_of(cluster) != 0 {
             return Ok(());
@@ -140,16 +144,25 @@ impl<'a> Writer<'a> {
         self.countable(cluster)?;
         let h = self.r.header();
         let cs = h.cluster_size();
-        let per_block = self.per_block();
-        let i = cluster / per_block;
         let at = self.end_cluster()?;
-        if at / cs / per_block != i {
+        if at / cs / self.per_block() != cluster / self.per_block() {
             return Err(Error::unsupported(
                 self.name(),
                 "resizing that needs a refcount block outside the range it counts",
             ));
         }
-        self.next_free.set(at + cs);
+        self.place_block(at)
+    }
+
+    /// A new refcount block at `at` (the end of the file, in the range it counts),
+    /// counting itself, written and synced before the refcount table points at it
+    /// (until then nothing refers to it).
+    fn place_block(&self, at: u64) -> Result<()> {
+        let h = self.r.header();
+        let cs = h.cluster_size();
+        let per_block = self.per_block();
+        let i = at / cs / per_block;
+        self.next_free.set(self.next_free.get().max(at + cs));
         let mut block = vec![0u8; cs as usize];
         let bits = u64::from(h.refcount_bits());
         let bit = (at / cs % per_block) * bits;
@@ -234,10 +247,16 @@ impl<'a> Writer<'a> {
         self.write(&value.to_be_bytes()[8 - n..], at, "refcount block")
     }
 
-    /// A free cluster at the end of the file (past everything written so far).
+    /// A free cluster at the end of the file (past everything written so far). Where
+    /// its range has no refcount block yet, the block is made first, at that place.
     pub(crate) fn alloc_cluster(&self) -> Result<u64> {
         let cs = self.r.header().cluster_size();
-        let at = self.end_cluster()?;
+        let mut at = self.end_cluster()?;
+        while self.block_of(at / cs) == 0 {
+            self.countable(at / cs)?;
+            self.place_block(at)?;
+            at = self.end_cluster()?;
+        }
         if self.refcount(at / cs)? != 0 {
             return Err(self.r.file().corrupt(
                 "refcount block",
@@ -269,10 +288,26 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// How growing reserves the new guest space (qemu-img `resize --preallocation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Preallocation {
+    /// Nothing: the new space is unallocated (reads zeros).
+    #[default]
+    Off,
+    /// L2 tables and host clusters for all of it, the file extended sparsely.
+    Metadata,
+    /// As `Metadata`, the host clusters reserved on the file system (fallocate).
+    Falloc,
+    /// As `Metadata`, the host clusters written with zeros.
+    Full,
+}
+
 /// Resizes the image `r` describes, written through `file` (opened for reading and
-/// writing), to `new_size` bytes. Shrinking deletes what lies past the new end; the
-/// caller decides whether it is allowed.
-pub fn resize(r: &Qcow2Reader, file: &File, new_size: u64) -> Result<()> {
+/// writing), to `new_size` bytes, the new space preallocated as `prealloc` says
+/// (growing only: shrinking with preallocation is refused, as qemu-img refuses it).
+/// Shrinking deletes what lies past the new end; the caller decides whether it is
+/// allowed.
+pub fn resize(r: &Qcow2Reader, file: &File, new_size: u64, prealloc: Preallocation) -> Result<()> {
     let h = r.header();
     let name = r.file().name();
     if new_size % 512 != 0 {
@@ -297,15 +332,20 @@ pub fn resize(r: &Qcow2Reader, file: &File, new_size: u64) -> Result<()> {
             "resizing a qcow2 image with an external data file",
         ));
     }
+    if new_size < h.size && prealloc != Preallocation::Off {
+        return Err(Error::invalid(format!(
+            "{name}: Preallocation can't be used for shrinking an image"
+        )));
+    }
     let w = Writer::new(r, file)?;
     if new_size >= h.size {
-        grow(&w, new_size)
+        grow(&w, new_size, prealloc)
     } else {
         shrink(&w, new_size)
     }
 }
 
-fn grow(w: &Writer<'_>, new_size: u64) -> Result<()> {
+fn grow(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<()> {
     let h = w.r.header();
     let cs = h.cluster_size();
     let per_l2 = cs * h.l2_entries();
@@ -317,26 +357,39 @@ fn grow(w: &Writer<'_>, new_size: u64) -> Result<()> {
             w.name()
         )));
     }
-    // Every cluster this may allocate at the end of the file must have a refcount
-    // block already: checked before anything is written.
+    // Every cluster this may allocate at the end of the file must be countable by
+    // the refcount table: checked before anything is written.
     let hide_tables = vconvert_core::ImageReader::backing(w.r)
         .map_or(0, |b| new_size.min(b.virtual_size()).div_ceil(per_l2) + 1);
-    let worst = hide_tables + (need * 8).div_ceil(cs);
+    let data = if prealloc == Preallocation::Off {
+        0
+    } else {
+        new_size.div_ceil(cs) - h.size.div_ceil(cs)
+    };
+    let tables = if prealloc == Preallocation::Off {
+        hide_tables
+    } else {
+        data.div_ceil(h.l2_entries()) + 1
+    };
+    let worst = data + tables + (need * 8).div_ceil(cs);
     let eof = w
         .file
         .metadata()
         .map_err(|e| Error::io(w.name(), "cannot read the file length", e))?
         .len()
         .div_ceil(cs);
-    if need > l1_size || hide_tables > 0 {
+    if need > l1_size || worst > 0 {
         // Each new refcount block takes a cluster too.
-        for c in eof..eof + 2 * worst + 1 {
-            w.countable(c)?;
-        }
+        w.countable(eof + worst + worst / w.per_block() + 2)?;
     }
     zero_tail(w, new_size)?;
-    // L1 entries past the current table, for L2 tables made to hide a backing file.
-    let extra = hide_backing(w, new_size)?;
+    // L1 entries past the current table, for L2 tables made to hide a backing file or
+    // to preallocate.
+    let extra = if prealloc == Preallocation::Off {
+        hide_backing(w, new_size)?
+    } else {
+        preallocate(w, new_size, prealloc)?
+    };
     let entries_past = |from: u64, to: u64| -> Vec<u8> {
         let mut b = vec![0u8; ((to - from) * 8) as usize];
         for &(i, e) in &extra {
@@ -436,9 +489,30 @@ fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
             ));
         }
     }
+    let zero = if h.extended_l2() {
+        (0, u64::from(u32::MAX) << 32)
+    } else {
+        (crate::l2::ZERO, 0)
+    };
+    set_entries(w, old.div_ceil(cs), end.div_ceil(cs), |_| zero)
+}
+
+/// Sets the L2 entries of guest clusters `first..last` (all past the current end,
+/// unseen until the header grows) to `entry(cluster)` (the entry and, for extended L2
+/// entries, its subcluster bitmap), in the existing L2 tables or in new ones written
+/// and counted at the end of the file. Returns the L1 entries of the new tables past
+/// the current L1 table; those inside it are written here.
+fn set_entries(
+    w: &Writer<'_>,
+    first: u64,
+    last: u64,
+    entry: impl Fn(u64) -> (u64, u64),
+) -> Result<Vec<(u64, u64)>> {
+    let h = w.r.header();
+    let cs = h.cluster_size();
+    let name = w.name().to_string();
     let l2e = h.l2_entries();
     let words: u64 = if h.extended_l2() { 2 } else { 1 };
-    let (first, last) = (old.div_ceil(cs), end.div_ceil(cs));
     let mut out = Vec::new();
     let mut c = first;
     while c < last {
@@ -450,8 +524,8 @@ fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
             if raw & crate::l2::COPIED == 0 {
                 return Err(Error::unsupported(
                     name,
-                    "growing an overlay over its longer backing file when an L2 table is \
-                     shared with an internal snapshot",
+                    "growing into an L2 table shared with an internal snapshot (over a \
+                     longer backing file, or with preallocation)",
                 ));
             }
             w.r.l2_table(existing)?.to_vec()
@@ -460,11 +534,10 @@ fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
         };
         for k in c..upto {
             let j = ((k % l2e) * words) as usize;
+            let (e, bitmap) = entry(k);
+            table[j] = e;
             if words == 2 {
-                table[j] = 0;
-                table[j + 1] = u64::from(u32::MAX) << 32;
-            } else {
-                table[j] = crate::l2::ZERO;
+                table[j + 1] = bitmap;
             }
         }
         let mut bytes = vec![0u8; cs as usize];
@@ -493,6 +566,99 @@ fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// Before growing with preallocation: host clusters for every new guest cluster, at
+/// the end of the file (refcount blocks placed among them where their range has
+/// none), reserved (`Falloc`) or written with zeros (`Full`) or left sparse
+/// (`Metadata`), synced and counted, then named by L2 entries (see [`set_entries`]).
+/// Until the header grows nothing the guest sees refers to them: a crash leaks them.
+fn preallocate(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<Vec<(u64, u64)>> {
+    let h = w.r.header();
+    let cs = h.cluster_size();
+    let old = h.size;
+    if old % cs != 0 {
+        let map = w.r.own_map(old / cs * cs..old)?;
+        if map.extents().iter().any(|e| !e.kind.is_data()) {
+            return Err(Error::unsupported(
+                w.name(),
+                "preallocating past an end that is not on a cluster boundary, in a cluster \
+                 that is not allocated",
+            ));
+        }
+    }
+    let (first, last) = (old.div_ceil(cs), new_size.div_ceil(cs));
+    // Runs of host clusters: (first host offset, clusters).
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for _ in first..last {
+        let at = w.alloc_cluster()?;
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n * cs == at => *n += 1,
+            _ => runs.push((at, 1)),
+        }
+    }
+    let io = |what: &str, e: std::io::Error| Error::io(w.name(), what.to_string(), e);
+    for &(start, n) in &runs {
+        match prealloc {
+            Preallocation::Off | Preallocation::Metadata => {}
+            Preallocation::Falloc => {
+                rustix::fs::fallocate(w.file, rustix::fs::FallocateFlags::empty(), start, n * cs)
+                    .map_err(|e| io("cannot preallocate", e.into()))?;
+            }
+            Preallocation::Full => {
+                let zeros = vec![0u8; cs as usize];
+                for k in 0..n {
+                    w.write(&zeros, start + k * cs, "preallocated cluster")?;
+                }
+            }
+        }
+    }
+    if let Some(&(start, n)) = runs.last() {
+        let end = start + n * cs;
+        let len = w
+            .file
+            .metadata()
+            .map_err(|e| io("cannot read the file length", e))?
+            .len();
+        if len < end {
+            w.file
+                .set_len(end)
+                .map_err(|e| io(&format!("cannot extend the file to {end}"), e))?;
+        }
+    }
+    w.sync()?;
+    for &(start, n) in &runs {
+        for k in 0..n {
+            w.set_refcount(start / cs + k, 1)?;
+        }
+    }
+    w.sync()?;
+    fail_point("qcow2-grow-preallocated");
+    // Each run's first guest cluster, to find a guest cluster's host cluster.
+    let mut firsts = Vec::with_capacity(runs.len());
+    let mut g = first;
+    for &(_, n) in &runs {
+        firsts.push(g);
+        g += n;
+    }
+    let host = |k: u64| {
+        let r = firsts.partition_point(|&f| f <= k) - 1;
+        runs[r].0 + (k - firsts[r]) * cs
+    };
+    // As qemu leaves them: over a backing file, `Metadata` makes zero clusters that
+    // keep their host cluster (version 3), `Falloc` and `Full` plain data clusters;
+    // without one, extended L2 entries reserve the host cluster and leave its
+    // subclusters unallocated.
+    let backed = h.backing_file.is_some();
+    let (zero, flags) = match (h.extended_l2(), backed, prealloc) {
+        (false, true, Preallocation::Metadata) if h.version >= 3 => (crate::l2::ZERO, 0),
+        (false, _, _) | (true, false, _) => (0, 0),
+        (true, true, Preallocation::Metadata) => (0, u64::from(u32::MAX) << 32),
+        (true, true, _) => (0, u64::from(u32::MAX)),
+    };
+    set_entries(w, first, last, |k| {
+        (host(k) | crate::l2::COPIED | zero, flags)
+    })
+}
+
 /// Before growing: the bytes of the last (partial) data cluster past the old end must
 /// read as zeros in the grown image, whatever a former shrink left there.
 fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<()> {
@@ -512,6 +678,13 @@ fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<()> {
     // `offset` is the host byte of the last extent's first guest byte.
     let last = map.extents().last().map_or(cluster_start, |e| e.start);
     let host = offset + (old - last);
+    if w.refcount(host / cs)? > 1 {
+        return Err(Error::unsupported(
+            w.name(),
+            "growing an image whose last, partial cluster is shared with an internal \
+             snapshot",
+        ));
+    }
     let len = (cluster_start + cs).min(new_size) - old;
     w.write(&vec![0u8; len as usize], host, "data cluster")?;
     w.sync()
