@@ -218,6 +218,114 @@ fn resize_preallocation_matches_qemu_img() {
     }
 }
 
+/// An image with internal snapshots s1 and s2 (data written between and after them),
+/// made by qemu with `opts` and, when `backed`, over a longer backing file.
+fn with_snapshots(q: &Qemu, dir: &Path, name: &str, opts: &str, backed: bool) -> PathBuf {
+    let path = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    let base = dir.join(format!("{name}.base.raw"));
+    if backed {
+        Layout::random(16 << 20, 6, 77).write_raw(&base);
+        args.extend(["-b", s(&base), "-F", "raw"]);
+    }
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([s(&path), "4M"]);
+    q.img(&args);
+    let w = |cmds: &[&str]| {
+        q.io(
+            "qcow2",
+            &path,
+            &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    w(&["write -P 1 0 1M", "write -P 2 3M 1M", "write -z 1M 64k"]);
+    q.img(&["snapshot", "-c", "s1", s(&path)]);
+    w(&["write -P 3 512k 1M", "write -P 4 4032k 64k"]);
+    q.img(&["snapshot", "-c", "s2", s(&path)]);
+    w(&["write -P 5 0 64k", "write -z 3M 128k"]);
+    path
+}
+
+#[test]
+fn resize_with_internal_snapshots_matches_qemu_img() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let d = dir.path();
+    let images = [
+        with_snapshots(&q, d, "plain.qcow2", "", false),
+        with_snapshots(&q, d, "small.qcow2", "cluster_size=512", false),
+        with_snapshots(&q, d, "ext.qcow2", "extended_l2=on", false),
+        with_snapshots(&q, d, "over.qcow2", "", true),
+    ];
+    // Growing (in the L1 table, past it, with preallocation, over the longer backing
+    // file) and shrinking (cutting L2 tables the snapshots share, dropping whole ones).
+    let steps: &[&[&str]] = &[
+        &["+3M"],
+        &["40M"],
+        &["--preallocation=full", "+1M"],
+        &["--shrink", "3000k"],
+        &["--shrink", "1M", "--shrink", "9M"],
+    ];
+    for img in &images {
+        // Each snapshot's content, as qemu-img applies it on the original.
+        for step in steps {
+            let what = format!("{} {step:?}", img.display());
+            let ours = img.with_extension("ours");
+            let theirs = img.with_extension("theirs");
+            std::fs::copy(img, &ours).unwrap();
+            std::fs::copy(img, &theirs).unwrap();
+            for args in step.chunks(2) {
+                let (flag, size) = if args.len() == 2 {
+                    (args[0], args[1])
+                } else {
+                    ("--shrink", args[0])
+                };
+                ok(&["resize", "-q", "-f", "qcow2", flag, s(&ours), size]);
+                q.img(&["resize", "-q", "-f", "qcow2", flag, s(&theirs), size]);
+            }
+            let (code, text) = q.check("qcow2", &ours);
+            assert_eq!(code, 0, "{what}: qemu-img check: {text}");
+            q.assert_same("qcow2", &ours, "qcow2", &theirs);
+            let list =
+                |p: &Path| String::from_utf8(q.img(&["snapshot", "-l", s(p)]).stdout).unwrap();
+            assert_eq!(list(&ours), list(&theirs), "{what}: snapshot -l");
+            assert_eq!(list(&ours), list(img), "{what}: snapshot -l before");
+            for snap in ["s1", "s2"] {
+                let want = img.with_extension("want");
+                std::fs::copy(img, &want).unwrap();
+                q.img(&["snapshot", "-a", snap, s(&want)]);
+                // Applied by us (resizing back to the snapshot's size) and by qemu-img.
+                let a = img.with_extension("applied");
+                std::fs::copy(&ours, &a).unwrap();
+                ok(&["snapshot", "-a", snap, s(&a)]);
+                let (code, text) = q.check("qcow2", &a);
+                assert_eq!(code, 0, "{what}: check after applying {snap}: {text}");
+                q.assert_same("qcow2", &a, "qcow2", &want);
+                std::fs::copy(&ours, &a).unwrap();
+                q.img(&["snapshot", "-a", snap, s(&a)]);
+                q.assert_same("qcow2", &a, "qcow2", &want);
+            }
+        }
+    }
+    // compat=0.10 images with snapshots are refused both ways, as qemu-img refuses.
+    let v2 = with_snapshots(&q, d, "v2.qcow2", "compat=0.10", false);
+    let before = std::fs::read(&v2).unwrap();
+    for args in [&["+1M"][..], &["--shrink", "1M"]] {
+        let mut all = vec!["resize", s(&v2)];
+        all.splice(1..1, args[..args.len() - 1].iter().copied());
+        all.push(args[args.len() - 1]);
+        let err = fails(&all);
+        assert!(
+            err.contains("Can't resize a v2 image which has snapshots"),
+            "{err}"
+        );
+        assert_ne!(q.img_status(&["resize", "-q", "--shrink", s(&v2), "+0"]), 0);
+    }
+    assert_eq!(std::fs::read(&v2).unwrap(), before);
+}
+
 #[test]
 fn resize_refuses_what_qemu_img_refuses() {
     let Some(q) = qemu() else { return };
@@ -295,7 +403,19 @@ fn a_crash_at_any_step_leaves_a_consistent_image() {
     let small = build_qcow2(&q, dir.path(), 2); // 512-byte clusters: the L1 table moves
     let plain = build_qcow2(&q, dir.path(), 0);
     let overlay = build_qcow2(&q, dir.path(), 9); // 512-byte clusters: new L2 tables
+                                                  // Snapshots share the L2 table the new end cuts: it is copied.
+    let snapped = with_snapshots(&q, dir.path(), "snapped.qcow2", "cluster_size=512", false);
     let cases: &[(&Path, &str, &[&str])] = &[
+        (
+            &snapped,
+            "3530k",
+            &[
+                "qcow2-shrink-header",
+                "qcow2-shrink-l2-copied",
+                "qcow2-shrink-unmapped",
+                "qcow2-shrink-released",
+            ],
+        ),
         (
             &small,
             "3M",

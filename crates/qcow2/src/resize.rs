@@ -17,6 +17,12 @@
 //!   then each L2 table loses its entries past the end (or the L1 its tables wholly
 //!   past it), synced, before the clusters they referenced are freed.
 //!
+//! - Internal snapshots (version 3 only; version 2 images with snapshots are refused
+//!   with qemu's message) keep their L1 tables, their sizes and every cluster they
+//!   reach: an L2 table the resize must edit while a snapshot shares it is copied
+//!   first (copy written and counted, L1 entry switched, then the shared table's
+//!   reference dropped); tables dropped by a shrink lose one reference each.
+//!
 //! Fail points (`VCONVERT_FAIL_POINT`, see [`vconvert_core::fail_point`]) sit between
 //! the steps so that tests can stop the process there.
 
@@ -332,6 +338,11 @@ pub fn resize(r: &Qcow2Reader, file: &File, new_size: u64, prealloc: Preallocati
             "resizing a qcow2 image with an external data file",
         ));
     }
+    if h.nb_snapshots > 0 && h.version < 3 {
+        return Err(Error::invalid(format!(
+            "{name}: Can't resize a v2 image which has snapshots"
+        )));
+    }
     if new_size < h.size && prealloc != Preallocation::Off {
         return Err(Error::invalid(format!(
             "{name}: Preallocation can't be used for shrinking an image"
@@ -479,29 +490,69 @@ fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
             "growing a compat=0.10 overlay over its longer backing file (no zero clusters)",
         ));
     }
-    if old % cs != 0 {
-        let map = w.r.own_map(old / cs * cs..old)?;
-        if map.extents().iter().any(|e| !e.kind.is_data()) {
-            return Err(Error::unsupported(
-                name,
-                "growing an overlay whose last cluster is partly unallocated over its \
-                 longer backing file",
-            ));
-        }
-    }
     let zero = if h.extended_l2() {
         (0, u64::from(u32::MAX) << 32)
     } else {
         (crate::l2::ZERO, 0)
     };
+    let cut = old / cs * cs;
+    if old % cs != 0 {
+        let map = w.r.own_map(cut..old)?;
+        if map.extents().iter().any(|e| !e.kind.is_data()) {
+            // The last cluster reads partly from the backing file: as qemu does, it
+            // gets a cluster of its own holding what it reads, zeros past the end
+            // (written and counted before its L2 entry names it).
+            let mut data = vec![0u8; cs as usize];
+            vconvert_core::ImageReader::read_at(w.r, &mut data[..(old - cut) as usize], cut)?;
+            let at = w.alloc_cluster()?;
+            w.write(&data, at, "data cluster")?;
+            w.sync()?;
+            w.set_refcount(at / cs, 1)?;
+            w.sync()?;
+            let l2e = h.l2_entries();
+            let words: u64 = if h.extended_l2() { 2 } else { 1 };
+            let table = w.r.l1_entries().get((cut / cs / l2e) as usize).copied();
+            let own = match table.filter(|&t| t != 0) {
+                Some(t) => {
+                    let e = w.r.l2_table(t)?[((cut / cs % l2e) * words) as usize];
+                    if e & crate::l2::COMPRESSED == 0 {
+                        e & OFFSET_MASK
+                    } else {
+                        0
+                    }
+                }
+                None => 0,
+            };
+            let alloc = if h.extended_l2() {
+                u64::from(u32::MAX)
+            } else {
+                0
+            };
+            let first = cut / cs;
+            let out = set_entries(w, first, end.div_ceil(cs), |k| {
+                if k == first {
+                    (at | crate::l2::COPIED, alloc)
+                } else {
+                    zero
+                }
+            })?;
+            if own != 0 {
+                // A zero cluster's host cluster, now named by nothing.
+                w.release(&[own / cs])?;
+                w.sync()?;
+            }
+            return Ok(out);
+        }
+    }
     set_entries(w, old.div_ceil(cs), end.div_ceil(cs), |_| zero)
 }
 
 /// Sets the L2 entries of guest clusters `first..last` (all past the current end,
 /// unseen until the header grows) to `entry(cluster)` (the entry and, for extended L2
 /// entries, its subcluster bitmap), in the existing L2 tables or in new ones written
-/// and counted at the end of the file. Returns the L1 entries of the new tables past
-/// the current L1 table; those inside it are written here.
+/// and counted at the end of the file (copies, where a table is shared with a
+/// snapshot). Returns the L1 entries of the new tables; those inside the current L1
+/// table are also written here.
 fn set_entries(
     w: &Writer<'_>,
     first: u64,
@@ -510,7 +561,6 @@ fn set_entries(
 ) -> Result<Vec<(u64, u64)>> {
     let h = w.r.header();
     let cs = h.cluster_size();
-    let name = w.name().to_string();
     let l2e = h.l2_entries();
     let words: u64 = if h.extended_l2() { 2 } else { 1 };
     let mut out = Vec::new();
@@ -520,14 +570,11 @@ fn set_entries(
         let upto = last.min((i + 1) * l2e);
         let existing = w.r.l1_entries().get(i as usize).copied().unwrap_or(0);
         let raw = w.r.l1_raw().get(i as usize).copied().unwrap_or(0);
+        // A table shared with a snapshot is copied (its entries before the old end
+        // unchanged, so switching the L1 entry to the copy changes nothing read).
+        let shared =
+            existing != 0 && (raw & crate::l2::COPIED == 0 || w.refcount(existing / cs)? > 1);
         let mut table: Vec<u64> = if existing != 0 {
-            if raw & crate::l2::COPIED == 0 {
-                return Err(Error::unsupported(
-                    name,
-                    "growing into an L2 table shared with an internal snapshot (over a \
-                     longer backing file, or with preallocation)",
-                ));
-            }
             w.r.l2_table(existing)?.to_vec()
         } else {
             vec![0; (l2e * words) as usize]
@@ -544,7 +591,7 @@ fn set_entries(
         for (n, x) in table.iter().enumerate() {
             BigEndian::write_u64(&mut bytes[8 * n..8 * n + 8], *x);
         }
-        if existing != 0 {
+        if existing != 0 && !shared {
             w.write(&bytes, existing, "L2 table")?;
             w.sync()?;
         } else {
@@ -559,7 +606,13 @@ fn set_entries(
                 w.write(&entry.to_be_bytes(), h.l1_table_offset + 8 * i, "L1 table")?;
                 w.sync()?;
             }
+            // Also for the entries inside the current table: a new L1 table copies
+            // the one read at open.
             out.push((i, entry));
+            if shared {
+                w.release(&[existing / cs])?;
+                w.sync()?;
+            }
         }
         c = upto;
     }
@@ -690,14 +743,13 @@ fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<()> {
     w.sync()
 }
 
+/// Shrinks: internal snapshots keep what they reference. An L2 table wholly past the
+/// end loses the active L1's reference to it and to what it names (one reference
+/// each, however many snapshots share them); a table the new end cuts, when shared
+/// with a snapshot, is copied (copy written and counted, then the L1 entry switched
+/// to it, then the references dropped), else edited in place.
 fn shrink(w: &Writer<'_>, new_size: u64) -> Result<()> {
     let h = w.r.header();
-    if h.nb_snapshots > 0 {
-        return Err(Error::unsupported(
-            w.name(),
-            "shrinking a qcow2 image with internal snapshots (their tables share clusters)",
-        ));
-    }
     let cs = h.cluster_size();
     let l2e = h.l2_entries();
     let l1_size = u64::from(h.l1_size);
@@ -748,7 +800,21 @@ fn shrink(w: &Writer<'_>, new_size: u64) -> Result<()> {
             for (n, x) in words.iter().enumerate() {
                 BigEndian::write_u64(&mut bytes[8 * n..8 * n + 8], *x);
             }
-            w.write(&bytes, l2_off, "L2 table")?;
+            let raw = w.r.l1_raw().get(i as usize).copied().unwrap_or(0);
+            if raw & crate::l2::COPIED == 0 || w.refcount(l2_off / cs)? > 1 {
+                // Shared with a snapshot: a copy for the active state.
+                let at = w.alloc_cluster()?;
+                w.write(&bytes, at, "L2 table copy")?;
+                w.sync()?;
+                w.set_refcount(at / cs, 1)?;
+                w.sync()?;
+                fail_point("qcow2-shrink-l2-copied");
+                let entry = at | crate::l2::COPIED;
+                w.write(&entry.to_be_bytes(), h.l1_table_offset + 8 * i, "L1 table")?;
+                freed.push(l2_off / cs);
+            } else {
+                w.write(&bytes, l2_off, "L2 table")?;
+            }
         }
         w.sync()?;
         fail_point("qcow2-shrink-unmapped");
