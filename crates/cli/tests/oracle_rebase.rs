@@ -2,7 +2,8 @@
 //! safe rebases (onto another backing file, onto none, onto an unrelated file) and
 //! unsafe ones give images that compare equal to qemu-img's (and, safe, to the image
 //! before), pass `qemu-img check` and name the same backing file; a crash before the
-//! header switch leaves the image reading as before.
+//! header switch leaves the image reading as before. Images with extended L2 entries
+//! (subclusters partly allocated, as data or zeros) are rebased safely too.
 
 mod common;
 
@@ -40,7 +41,13 @@ fn rebase_matches_qemu_img() {
         &mid,
         &["write -P 0x5a 1M 300k".into(), "write -z 3M 1M".into()],
     );
-    for opts in ["", "compat=0.10", "cluster_size=4k"] {
+    for opts in [
+        "",
+        "compat=0.10",
+        "cluster_size=4k",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=128k",
+    ] {
         let top = d.join("top.qcow2");
         let mut a = vec![
             "create",
@@ -60,7 +67,16 @@ fn rebase_matches_qemu_img() {
         q.io(
             "qcow2",
             &top,
-            &["write -P 0xa5 2M 64k".into(), "discard 1M 64k".into()],
+            &[
+                "write -P 0xa5 2M 64k".into(),
+                "discard 1M 64k".into(),
+                // Clusters partly written (with extended L2 entries: some subclusters
+                // allocated, data or zeros, the rest read from the backing file).
+                "write -P 0xb6 5M 6k".into(),
+                "write -z 5132k 8k".into(),
+                "write -z 6152k 12k".into(),
+                "write -P 0xc7 7180k 4k".into(),
+            ],
         );
         let cases: &[&[&str]] = &[
             &["-b", "base.raw", "-F", "raw"],
