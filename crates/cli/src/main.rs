@@ -138,8 +138,9 @@ struct RebaseArgs {
 }
 
 /// `amend`: qcow2 `-o compat=0.10|1.1,lazy_refcounts=on|off` in place. Going down to
-/// 0.10 is refused for images using version 3 features (zero clusters, refcount
-/// widths other than 16, extended L2, zstd, bitmaps, data files).
+/// 0.10 expands zero clusters as qemu-img does and is refused, as qemu-img refuses it,
+/// for refcount widths other than 16, extended L2, zstd-compressed clusters, bitmaps
+/// and data files.
 #[derive(Args, Debug)]
 struct AmendArgs {
     /// Image format; probed from the content when omitted.
@@ -158,8 +159,9 @@ struct AmendArgs {
 /// `snapshot`: qcow2 internal snapshots, as qemu-img manages them.
 ///
 /// `-l` prints qemu-img's table; `-c` snapshots the current state (the new snapshot
-/// shares every cluster with it); `-a` reverts the current state to a snapshot;
-/// `-d` deletes one. Reference counts and COPIED flags are kept exact, so the image
+/// shares every cluster with it); `-a` reverts the current state to a snapshot
+/// (resizing the image first when the snapshot was taken at another size); `-d`
+/// deletes one. Reference counts and COPIED flags are kept exact, so the image
 /// stays `qemu-img check`-clean.
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("op").required(true).args(["list", "create", "apply", "delete"])))]
