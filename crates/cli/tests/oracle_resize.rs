@@ -267,6 +267,9 @@ fn resize_with_internal_snapshots_matches_qemu_img() {
         &["--preallocation=full", "+1M"],
         &["--shrink", "3000k"],
         &["--shrink", "1M", "--shrink", "9M"],
+        // The last cluster, partial, holds data the snapshots share: copied on growth.
+        &["--shrink", "3300k", "--shrink", "+1M"],
+        &["--shrink", "3300k", "--preallocation=metadata", "+1M"],
     ];
     for img in &images {
         // Each snapshot's content, as qemu-img applies it on the original.
@@ -276,18 +279,29 @@ fn resize_with_internal_snapshots_matches_qemu_img() {
             let theirs = img.with_extension("theirs");
             std::fs::copy(img, &ours).unwrap();
             std::fs::copy(img, &theirs).unwrap();
+            let shrunk = img.with_extension("shrunk");
             for args in step.chunks(2) {
                 let (flag, size) = if args.len() == 2 {
                     (args[0], args[1])
                 } else {
                     ("--shrink", args[0])
                 };
+                std::fs::copy(&theirs, &shrunk).unwrap();
                 ok(&["resize", "-q", "-f", "qcow2", flag, s(&ours), size]);
                 q.img(&["resize", "-q", "-f", "qcow2", flag, s(&theirs), size]);
             }
             let (code, text) = q.check("qcow2", &ours);
             assert_eq!(code, 0, "{what}: qemu-img check: {text}");
-            q.assert_same("qcow2", &ours, "qcow2", &theirs);
+            if step.contains(&"3300k") {
+                // Growing past a partial last cluster: qemu-img (without a backing
+                // file) lets the bytes the shrink cut off read again; we give zeros
+                // there (compare pads the shorter image with zeros).
+                q.assert_same("qcow2", &ours, "qcow2", &shrunk);
+                let size = |p: &Path| q.info_json(Some("qcow2"), p)["virtual-size"].clone();
+                assert_eq!(size(&ours), size(&theirs), "{what}: size");
+            } else {
+                q.assert_same("qcow2", &ours, "qcow2", &theirs);
+            }
             let list =
                 |p: &Path| String::from_utf8(q.img(&["snapshot", "-l", s(p)]).stdout).unwrap();
             assert_eq!(list(&ours), list(&theirs), "{what}: snapshot -l");

@@ -393,14 +393,19 @@ fn grow(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<()> {
         // Each new refcount block takes a cluster too.
         w.countable(eof + worst + worst / w.per_block() + 2)?;
     }
-    zero_tail(w, new_size)?;
+    let tail = zero_tail(w, new_size)?;
     // L1 entries past the current table, for L2 tables made to hide a backing file or
     // to preallocate.
     let extra = if prealloc == Preallocation::Off {
-        hide_backing(w, new_size)?
+        hide_backing(w, new_size, tail)?
     } else {
-        preallocate(w, new_size, prealloc)?
+        preallocate(w, new_size, prealloc, tail)?
     };
+    if let Some(t) = tail {
+        // The shared cluster the last one was copied from: one reference less.
+        w.release(&[t.old_host / cs])?;
+        w.sync()?;
+    }
     let entries_past = |from: u64, to: u64| -> Vec<u8> {
         let mut b = vec![0u8; ((to - from) * 8) as usize];
         for &(i, e) in &extra {
@@ -472,16 +477,16 @@ fn grow(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<()> {
 /// at the end of the file. Returns the L1 entries of the new tables; those inside the
 /// current L1 table are also written here, before the header grows (until then the
 /// entries lie past the end of the disk, unseen).
-fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
+fn hide_backing(w: &Writer<'_>, new_size: u64, tail: Option<Tail>) -> Result<Vec<(u64, u64)>> {
     let h = w.r.header();
     let Some(backing) = vconvert_core::ImageReader::backing(w.r) else {
-        return Ok(Vec::new());
+        return with_tail(w, tail, 0, 0, |_| (0, 0));
     };
     let cs = h.cluster_size();
     let old = h.size;
     let end = new_size.min(backing.virtual_size());
     if end <= old {
-        return Ok(Vec::new());
+        return with_tail(w, tail, 0, 0, |_| (0, 0));
     }
     let name = w.name().to_string();
     if h.version < 3 {
@@ -496,7 +501,7 @@ fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
         (crate::l2::ZERO, 0)
     };
     let cut = old / cs * cs;
-    if old % cs != 0 {
+    if old % cs != 0 && tail.is_none() {
         let map = w.r.own_map(cut..old)?;
         if map.extents().iter().any(|e| !e.kind.is_data()) {
             // The last cluster reads partly from the backing file: as qemu does, it
@@ -544,7 +549,7 @@ fn hide_backing(w: &Writer<'_>, new_size: u64) -> Result<Vec<(u64, u64)>> {
             return Ok(out);
         }
     }
-    set_entries(w, old.div_ceil(cs), end.div_ceil(cs), |_| zero)
+    with_tail(w, tail, old.div_ceil(cs), end.div_ceil(cs), |_| zero)
 }
 
 /// Sets the L2 entries of guest clusters `first..last` (all past the current end,
@@ -624,7 +629,12 @@ fn set_entries(
 /// none), reserved (`Falloc`) or written with zeros (`Full`) or left sparse
 /// (`Metadata`), synced and counted, then named by L2 entries (see [`set_entries`]).
 /// Until the header grows nothing the guest sees refers to them: a crash leaks them.
-fn preallocate(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<Vec<(u64, u64)>> {
+fn preallocate(
+    w: &Writer<'_>,
+    new_size: u64,
+    prealloc: Preallocation,
+    tail: Option<Tail>,
+) -> Result<Vec<(u64, u64)>> {
     let h = w.r.header();
     let cs = h.cluster_size();
     let old = h.size;
@@ -707,40 +717,89 @@ fn preallocate(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result
         (true, true, Preallocation::Metadata) => (0, u64::from(u32::MAX) << 32),
         (true, true, _) => (0, u64::from(u32::MAX)),
     };
-    set_entries(w, first, last, |k| {
+    with_tail(w, tail, first, last, |k| {
         (host(k) | crate::l2::COPIED | zero, flags)
     })
 }
 
 /// Before growing: the bytes of the last (partial) data cluster past the old end must
 /// read as zeros in the grown image, whatever a former shrink left there.
-fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<()> {
+fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<Option<Tail>> {
     let h = w.r.header();
     let cs = h.cluster_size();
     let old = h.size;
     if old % cs == 0 || new_size <= old {
-        return Ok(());
+        return Ok(None);
     }
     let cluster_start = old / cs * cs;
     let map = w.r.own_map(cluster_start..old)?;
     let Some(vconvert_core::ExtentKind::Data(vconvert_core::Location::File { offset, .. })) =
         map.extents().last().map(|e| e.kind)
     else {
-        return Ok(());
+        return Ok(None);
     };
     // `offset` is the host byte of the last extent's first guest byte.
     let last = map.extents().last().map_or(cluster_start, |e| e.start);
     let host = offset + (old - last);
     if w.refcount(host / cs)? > 1 {
-        return Err(Error::unsupported(
-            w.name(),
-            "growing an image whose last, partial cluster is shared with an internal \
-             snapshot",
-        ));
+        // Shared with a snapshot: a copy of what the cluster reads, zeros past the
+        // old end, written and counted; the caller's L2 update names it.
+        let mut data = vec![0u8; cs as usize];
+        vconvert_core::ImageReader::read_at(
+            w.r,
+            &mut data[..(old - cluster_start) as usize],
+            cluster_start,
+        )?;
+        let at = w.alloc_cluster()?;
+        w.write(&data, at, "data cluster")?;
+        w.sync()?;
+        w.set_refcount(at / cs, 1)?;
+        w.sync()?;
+        let bits = if h.extended_l2() {
+            u64::from(u32::MAX)
+        } else {
+            0
+        };
+        return Ok(Some(Tail {
+            cluster: cluster_start / cs,
+            entry: (at | crate::l2::COPIED, bits),
+            old_host: host / cs * cs,
+        }));
     }
     let len = (cluster_start + cs).min(new_size) - old;
     w.write(&vec![0u8; len as usize], host, "data cluster")?;
-    w.sync()
+    w.sync()?;
+    Ok(None)
+}
+
+/// The last, partial cluster's replacement (see [`zero_tail`]): its guest cluster,
+/// the new L2 entry (and subcluster bitmap), the host cluster it no longer names.
+#[derive(Clone, Copy)]
+struct Tail {
+    cluster: u64,
+    entry: (u64, u64),
+    old_host: u64,
+}
+
+/// [`set_entries`] for `first..last`, and for the replaced last cluster if any.
+fn with_tail(
+    w: &Writer<'_>,
+    tail: Option<Tail>,
+    first: u64,
+    last: u64,
+    entry: impl Fn(u64) -> (u64, u64),
+) -> Result<Vec<(u64, u64)>> {
+    match tail {
+        Some(t) => set_entries(w, t.cluster, last.max(t.cluster + 1), |k| {
+            if k == t.cluster {
+                t.entry
+            } else {
+                entry(k)
+            }
+        }),
+        None if first < last => set_entries(w, first, last, entry),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Shrinks: internal snapshots keep what they reference. An L2 table wholly past the
