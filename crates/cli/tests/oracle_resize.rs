@@ -176,8 +176,9 @@ fn resize_preallocation_matches_qemu_img() {
     let Some(q) = qemu() else { return };
     let dir = tempdir();
     // Plain, compat=0.10, 512-byte clusters (the L1 table moves, new refcount blocks
-    // among the preallocated clusters), 1-bit refcounts, extended L2, overlays.
-    for i in [0, 1, 2, 3, 5, 7, 8] {
+    // among the preallocated clusters), 1-bit and 64-bit refcounts, extended L2,
+    // overlays.
+    for i in [0, 1, 2, 3, 4, 5, 7, 8] {
         let img = build_qcow2(&q, dir.path(), i);
         for mode in ["metadata", "falloc", "full"] {
             // 512-byte clusters: a refcount table of one cluster counts 8 MiB of file.

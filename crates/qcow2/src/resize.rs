@@ -277,6 +277,60 @@ impl<'a> Writer<'a> {
         Ok(at)
     }
 
+    /// `n` free clusters at the end of the file, as runs (first host offset, clusters):
+    /// refcount blocks are placed among them where their range has none; each run
+    /// stays within one refcount block's range.
+    pub(crate) fn alloc_runs(&self, n: u64) -> Result<Vec<(u64, u64)>> {
+        let cs = self.r.header().cluster_size();
+        let per_block = self.per_block();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let mut at = self.end_cluster()?;
+            while self.block_of(at / cs) == 0 {
+                self.countable(at / cs)?;
+                self.place_block(at)?;
+                at = self.end_cluster()?;
+            }
+            let c = at / cs;
+            let take = left.min((c / per_block + 1) * per_block - c);
+            let (offset, block) = self.block_bytes(c)?;
+            for k in c..c + take {
+                if refcount_in(&block, k % per_block, self.r.header().refcount_bits()) != 0 {
+                    return Err(self.r.file().corrupt(
+                        "refcount block",
+                        offset,
+                        format!("host cluster {k}, past the end of the file, has a refcount"),
+                    ));
+                }
+            }
+            self.next_free.set(at + take * cs);
+            runs.push((at, take));
+            left -= take;
+        }
+        Ok(runs)
+    }
+
+    /// The refcount block covering `cluster`: its offset and bytes.
+    fn block_bytes(&self, cluster: u64) -> Result<(u64, Vec<u8>)> {
+        let offset = self.block_of(cluster);
+        let mut block = vec![0u8; self.r.header().cluster_size() as usize];
+        self.read(&mut block, offset, "refcount block")?;
+        Ok((offset, block))
+    }
+
+    /// Sets the refcount of the `n` clusters from `first` (within one refcount block's
+    /// range, whose block exists) to `value`: one read and one write of the block.
+    pub(crate) fn set_refcount_run(&self, first: u64, n: u64, value: u64) -> Result<()> {
+        let per_block = self.per_block();
+        let bits = self.r.header().refcount_bits();
+        let (offset, mut block) = self.block_bytes(first)?;
+        for k in first..first + n {
+            set_refcount_in(&mut block, k % per_block, bits, value);
+        }
+        self.write(&block, offset, "refcount block")
+    }
+
     /// Drops one reference from each of `clusters` (a cluster may appear many times).
     pub(crate) fn release(&self, clusters: &[u64]) -> Result<()> {
         for &c in clusters {
@@ -292,6 +346,36 @@ impl<'a> Writer<'a> {
         }
         Ok(())
     }
+}
+
+/// Entry `i` of a refcount block of `bits`-bit entries (qcow2.txt "Refcount table":
+/// big-endian, narrow entries packed from the low bits of each byte).
+fn refcount_in(block: &[u8], i: u64, bits: u32) -> u64 {
+    let bits = u64::from(bits);
+    let bit = i * bits;
+    if bits < 8 {
+        return u64::from((block[(bit / 8) as usize] >> (bit % 8)) & ((1u16 << bits) - 1) as u8);
+    }
+    let n = (bits / 8) as usize;
+    let at = (bit / 8) as usize;
+    block[at..at + n]
+        .iter()
+        .fold(0u64, |v, &b| (v << 8) | u64::from(b))
+}
+
+/// Sets entry `i` of a refcount block of `bits`-bit entries to `value`.
+fn set_refcount_in(block: &mut [u8], i: u64, bits: u32, value: u64) {
+    let bits = u64::from(bits);
+    let bit = i * bits;
+    if bits < 8 {
+        let mask = (((1u16 << bits) - 1) as u8) << (bit % 8);
+        let b = &mut block[(bit / 8) as usize];
+        *b = (*b & !mask) | (((value as u8) << (bit % 8)) & mask);
+        return;
+    }
+    let n = (bits / 8) as usize;
+    let at = (bit / 8) as usize;
+    block[at..at + n].copy_from_slice(&value.to_be_bytes()[8 - n..]);
 }
 
 /// How growing reserves the new guest space (qemu-img `resize --preallocation`).
@@ -650,14 +734,7 @@ fn preallocate(
     }
     let (first, last) = (old.div_ceil(cs), new_size.div_ceil(cs));
     // Runs of host clusters: (first host offset, clusters).
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for _ in first..last {
-        let at = w.alloc_cluster()?;
-        match runs.last_mut() {
-            Some((start, n)) if *start + *n * cs == at => *n += 1,
-            _ => runs.push((at, 1)),
-        }
-    }
+    let runs = w.alloc_runs(last - first)?;
     let io = |what: &str, e: std::io::Error| Error::io(w.name(), what.to_string(), e);
     for &(start, n) in &runs {
         match prealloc {
@@ -667,9 +744,13 @@ fn preallocate(
                     .map_err(|e| io("cannot preallocate", e.into()))?;
             }
             Preallocation::Full => {
-                let zeros = vec![0u8; cs as usize];
-                for k in 0..n {
-                    w.write(&zeros, start + k * cs, "preallocated cluster")?;
+                let chunk = cs.max(1 << 20);
+                let zeros = vec![0u8; chunk.min(n * cs) as usize];
+                let mut pos = start;
+                while pos < start + n * cs {
+                    let len = chunk.min(start + n * cs - pos);
+                    w.write(&zeros[..len as usize], pos, "preallocated clusters")?;
+                    pos += len;
                 }
             }
         }
@@ -689,9 +770,7 @@ fn preallocate(
     }
     w.sync()?;
     for &(start, n) in &runs {
-        for k in 0..n {
-            w.set_refcount(start / cs + k, 1)?;
-        }
+        w.set_refcount_run(start / cs, n, 1)?;
     }
     w.sync()?;
     fail_point("qcow2-grow-preallocated");
@@ -882,4 +961,37 @@ fn shrink(w: &Writer<'_>, new_size: u64) -> Result<()> {
         fail_point("qcow2-shrink-released");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{refcount_in, set_refcount_in};
+
+    #[test]
+    fn refcount_entries_of_every_width_round_trip() {
+        for bits in [1u32, 2, 4, 8, 16, 32, 64] {
+            let mut block = vec![0u8; 64];
+            let entries = 64 * 8 / u64::from(bits);
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            for i in 0..entries {
+                set_refcount_in(&mut block, i, bits, (i * 7 + 3) & max);
+            }
+            for i in 0..entries {
+                assert_eq!(
+                    refcount_in(&block, i, bits),
+                    (i * 7 + 3) & max,
+                    "{bits} bits, {i}"
+                );
+            }
+            // Entry 0's bits are the lowest of the first byte (narrow) or big-endian.
+            let mut one = vec![0u8; 8];
+            set_refcount_in(&mut one, 0, bits, 1);
+            let want = if bits < 8 { 0 } else { bits as usize / 8 - 1 };
+            assert_eq!(one.iter().position(|&b| b != 0), Some(want), "{bits} bits");
+        }
+    }
 }
