@@ -252,3 +252,44 @@ fn amend_refusals_leave_the_image_alone() {
     assert!(err.contains("does not support option amendment"), "{err}");
     ok(&["amend", "-o", "lazy_refcounts=on", s(&img)]);
 }
+
+/// An image whose L2 table names its refcount table as a zero cluster with a host
+/// cluster (`qemu-img check` finds the overlap): every command that writes in place
+/// refuses it before writing (amend would have written zeros over the refcount table).
+#[test]
+fn in_place_commands_refuse_corrupt_metadata() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let img = dir.path().join("c.qcow2");
+    q.img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    q.io("qcow2", &img, &["write -P 1 0 64k".into()]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+    let l1 = be(&bytes[40..48]) as usize;
+    let l2 = (be(&bytes[l1..l1 + 8]) & 0x00ff_ffff_ffff_fe00) as usize;
+    let reftable = be(&bytes[48..56]);
+    let entry: u64 = (1 << 63) | reftable | 1;
+    bytes[l2..l2 + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    assert_eq!(q.check("qcow2", &img).0, 2, "qemu-img finds it corrupt");
+    let base = dir.path().join("b.raw");
+    std::fs::write(&base, vec![0u8; 4 << 20]).unwrap();
+    // (arguments before the file, after it).
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["amend", "-o", "compat=0.10"], &[]),
+        (&["resize"], &["+1M"]),
+        (&["snapshot", "-c", "s1"], &[]),
+        (&["rebase", "-b", "b.raw", "-F", "raw"], &[]),
+    ];
+    for (args, tail) in cases {
+        let mut all = args.to_vec();
+        all.push(s(&img));
+        all.extend(tail.iter());
+        let err = fails(&all);
+        assert!(
+            err.contains("corruption(s) in its metadata"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(std::fs::read(&img).unwrap(), bytes, "{args:?}: untouched");
+    }
+}

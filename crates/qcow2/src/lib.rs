@@ -15,7 +15,7 @@
 mod amend;
 mod bitmap;
 mod check;
-pub use check::repair_leaks;
+pub use check::{check, repair_leaks};
 mod commit;
 pub use commit::{make_empty, ClusterWriter};
 pub mod compressed;
