@@ -13,6 +13,9 @@
 //!   placed among them wherever their range has none), reserved or written with zeros
 //!   and synced, then counted, then named by L2 entries past the current end (unseen
 //!   until the header grows); then the L1 table and header as above.
+//! - A file outgrowing its refcount table: a larger table is written at the end
+//!   with the refcount blocks its own clusters need, counted, then one header write
+//!   (offset and clusters) switches to it, then the old table is freed.
 //! - Shrinking: the header's size is written first (the guest no longer sees the end);
 //!   then each L2 table loses its entries past the end (or the L1 its tables wholly
 //!   past it), synced, before the clusters they referenced are freed.
@@ -39,6 +42,9 @@ use crate::reader::Qcow2Reader;
 /// Header offset of the virtual size; the crypt method, L1 size and L1 offset follow
 /// it (qcow2.txt "Header": bytes 24-47).
 const SIZE_FIELD: u64 = 24;
+/// Header offset of the refcount table offset; its size in clusters follows
+/// (qcow2.txt "Header": bytes 48-59).
+const REFTABLE_FIELD: u64 = 48;
 /// Host offset bits of a refcount table entry.
 const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
@@ -51,6 +57,8 @@ pub(crate) struct Writer<'a> {
     reftable: std::cell::RefCell<Vec<u8>>,
     /// Where the next cluster allocated at the end of the file goes (0: not yet known).
     next_free: std::cell::Cell<u64>,
+    /// Where the refcount table is (moved by [`Writer::grow_reftable`]).
+    reftable_offset: std::cell::Cell<u64>,
 }
 
 impl<'a> Writer<'a> {
@@ -68,6 +76,7 @@ impl<'a> Writer<'a> {
             file,
             reftable: std::cell::RefCell::new(reftable),
             next_free: std::cell::Cell::new(0),
+            reftable_offset: std::cell::Cell::new(h.refcount_table_offset),
         })
     }
 
@@ -182,13 +191,108 @@ impl<'a> Writer<'a> {
         fail_point("qcow2-refcount-block-written");
         self.write(
             &at.to_be_bytes(),
-            h.refcount_table_offset + 8 * i,
+            self.reftable_offset.get() + 8 * i,
             "refcount table",
         )?;
         self.sync()?;
         self.reftable.borrow_mut()[(8 * i) as usize..(8 * i + 8) as usize]
             .copy_from_slice(&at.to_be_bytes());
         Ok(())
+    }
+
+    /// Moves the refcount table to a larger one at the end of the file, with entries
+    /// for every cluster up to `upto` (and what this adds), as qemu grows it. The new
+    /// table, and the refcount blocks its own clusters need, are written and counted
+    /// first (unreferenced until the switch: leaks at worst); one header write (offset
+    /// and clusters, 12 bytes in one sector) switches to it; then the old table's
+    /// clusters are freed. Only `resize` may call this: other commands rewrite the
+    /// header from what the reader read.
+    pub(crate) fn grow_reftable(&self, upto: u64) -> Result<()> {
+        let h = self.r.header();
+        let cs = h.cluster_size();
+        let pb = self.per_block();
+        let old_len = self.reftable.borrow().len() as u64;
+        let c0 = self.end_cluster()? / cs;
+        // Clusters for the table: enough entries for `upto`, shifted by what this
+        // adds (the table, at most one block per range it spans plus two), and half
+        // again the current table.
+        let mut clusters = 1u64;
+        loop {
+            let added = 2 * clusters + 2;
+            let entries = ((upto.max(c0) + added).div_ceil(pb) + 1).max(old_len / 8 * 3 / 2);
+            let need = (entries * 8).div_ceil(cs);
+            if need <= clusters {
+                break;
+            }
+            clusters = need;
+        }
+        if clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::unsupported(
+                self.name(),
+                "resizing past what the largest refcount table can count",
+            ));
+        }
+        // New refcount blocks, after the table, for every range its clusters and the
+        // blocks themselves fall in that has none.
+        let mut blocks: std::collections::BTreeMap<u64, u64> = Default::default();
+        let mut end = c0 + clusters;
+        loop {
+            let mut added = false;
+            for i in c0 / pb..=(end - 1) / pb {
+                let has = self
+                    .reftable
+                    .borrow()
+                    .get((8 * i) as usize..(8 * i + 8) as usize)
+                    .is_some_and(|e| BigEndian::read_u64(e) & REFTABLE_OFFSET_MASK != 0);
+                if !has && !blocks.contains_key(&i) {
+                    blocks.insert(i, end);
+                    end += 1;
+                    added = true;
+                }
+            }
+            if !added {
+                break;
+            }
+        }
+        if 8 * ((end - 1) / pb + 1) > clusters * cs {
+            return Err(Error::unsupported(
+                self.name(),
+                "a refcount table that cannot count itself",
+            ));
+        }
+        // Count [c0, end) in the blocks of their ranges (existing or new).
+        let bits = h.refcount_bits();
+        for i in c0 / pb..=(end - 1) / pb {
+            let (at, mut block) = match blocks.get(&i) {
+                Some(&p) => (p * cs, vec![0u8; cs as usize]),
+                None => self.block_bytes(i * pb)?,
+            };
+            for c in (i * pb).max(c0)..((i + 1) * pb).min(end) {
+                set_refcount_in(&mut block, c % pb, bits, 1);
+            }
+            self.write(&block, at, "refcount block")?;
+        }
+        let mut table = vec![0u8; (clusters * cs) as usize];
+        table[..old_len as usize].copy_from_slice(&self.reftable.borrow());
+        for (&i, &p) in &blocks {
+            BigEndian::write_u64(&mut table[(8 * i) as usize..], p * cs);
+        }
+        self.write(&table, c0 * cs, "new refcount table")?;
+        self.sync()?;
+        fail_point("qcow2-reftable-written");
+        let mut field = [0u8; 12];
+        BigEndian::write_u64(&mut field[..8], c0 * cs);
+        BigEndian::write_u32(&mut field[8..], clusters as u32);
+        self.write(&field, REFTABLE_FIELD, "qcow2 header")?;
+        self.sync()?;
+        fail_point("qcow2-reftable-switched");
+        let old_offset = self.reftable_offset.get();
+        *self.reftable.borrow_mut() = table;
+        self.reftable_offset.set(c0 * cs);
+        self.next_free.set(end * cs);
+        let old: Vec<u64> = (old_offset / cs..old_offset / cs + old_len.div_ceil(cs)).collect();
+        self.release(&old)?;
+        self.sync()
     }
 
     /// The first cluster-aligned offset past the file and past what was allocated.
@@ -475,7 +579,10 @@ fn grow(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<()> {
         .div_ceil(cs);
     if need > l1_size || worst > 0 {
         // Each new refcount block takes a cluster too.
-        w.countable(eof + worst + worst / w.per_block() + 2)?;
+        let upto = eof + worst + worst / w.per_block() + 2;
+        if w.countable(upto).is_err() {
+            w.grow_reftable(upto)?;
+        }
     }
     let tail = zero_tail(w, new_size)?;
     // L1 entries past the current table, for L2 tables made to hide a backing file or
