@@ -144,8 +144,9 @@ impl<'a> Writer<'a> {
         Err(Error::unsupported(
             self.name(),
             format!(
-                "resizing past what the refcount table can count (host cluster {cluster}; \
-                 convert to a new image of the size wanted instead)"
+                "growing the file past what its refcount table can count (host cluster \
+                 {cluster}; `resize` grows the table: resize first, or convert to a new \
+                 image)"
             ),
         ))
     }
@@ -163,7 +164,9 @@ impl<'a> Writer<'a> {
         if at / cs / self.per_block() != cluster / self.per_block() {
             return Err(Error::unsupported(
                 self.name(),
-                "resizing that needs a refcount block outside the range it counts",
+                format!(
+                    "a new refcount block outside the range it counts (host cluster {cluster})"
+                ),
             ));
         }
         self.place_block(at)
@@ -229,7 +232,7 @@ impl<'a> Writer<'a> {
         if clusters * cs > MAX_REFTABLE_BYTES {
             return Err(Error::unsupported(
                 self.name(),
-                "resizing past what the largest refcount table can count",
+                "growing the file past what the largest refcount table can count",
             ));
         }
         // New refcount blocks, after the table, for every range its clusters and the
@@ -316,8 +319,8 @@ impl<'a> Writer<'a> {
             return Err(Error::unsupported(
                 self.name(),
                 format!(
-                    "resizing past the image's refcount blocks (host cluster {cluster} has \
-                     none; convert to a new image of the size wanted instead)"
+                    "host cluster {cluster} past the image's refcount blocks (convert to a \
+                     new image instead)"
                 ),
             ));
         }
