@@ -178,17 +178,48 @@ fn resize_preallocation_matches_qemu_img() {
     // Plain, compat=0.10, 512-byte clusters (the L1 table moves, new refcount blocks
     // among the preallocated clusters), 1-bit and 64-bit refcounts, extended L2,
     // overlays.
-    for i in [0, 1, 2, 3, 4, 5, 7, 8] {
-        let img = build_qcow2(&q, dir.path(), i);
+    let mut images: Vec<(PathBuf, String)> = [0, 1, 2, 3, 4, 5, 7, 8]
+        .into_iter()
+        .map(|i| (build_qcow2(&q, dir.path(), i), format!("{:?}", QCOW2[i])))
+        .collect();
+    // A size off the cluster grid, the last cluster unallocated (read as zeros, or
+    // from a backing file), allocated as zeros, or data.
+    let base = dir.path().join("odd-base.raw");
+    Layout::random(16 << 20, 6, 90).write_raw(&base);
+    for (k, (backed, cmds)) in [
+        (false, &[][..]),
+        (true, &[][..]),
+        (false, &["write -P 3 0 500k", "write -z 960k 40k"][..]),
+        (true, &["write -P 3 0 500k", "write -P 4 960k 40k"][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("odd{k}.qcow2"));
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if backed {
+            args.extend(["-b", s(&base), "-F", "raw"]);
+        }
+        args.extend([s(&img), "1000k"]);
+        q.img(&args);
+        q.io(
+            "qcow2",
+            &img,
+            &cmds.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        );
+        images.push((img, format!("1000k, backed {backed}, {cmds:?}")));
+    }
+    for (img, label) in &images {
+        let img = img.as_path();
         for mode in ["metadata", "falloc", "full"] {
             // 40M: with 512-byte clusters the refcount table (one cluster, 8 MiB of
             // file) must grow.
             for size in ["+3M", "40M"] {
-                let what = format!("{:?} --preallocation={mode} {size}", QCOW2[i]);
+                let what = format!("{label} --preallocation={mode} {size}");
                 let ours = img.with_extension("ours");
                 let theirs = img.with_extension("theirs");
-                std::fs::copy(&img, &ours).unwrap();
-                std::fs::copy(&img, &theirs).unwrap();
+                std::fs::copy(img, &ours).unwrap();
+                std::fs::copy(img, &theirs).unwrap();
                 let arg = format!("--preallocation={mode}");
                 let out = ok(&["resize", "-f", "qcow2", &arg, s(&ours), size]);
                 assert_eq!(String::from_utf8_lossy(&out.stdout), "Image resized.\n");
@@ -198,7 +229,7 @@ fn resize_preallocation_matches_qemu_img() {
                 let vsize = |p: &Path| q.info_json(Some("qcow2"), p)["virtual-size"].clone();
                 assert_eq!(vsize(&ours), vsize(&theirs), "{what}: size");
                 q.assert_same("qcow2", &ours, "qcow2", &theirs);
-                q.assert_same("qcow2", &ours, "qcow2", &img);
+                q.assert_same("qcow2", &ours, "qcow2", img);
                 assert_eq!(
                     allocation(&q, &ours),
                     allocation(&q, &theirs),
@@ -206,7 +237,7 @@ fn resize_preallocation_matches_qemu_img() {
                 );
                 if mode != "metadata" {
                     let grown = vsize(&ours).as_u64().unwrap()
-                        - q.info_json(Some("qcow2"), &img)["virtual-size"]
+                        - q.info_json(Some("qcow2"), img)["virtual-size"]
                             .as_u64()
                             .unwrap();
                     assert!(

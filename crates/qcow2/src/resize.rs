@@ -595,11 +595,7 @@ fn grow(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<()> {
     } else {
         preallocate(w, new_size, prealloc, tail)?
     };
-    if let Some(t) = tail {
-        // The shared cluster the last one was copied from: one reference less.
-        w.release(&[t.old_host / cs])?;
-        w.sync()?;
-    }
+
     let entries_past = |from: u64, to: u64| -> Vec<u8> {
         let mut b = vec![0u8; ((to - from) * 8) as usize];
         for &(i, e) in &extra {
@@ -695,52 +691,13 @@ fn hide_backing(w: &Writer<'_>, new_size: u64, tail: Option<Tail>) -> Result<Vec
         (crate::l2::ZERO, 0)
     };
     let cut = old / cs * cs;
+    let mut tail = tail;
     if old % cs != 0 && tail.is_none() {
         let map = w.r.own_map(cut..old)?;
         if map.extents().iter().any(|e| !e.kind.is_data()) {
             // The last cluster reads partly from the backing file: as qemu does, it
-            // gets a cluster of its own holding what it reads, zeros past the end
-            // (written and counted before its L2 entry names it).
-            let mut data = vec![0u8; cs as usize];
-            vconvert_core::ImageReader::read_at(w.r, &mut data[..(old - cut) as usize], cut)?;
-            let at = w.alloc_cluster()?;
-            w.write(&data, at, "data cluster")?;
-            w.sync()?;
-            w.set_refcount(at / cs, 1)?;
-            w.sync()?;
-            let l2e = h.l2_entries();
-            let words: u64 = if h.extended_l2() { 2 } else { 1 };
-            let table = w.r.l1_entries().get((cut / cs / l2e) as usize).copied();
-            let own = match table.filter(|&t| t != 0) {
-                Some(t) => {
-                    let e = w.r.l2_table(t)?[((cut / cs % l2e) * words) as usize];
-                    if e & crate::l2::COMPRESSED == 0 {
-                        e & OFFSET_MASK
-                    } else {
-                        0
-                    }
-                }
-                None => 0,
-            };
-            let alloc = if h.extended_l2() {
-                u64::from(u32::MAX)
-            } else {
-                0
-            };
-            let first = cut / cs;
-            let out = set_entries(w, first, end.div_ceil(cs), |k| {
-                if k == first {
-                    (at | crate::l2::COPIED, alloc)
-                } else {
-                    zero
-                }
-            })?;
-            if own != 0 {
-                // A zero cluster's host cluster, now named by nothing.
-                w.release(&[own / cs])?;
-                w.sync()?;
-            }
-            return Ok(out);
+            // gets a cluster of its own holding what it reads, zeros past the end.
+            tail = Some(copy_last(w)?);
         }
     }
     with_tail(w, tail, old.div_ceil(cs), end.div_ceil(cs), |_| zero)
@@ -832,14 +789,12 @@ fn preallocate(
     let h = w.r.header();
     let cs = h.cluster_size();
     let old = h.size;
-    if old % cs != 0 {
+    let mut tail = tail;
+    if old % cs != 0 && tail.is_none() {
         let map = w.r.own_map(old / cs * cs..old)?;
         if map.extents().iter().any(|e| !e.kind.is_data()) {
-            return Err(Error::unsupported(
-                w.name(),
-                "preallocating past an end that is not on a cluster boundary, in a cluster \
-                 that is not allocated",
-            ));
+            // The partial last cluster gets a host cluster too.
+            tail = Some(copy_last(w)?);
         }
     }
     let (first, last) = (old.div_ceil(cs), new_size.div_ceil(cs));
@@ -931,29 +886,8 @@ fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<Option<Tail>> {
     let last = map.extents().last().map_or(cluster_start, |e| e.start);
     let host = offset + (old - last);
     if w.refcount(host / cs)? > 1 {
-        // Shared with a snapshot: a copy of what the cluster reads, zeros past the
-        // old end, written and counted; the caller's L2 update names it.
-        let mut data = vec![0u8; cs as usize];
-        vconvert_core::ImageReader::read_at(
-            w.r,
-            &mut data[..(old - cluster_start) as usize],
-            cluster_start,
-        )?;
-        let at = w.alloc_cluster()?;
-        w.write(&data, at, "data cluster")?;
-        w.sync()?;
-        w.set_refcount(at / cs, 1)?;
-        w.sync()?;
-        let bits = if h.extended_l2() {
-            u64::from(u32::MAX)
-        } else {
-            0
-        };
-        return Ok(Some(Tail {
-            cluster: cluster_start / cs,
-            entry: (at | crate::l2::COPIED, bits),
-            old_host: host / cs * cs,
-        }));
+        // Shared with a snapshot: a copy (the caller's L2 update names it).
+        return copy_last(w).map(Some);
     }
     let len = (cluster_start + cs).min(new_size) - old;
     w.write(&vec![0u8; len as usize], host, "data cluster")?;
@@ -961,8 +895,52 @@ fn zero_tail(w: &Writer<'_>, new_size: u64) -> Result<Option<Tail>> {
     Ok(None)
 }
 
-/// The last, partial cluster's replacement (see [`zero_tail`]): its guest cluster,
-/// the new L2 entry (and subcluster bitmap), the host cluster it no longer names.
+/// A copy of the last, partial cluster: what it reads (through the backing chain),
+/// zeros past the old end, in a new host cluster written and counted (named by
+/// nothing until the caller's L2 update: a leak at worst).
+fn copy_last(w: &Writer<'_>) -> Result<Tail> {
+    let h = w.r.header();
+    let cs = h.cluster_size();
+    let old = h.size;
+    let cut = old / cs * cs;
+    let mut data = vec![0u8; cs as usize];
+    vconvert_core::ImageReader::read_at(w.r, &mut data[..(old - cut) as usize], cut)?;
+    let at = w.alloc_cluster()?;
+    w.write(&data, at, "data cluster")?;
+    w.sync()?;
+    w.set_refcount(at / cs, 1)?;
+    w.sync()?;
+    let l2e = h.l2_entries();
+    let words: u64 = if h.extended_l2() { 2 } else { 1 };
+    let table = w.r.l1_entries().get((cut / cs / l2e) as usize).copied();
+    let old_host = match table.filter(|&t| t != 0) {
+        Some(t) => {
+            let e = w.r.l2_table(t)?[((cut / cs % l2e) * words) as usize];
+            if e & crate::l2::COMPRESSED == 0 {
+                e & OFFSET_MASK
+            } else {
+                // Compressed: its host range is freed with the reference below only
+                // for plain clusters; a compressed one stays counted (a leak).
+                0
+            }
+        }
+        None => 0,
+    };
+    let bits = if h.extended_l2() {
+        u64::from(u32::MAX)
+    } else {
+        0
+    };
+    Ok(Tail {
+        cluster: cut / cs,
+        entry: (at | crate::l2::COPIED, bits),
+        old_host,
+    })
+}
+
+/// The last, partial cluster's replacement (see [`copy_last`]): its guest cluster,
+/// the new L2 entry (and subcluster bitmap), the host cluster it no longer names
+/// (0: none).
 #[derive(Clone, Copy)]
 struct Tail {
     cluster: u64,
@@ -970,7 +948,8 @@ struct Tail {
     old_host: u64,
 }
 
-/// [`set_entries`] for `first..last`, and for the replaced last cluster if any.
+/// [`set_entries`] for `first..last`, and for the replaced last cluster if any (then
+/// the reference to the cluster it replaced is dropped).
 fn with_tail(
     w: &Writer<'_>,
     tail: Option<Tail>,
@@ -979,13 +958,22 @@ fn with_tail(
     entry: impl Fn(u64) -> (u64, u64),
 ) -> Result<Vec<(u64, u64)>> {
     match tail {
-        Some(t) => set_entries(w, t.cluster, last.max(t.cluster + 1), |k| {
-            if k == t.cluster {
-                t.entry
-            } else {
-                entry(k)
+        Some(t) => {
+            let out = set_entries(w, t.cluster, last.max(t.cluster + 1), |k| {
+                if k == t.cluster {
+                    t.entry
+                } else {
+                    entry(k)
+                }
+            })?;
+            if t.old_host != 0 {
+                // The cluster the last one was copied from: one reference less.
+                let cs = w.r.header().cluster_size();
+                w.release(&[t.old_host / cs])?;
+                w.sync()?;
             }
-        }),
+            Ok(out)
+        }
         None if first < last => set_entries(w, first, last, entry),
         None => Ok(Vec::new()),
     }
