@@ -581,8 +581,9 @@ fn grow(w: &Writer<'_>, new_size: u64, prealloc: Preallocation) -> Result<()> {
         .len()
         .div_ceil(cs);
     if need > l1_size || worst > 0 {
-        // Each new refcount block takes a cluster too.
-        let upto = eof + worst + worst / w.per_block() + 2;
+        // Each new refcount block takes a cluster too; and there may be a copy of
+        // the last cluster and of an L2 table shared with a snapshot.
+        let upto = eof + worst + worst / w.per_block() + 4;
         if w.countable(upto).is_err() {
             w.grow_reftable(upto)?;
         }
