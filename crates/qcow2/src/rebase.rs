@@ -7,7 +7,9 @@
 //! new data cluster, counted before the L2 entry names it; with extended L2 entries,
 //! the subclusters that read from the backing file, written into the cluster's host
 //! cluster before their allocation bits are set); only then does the header
-//! switch. Until the switch the guest sees the same bytes as before, so a crash at any
+//! switch (an L2 table shared with an internal snapshot is first copied for the active
+//! state, see `Writer::copy_shared_l2`). Until the switch the guest sees the same bytes
+//! as before, so a crash at any
 //! point leaves the old state (with leaked clusters at worst) or the new one.
 
 use std::fs::File;
@@ -115,7 +117,12 @@ fn write_subclusters(w: &Writer<'_>, l1: &mut [u64], cluster: u64, data: &[u8]) 
     let cs = h.cluster_size();
     let l2e = h.l2_entries();
     let i = (cluster / l2e) as usize;
-    let l1e = l1.get(i).copied().unwrap_or(0);
+    let mut l1e = l1.get(i).copied().unwrap_or(0);
+    if l1e & OFFSET_MASK != 0 && l1e & COPIED == 0 {
+        // Shared with an internal snapshot: the active state gets its own copy.
+        l1e = w.copy_shared_l2(i as u64, l1e)?;
+        l1[i] = l1e;
+    }
     let l2 = l1e & OFFSET_MASK;
     let at = l2 + (cluster % l2e) * h.l2_entry_size();
     let mut pair = [0u8; 16];
@@ -127,12 +134,6 @@ fn write_subclusters(w: &Writer<'_>, l1: &mut [u64], cluster: u64, data: &[u8]) 
     let host = entry & OFFSET_MASK;
     if host == 0 || entry & crate::l2::COMPRESSED != 0 {
         return write_cluster(w, l1, cluster, data);
-    }
-    if l1e & COPIED == 0 {
-        return Err(Error::unsupported(
-            r.file().name(),
-            "writing into an L2 table shared with an internal snapshot",
-        ));
     }
     let sc = cs / 32;
     let mut set = 0u64;
@@ -173,10 +174,9 @@ pub(crate) fn write_cluster(
     };
     let mut l2 = entry & OFFSET_MASK;
     if l2 != 0 && entry & COPIED == 0 {
-        return Err(Error::unsupported(
-            r.file().name(),
-            "writing into an L2 table shared with an internal snapshot",
-        ));
+        // Shared with an internal snapshot: the active state gets its own copy.
+        l1[i] = w.copy_shared_l2(i as u64, entry)?;
+        l2 = l1[i] & OFFSET_MASK;
     }
     let host = w.alloc_cluster()?;
     w.write(data, host, "data cluster")?;

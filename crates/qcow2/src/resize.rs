@@ -438,6 +438,31 @@ impl<'a> Writer<'a> {
         self.write(&block, offset, "refcount block")
     }
 
+    /// Copies the L2 table that active L1 entry `i` (`entry`) names and shares with
+    /// an internal snapshot, so that the active state can change it: the copy written
+    /// and counted, the L1 entry switched to it (nothing read changes), then the
+    /// shared table's reference dropped. The clusters it names keep their counts
+    /// (each still reached once per L1 table). Returns the new L1 entry.
+    pub(crate) fn copy_shared_l2(&self, i: u64, entry: u64) -> Result<u64> {
+        let h = self.r.header();
+        let cs = h.cluster_size();
+        let old = entry & OFFSET_MASK;
+        let mut table = vec![0u8; cs as usize];
+        self.read(&mut table, old, "L2 table")?;
+        let at = self.alloc_cluster()?;
+        self.write(&table, at, "L2 table copy")?;
+        self.sync()?;
+        self.set_refcount(at / cs, 1)?;
+        self.sync()?;
+        fail_point("qcow2-l2-copied");
+        let new = at | crate::l2::COPIED;
+        self.write(&new.to_be_bytes(), h.l1_table_offset + 8 * i, "L1 table")?;
+        self.sync()?;
+        self.release(&[old / cs])?;
+        self.sync()?;
+        Ok(new)
+    }
+
     /// Drops one reference from each of `clusters` (a cluster may appear many times).
     pub(crate) fn release(&self, clusters: &[u64]) -> Result<()> {
         for &c in clusters {
