@@ -135,6 +135,13 @@ fn write_subclusters(w: &Writer<'_>, l1: &mut [u64], cluster: u64, data: &[u8]) 
     if host == 0 || entry & crate::l2::COMPRESSED != 0 {
         return write_cluster(w, l1, cluster, data);
     }
+    if w.refcount(host / cs)? > 1 {
+        // A snapshot reaches this host cluster too: its bytes stay as they are; the
+        // active state gets a cluster of its own holding all it reads.
+        write_cluster(w, l1, cluster, data)?;
+        w.release(&[host / cs])?;
+        return w.sync();
+    }
     let sc = cs / 32;
     let mut set = 0u64;
     for k in 0..32u64 {
