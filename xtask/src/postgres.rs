@@ -100,7 +100,8 @@ impl Postgres {
                     &PACKAGES,
                     "PostgreSQL (for the several-hosts tests) is missing",
                 )?;
-                bin_dir().ok_or("postgresql is installed but no /usr/lib/postgresql/*/bin/initdb")?
+                bin_dir()
+                    .ok_or("postgresql is installed but no /usr/lib/postgresql/*/bin/initdb")?
             }
         };
         let root = is_root();
@@ -126,7 +127,15 @@ impl Postgres {
         run(
             "initdb",
             as_server_user(&bin.join("initdb"), root)
-                .args(["-U", "vimport", "--auth=trust", "-E", "UTF8", "--no-sync", "-D"])
+                .args([
+                    "-U",
+                    "vimport",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "-D",
+                ])
                 .arg(&data),
         )?;
         let port = free_port()?;

@@ -277,7 +277,9 @@ pub struct Db {
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("backend", &self.backend).finish()
+        f.debug_struct("Db")
+            .field("backend", &self.backend)
+            .finish()
     }
 }
 
@@ -532,26 +534,26 @@ impl Sql for Pg<'_, '_> {
             for (i, c) in r.columns().iter().enumerate() {
                 let ty = c.type_();
                 let get = |e: postgres::Error| pg_err(e);
-                v.push(if *ty == Type::INT8 {
-                    r.try_get::<_, Option<i64>>(i).map_err(get)?.map(V::Int)
-                } else if *ty == Type::INT4 {
-                    r.try_get::<_, Option<i32>>(i)
-                        .map_err(get)?
-                        .map(|n| V::Int(n.into()))
-                } else if *ty == Type::INT2 {
-                    r.try_get::<_, Option<i16>>(i)
-                        .map_err(get)?
-                        .map(|n| V::Int(n.into()))
-                } else if *ty == Type::BOOL {
-                    r.try_get::<_, Option<bool>>(i)
-                        .map_err(get)?
-                        .map(|b| V::Int(b.into()))
-                } else {
-                    r.try_get::<_, Option<String>>(i)
-                        .map_err(get)?
-                        .map(V::Text)
-                }
-                .unwrap_or(V::Null));
+                v.push(
+                    if *ty == Type::INT8 {
+                        r.try_get::<_, Option<i64>>(i).map_err(get)?.map(V::Int)
+                    } else if *ty == Type::INT4 {
+                        r.try_get::<_, Option<i32>>(i)
+                            .map_err(get)?
+                            .map(|n| V::Int(n.into()))
+                    } else if *ty == Type::INT2 {
+                        r.try_get::<_, Option<i16>>(i)
+                            .map_err(get)?
+                            .map(|n| V::Int(n.into()))
+                    } else if *ty == Type::BOOL {
+                        r.try_get::<_, Option<bool>>(i)
+                            .map_err(get)?
+                            .map(|b| V::Int(b.into()))
+                    } else {
+                        r.try_get::<_, Option<String>>(i).map_err(get)?.map(V::Text)
+                    }
+                    .unwrap_or(V::Null),
+                );
             }
             out.push(Row(v));
         }
@@ -1007,8 +1009,10 @@ impl Db {
     /// The host whose workspace holds image `id`'s staged data, if any.
     pub fn staged_on(&self, id: &str) -> DbResult<Option<String>> {
         self.tx(|c| {
-            Ok(c.row("SELECT staged_on FROM images WHERE id=$1", &vals![id])?
-                .and_then(|r| r.opt(0)))
+            Ok(
+                c.row("SELECT staged_on FROM images WHERE id=$1", &vals![id])?
+                    .and_then(|r| r.opt(0)),
+            )
         })
     }
 
@@ -1336,7 +1340,10 @@ impl Db {
             let mut props: std::collections::HashMap<String, BTreeMap<String, String>> =
                 Default::default();
             for r in c.rows("SELECT image_id, name, value FROM image_properties", &[])? {
-                props.entry(r.text(0)).or_default().insert(r.text(1), r.text(2));
+                props
+                    .entry(r.text(0))
+                    .or_default()
+                    .insert(r.text(1), r.text(2));
             }
             for i in &mut v {
                 i.tags = tags.remove(&i.id).unwrap_or_default();
@@ -1486,14 +1493,18 @@ mod tests {
 
         /// A new database on the test server (`VIMPORT_TEST_POSTGRES_URL`, set by
         /// `cargo xtask test`); `None` (skipped, said on stderr) without one, unless
-        /// `VIMPORT_REQUIRE_POSTGRES=1`.
+        /// PostgreSQL is required (`VIMPORT_REQUIRE_POSTGRES=1`, or `CI`).
         fn postgres() -> Option<Fixture> {
             let Ok(url) = std::env::var("VIMPORT_TEST_POSTGRES_URL") else {
+                let required = std::env::var("VIMPORT_REQUIRE_POSTGRES").as_deref() == Ok("1")
+                    || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
                 assert!(
-                    std::env::var("VIMPORT_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                    "VIMPORT_REQUIRE_POSTGRES=1 but VIMPORT_TEST_POSTGRES_URL is not set: run `cargo xtask test`"
+                    !required,
+                    "PostgreSQL is required (VIMPORT_REQUIRE_POSTGRES=1 or CI) but VIMPORT_TEST_POSTGRES_URL is not set: run `cargo xtask test`, which starts one"
                 );
-                eprintln!("skipped: no VIMPORT_TEST_POSTGRES_URL (cargo xtask test sets it)");
+                eprintln!(
+                    "SKIPPED: no VIMPORT_TEST_POSTGRES_URL (`cargo xtask test` starts PostgreSQL)"
+                );
                 return None;
             };
             let name = format!("vimport_unit_{}", uuid::Uuid::new_v4().simple());
@@ -1538,7 +1549,10 @@ mod tests {
         let pg = Location::parse("postgres://u:secret@db:5432/vimport");
         assert!(matches!(pg, Location::Postgres(_)));
         assert_eq!(pg.to_string(), "postgres://u:***@db:5432/vimport");
-        assert_eq!(lite_sql("a=$1 AND b=$12 AND c='$'"), "a=?1 AND b=?12 AND c='$'");
+        assert_eq!(
+            lite_sql("a=$1 AND b=$12 AND c='$'"),
+            "a=?1 AND b=?12 AND c='$'"
+        );
     }
 
     fn image(id: &str) -> Image {
@@ -1582,7 +1596,9 @@ mod tests {
             assert!(!db.transition("i1", &["active"], "uploading", true).unwrap());
             assert!(db.start_receiving("i1", "uploading", "host-a").unwrap());
             assert!(!db.start_receiving("i1", "uploading", "host-a").unwrap());
-            assert!(db.transition("i1", &["uploading"], "uploading", true).unwrap());
+            assert!(db
+                .transition("i1", &["uploading"], "uploading", true)
+                .unwrap());
             assert_eq!(db.staged_on("i1").unwrap().as_deref(), Some("host-a"));
             let t = task("t1", "i1");
             assert!(db.start_import(&t, false).unwrap());
@@ -1595,7 +1611,10 @@ mod tests {
             );
             assert_eq!(db.claim_task("host-b", 30).unwrap(), None, "not B's task");
             let claimed = db.claim_task("host-a", 30).unwrap().unwrap();
-            assert_eq!((claimed.id.as_str(), claimed.status.as_str()), ("t1", "processing"));
+            assert_eq!(
+                (claimed.id.as_str(), claimed.status.as_str()),
+                ("t1", "processing")
+            );
             assert_eq!(db.claim_task("host-a", 30).unwrap(), None, "claimed once");
             db.set_task("t1", "processing", "50%").unwrap();
             assert_eq!(db.tasks_in("processing").unwrap().len(), 1);
@@ -1631,7 +1650,11 @@ mod tests {
             let db = fx.open();
             assert!(db.insert_image(&image("i1")).unwrap());
             assert!(db.start_import(&task("t1", "i1"), true).unwrap());
-            assert_eq!(db.task("t1").unwrap().unwrap().host, None, "web-download: any host");
+            assert_eq!(
+                db.task("t1").unwrap().unwrap().host,
+                None,
+                "web-download: any host"
+            );
             let stored = Stored {
                 disk_format: "raw".into(),
                 size: 5,
@@ -1642,7 +1665,11 @@ mod tests {
             // Another host gave the task up: the image must not turn active.
             db.set_task("t1", "failure", "abandoned").unwrap();
             assert!(!db.finish_import("t1", "i1", &stored, "ok", &now()).unwrap());
-            assert_eq!(db.image("i1").unwrap().unwrap().status, "importing", "rolled back");
+            assert_eq!(
+                db.image("i1").unwrap().unwrap().status,
+                "importing",
+                "rolled back"
+            );
             db.set_task("t1", "processing", "x").unwrap();
             assert!(db.finish_import("t1", "i1", &stored, "ok", &now()).unwrap());
             let i = db.image("i1").unwrap().unwrap();

@@ -313,8 +313,7 @@ impl Service {
             let receiving = ["importing", "uploading", "saving"].contains(&img.status.as_str());
             if receiving
                 && self.db.backend() == Backend::Postgres
-                && (img.status == "importing"
-                    || !self.mine(self.db.staged_on(&img.id)?.as_deref()))
+                && (img.status == "importing" || !self.mine(self.db.staged_on(&img.id)?.as_deref()))
             {
                 // Another host's upload, or an import whose task (failed above if
                 // it was this host's) says where it runs.
@@ -398,7 +397,9 @@ impl Service {
             .db
             .images()?
             .into_iter()
-            .filter(|i| ["active", "deactivated", "importing", "saving"].contains(&i.status.as_str()))
+            .filter(|i| {
+                ["active", "deactivated", "importing", "saving"].contains(&i.status.as_str())
+            })
             .map(|i| i.id)
             .collect();
         let names = self
@@ -1258,7 +1259,12 @@ impl Service {
     /// Removes staged uploads of images that no longer exist (deleted through another
     /// host, which cannot reach this host's workspace).
     fn sweep_staging(&self) {
-        let Ok(rd) = std::fs::read_dir(self.workspace.staging_path("x").parent().unwrap_or(Path::new("."))) else {
+        let Ok(rd) = std::fs::read_dir(
+            self.workspace
+                .staging_path("x")
+                .parent()
+                .unwrap_or(Path::new(".")),
+        ) else {
             return;
         };
         for e in rd.flatten() {
@@ -1426,7 +1432,8 @@ impl Service {
             .filter(|t| self.mine(t.host.as_deref()))
             .collect();
         for t in pending {
-            let m = "cancelled: vimport shut down before this import started; stage the image again";
+            let m =
+                "cancelled: vimport shut down before this import started; stage the image again";
             if self.db.fail_import(&t.id, &t.image_id, m, &expires_at()) == Ok(true) {
                 let _ = std::fs::remove_file(self.workspace.staging_path(&t.image_id));
                 self.workspace.release(&format!("stage:{}", t.image_id));

@@ -16,16 +16,23 @@ thread_local! {
     static DATABASE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
+/// Whether the PostgreSQL tests must run: `VIMPORT_REQUIRE_POSTGRES=1` (`cargo xtask
+/// test` sets it) or `CI` set to something true.
+fn postgres_required() -> bool {
+    std::env::var("VIMPORT_REQUIRE_POSTGRES").as_deref() == Ok("1")
+        || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
 /// A new, empty database on the test server (`VIMPORT_TEST_POSTGRES_URL`, which
 /// `cargo xtask test` sets); `None` (the test skips, saying so) without one, unless
-/// `VIMPORT_REQUIRE_POSTGRES=1` (CI), where its absence fails the test.
+/// PostgreSQL is required ([`postgres_required`]), where its absence fails the test.
 pub fn postgres_database() -> Option<String> {
     let Ok(url) = std::env::var("VIMPORT_TEST_POSTGRES_URL") else {
         assert!(
-            std::env::var("VIMPORT_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-            "VIMPORT_REQUIRE_POSTGRES=1 but VIMPORT_TEST_POSTGRES_URL is not set: run `cargo xtask test`"
+            !postgres_required(),
+            "PostgreSQL is required (VIMPORT_REQUIRE_POSTGRES=1 or CI) but VIMPORT_TEST_POSTGRES_URL is not set: run `cargo xtask test`, which starts one"
         );
-        eprintln!("skipped: no VIMPORT_TEST_POSTGRES_URL (cargo xtask test starts PostgreSQL)");
+        eprintln!("SKIPPED: no VIMPORT_TEST_POSTGRES_URL (`cargo xtask test` starts PostgreSQL)");
         return None;
     };
     let name = format!("vimport_it_{}", uuid::Uuid::new_v4().simple());
