@@ -20,6 +20,9 @@ pub const PACKAGES: [&str; 1] = ["postgresql"];
 /// The environment variable the tests read the server's URL from.
 pub const URL_ENV: &str = "VIMPORT_TEST_POSTGRES_URL";
 
+/// Installs Debian packages (`packages`, `why` they are needed) or says why it cannot.
+pub type Installer<'a> = dyn FnMut(&[&str], &str) -> Result<(), String> + 'a;
+
 /// A running server; stopped and removed on drop.
 pub struct Postgres {
     dir: PathBuf,
@@ -90,9 +93,7 @@ fn free_port() -> Result<u16, String> {
 impl Postgres {
     /// Starts a server, installing `postgresql` through `install` when its programs
     /// are missing.
-    pub fn start(
-        install: &mut dyn FnMut(&[&str], &str) -> Result<(), String>,
-    ) -> Result<Postgres, String> {
+    pub fn start(install: &mut Installer<'_>) -> Result<Postgres, String> {
         let bin = match bin_dir() {
             Some(b) => b,
             None => {
@@ -133,6 +134,8 @@ impl Postgres {
                     "--auth=trust",
                     "-E",
                     "UTF8",
+                    // The C locale: the machine's may not be generated.
+                    "--no-locale",
                     "--no-sync",
                     "-D",
                 ])
