@@ -2,17 +2,17 @@
 //!
 //! The disk is walked in windows whose block map is fetched lazily. Chunks of the
 //! writer's chunk size that hold data are read, zero-scanned and encoded in parallel
-//! (rayon), then placed by the writer one by one in guest order, so the output is the
-//! same at any thread count. At most one batch of chunks is in memory at a time.
+//! ([`Workers`]: threads that block when idle, never spin), then placed by the writer
+//! in guest order, so the output is the same at any thread count. A few batches of
+//! chunks are in memory at a time.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use vconvert_core::{
     zero_runs, BlockMap, Chunk, ChunkEncoder, CreateParams, Encoded, Error, ExtentKind, Format,
-    ImageReader, ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind,
+    ImageReader, ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind, Workers,
 };
 
 use crate::registry::{with_writer, WriterJob};
@@ -191,11 +191,9 @@ pub fn copy_image<W: ImageWriter>(
     } else {
         opts.threads
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("vconvert-{i}"))
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start {threads} worker threads: {e}")))?;
+    // Threads that block when idle (see `Workers`): encoding and placement use
+    // `threads` of them, reading as many more.
+    let workers = Workers::new(threads);
 
     let size = src.virtual_size();
     let chunk_size = writer.chunk_size().max(512);
@@ -232,17 +230,12 @@ pub fn copy_image<W: ImageWriter>(
     // (with decompression) must go on meanwhile. Measured: compressed qcow2 -> raw
     // 1.4-1.55 s with one pool for both, 1.07-1.11 s with two.
     let buffers = BufferPool::default();
-    let read_pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("vconvert-read-{i}"))
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start {threads} reader threads: {e}")))?;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
         let reader = Reader {
             buffers: &buffers,
             src,
-            pool: &read_pool,
+            workers: &workers,
             chunk_size,
             batch,
             sparse_size: opts.sparse_size,
@@ -270,25 +263,17 @@ pub fn copy_image<W: ImageWriter>(
             let batch = msg?;
             opts.cancel.check()?;
             let previous = encoded_batch.take();
-            let (encoded, placed) = pool.install(|| {
-                rayon::join(
-                    || {
-                        batch
-                            .chunks
-                            .par_iter()
-                            .map(|chunk| encoder.encode(chunk))
-                            .collect::<Vec<Result<Encoded<W>>>>()
-                    },
-                    || place_encoded(&mut *writer, previous),
-                )
-            });
+            let (encoded, placed) = workers.join(
+                || workers.map(&batch.chunks, |chunk| encoder.encode(chunk)),
+                || place_encoded(&mut *writer, previous, &workers),
+            );
             // Errors in guest order: the earlier batch's placement first, then the first
             // chunk that failed to encode.
             placed_batch(placed?);
             let encoded = encoded.into_iter().collect::<Result<Vec<_>>>()?;
             encoded_batch = Some((batch, encoded));
         }
-        placed_batch(pool.install(|| place_encoded(&mut *writer, encoded_batch))?);
+        placed_batch(place_encoded(&mut *writer, encoded_batch, &workers)?);
         // The reader stops early only by sending an error (handled above) or when the
         // channel closes after the last batch.
         opts.cancel.check()
@@ -299,11 +284,12 @@ pub fn copy_image<W: ImageWriter>(
 fn place_encoded<W: ImageWriter>(
     writer: &mut W,
     encoded: Option<(Batch, Vec<Encoded<W>>)>,
+    workers: &Workers,
 ) -> Result<Option<Batch>> {
     let Some((batch, encoded)) = encoded else {
         return Ok(None);
     };
-    writer.place_batch(&batch.chunks, encoded)?;
+    writer.place_batch(&batch.chunks, encoded, workers)?;
     Ok(Some(batch))
 }
 
@@ -353,7 +339,7 @@ struct Batch {
 struct Reader<'a> {
     buffers: &'a BufferPool,
     src: &'a dyn ImageReader,
-    pool: &'a rayon::ThreadPool,
+    workers: &'a Workers,
     chunk_size: u64,
     batch: usize,
     sparse_size: u64,
@@ -402,20 +388,15 @@ impl Reader<'_> {
             };
             for group in ranges.chunks(self.batch) {
                 self.cancel.check()?;
-                let chunks = self.pool.install(|| {
-                    group
-                        .par_iter()
-                        .map(|r| {
-                            read_chunk(
-                                self.src,
-                                &map.clip(r.clone()),
-                                self.sparse_size,
-                                fully_allocated,
-                                self.top_layer.is_some(),
-                                self.buffers,
-                            )
-                        })
-                        .collect::<Result<Vec<Chunk>>>()
+                let chunks = self.workers.try_map(group, |r| {
+                    read_chunk(
+                        self.src,
+                        &map.clip(r.clone()),
+                        self.sparse_size,
+                        fully_allocated,
+                        self.top_layer.is_some(),
+                        self.buffers,
+                    )
                 })?;
                 let done = group.last().map_or(pos, |r| r.end);
                 if tx.send(Ok(Batch { chunks, done })).is_err() {
