@@ -62,6 +62,19 @@ impl CancelToken {
 /// Progress of a conversion: guest bytes done out of the virtual size.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
+/// The bytes of a raw target, in order from its first byte to its last, as they are
+/// placed (see [`ConvertOptions::observe_raw`]).
+#[derive(Clone, Copy, Debug)]
+pub enum RawBytes<'a> {
+    /// These bytes.
+    Data(&'a [u8]),
+    /// This many zero bytes.
+    Zeros(u64),
+}
+
+/// Sees a raw target's bytes as they are placed (see [`ConvertOptions::observe_raw`]).
+pub type RawObserver<'a> = &'a (dyn Fn(RawBytes<'_>) + Sync);
+
 /// How to convert.
 #[derive(Clone)]
 pub struct ConvertOptions<'a> {
@@ -102,6 +115,12 @@ pub struct ConvertOptions<'a> {
     /// file, which must hold the same content. Zeros past the backing file's end are
     /// not stored (the target reads zeros there).
     pub target_backing_size: Option<u64>,
+    /// Given every byte of a new raw target once, in order, as batches are placed: a
+    /// caller hashes the output while it is written instead of reading it again. The
+    /// pieces cover exactly `0..virtual size`; ranges the conversion leaves as holes
+    /// come as [`RawBytes::Zeros`]. Only for a new raw target (not `existing`): any
+    /// other target is refused, since its bytes are not the guest's in order.
+    pub observe_raw: Option<RawObserver<'a>>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -120,6 +139,7 @@ impl Default for ConvertOptions<'_> {
             identity_seed: None,
             rate_limit: None,
             target_backing_size: None,
+            observe_raw: None,
         }
     }
 }
@@ -136,6 +156,16 @@ pub fn convert(
     options: Options,
     opts: &ConvertOptions<'_>,
 ) -> Result<()> {
+    if opts.observe_raw.is_some() && (format != Format::Raw || opts.existing) {
+        return Err(Error::invalid(format!(
+            "only a new raw target's bytes can be observed as they are written, not {}",
+            if opts.existing {
+                "an existing target's".to_string()
+            } else {
+                format!("a {format} target's")
+            }
+        )));
+    }
     let mut output = Output::new(target, opts.existing);
     if !opts.no_sync {
         output.write_direct(opts.direct);
@@ -245,9 +275,14 @@ pub fn copy_image<W: ImageWriter>(
         };
         scope.spawn(move || reader.run(&tx));
         let encoder = writer.encoder();
+        // How far the raw observer has been given the target's bytes.
+        let mut observed = 0u64;
         let mut placed_batch = |placed: Option<Batch>| {
             if let Some(batch) = placed {
                 processed += batch.chunks.iter().map(|c| c.len).sum::<u64>();
+                if let Some(observe) = opts.observe_raw {
+                    observed = observe_chunks(observe, &batch.chunks, observed);
+                }
                 for chunk in batch.chunks {
                     buffers.put(chunk.data);
                 }
@@ -274,10 +309,33 @@ pub fn copy_image<W: ImageWriter>(
             encoded_batch = Some((batch, encoded));
         }
         placed_batch(place_encoded(&mut *writer, encoded_batch, &workers)?);
+        if let Some(observe) = opts.observe_raw {
+            if observed < size {
+                observe(RawBytes::Zeros(size - observed));
+            }
+        }
         // The reader stops early only by sending an error (handled above) or when the
         // channel closes after the last batch.
         opts.cancel.check()
     })
+}
+
+/// Gives `observe` the raw target's bytes from `from` to the end of `chunks` (placed, in
+/// guest order): the gaps between chunks and chunks without data are zeros. Returns
+/// where it stopped.
+fn observe_chunks(observe: RawObserver<'_>, chunks: &[Chunk], from: u64) -> u64 {
+    let mut at = from;
+    for c in chunks {
+        if c.offset > at {
+            observe(RawBytes::Zeros(c.offset - at));
+        }
+        match c.data.get(..c.len as usize).filter(|_| c.has_data()) {
+            Some(data) => observe(RawBytes::Data(data)),
+            None => observe(RawBytes::Zeros(c.len)),
+        }
+        at = c.offset + c.len;
+    }
+    at
 }
 
 /// Places an encoded batch, if any, and gives the batch back (to recycle its buffers).
