@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_import;
+mod postgres;
 mod test;
 
 use std::path::{Path, PathBuf};
@@ -14,7 +15,10 @@ Tasks:
   test [ARGS]                  the README's test command: installs qemu-utils when missing
                                (as root), makes target/test-venv with the OpenStack
                                clients (reused), then cargo test --workspace --release
-                               ARGS (CI=1: client tests must run, not skip)
+                               ARGS (CI=1: client tests must run, not skip); starts
+                               a throwaway PostgreSQL on 127.0.0.1 for the catalogue
+                               and several-hosts tests (installs postgresql as root
+                               when missing; without it the command fails)
   lint                         cargo fmt --check, then clippy -D warnings on every target
   soak                         the long #[ignore] tests of the workspace, in release mode
   fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N

@@ -21,7 +21,10 @@ VIMPORT_<KEY> environment variables, which win. Keys and defaults:
   workspace_dir       <data_dir>/workspace
   workspace_bytes     64G
   store_dir           <data_dir>/store
-  database            <data_dir>/vimport.db
+  database            <data_dir>/vimport.db  (a SQLite file: one host), or
+                      postgres://user:password@host:port/db  (several hosts)
+  host_id             <hostname>:<workspace_dir>  (unique per host, stable)
+  task_lease          30   (seconds; a silent host's tasks fail after it)
   listen              127.0.0.1:9292
   token               an admin token (project 'admin'); with no token and no
                       tokens, one is generated into <data_dir>/token
