@@ -8,7 +8,7 @@
 //! [`http`] (axum routers, one per resource), [`service`] (images, tasks, tenancy,
 //! workers, shutdown), [`workflow`] (inspect → convert → hash → store, behind
 //! [`store::Store`]), [`web_download`], [`db`] (SQLite, `migrations/`),
-//! [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
+//! `rbd_store` (Ceph RBD, cargo feature `rbd`), [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
 //! [`error`].
 
 #![warn(missing_docs)]
@@ -18,6 +18,8 @@ pub mod db;
 pub mod error;
 pub mod failpoint;
 pub mod http;
+#[cfg(feature = "rbd")]
+pub mod rbd_store;
 pub mod service;
 pub mod store;
 pub mod web_download;

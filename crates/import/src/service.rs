@@ -20,7 +20,7 @@ use crate::config::{
 };
 use crate::db::{now, rfc3339, Db, Image, Stored, Task};
 use crate::error::{Error, Result};
-use crate::store::{FsStore, Store};
+use crate::store::{FsStore, Store, StoredData};
 use crate::workspace::Workspace;
 use crate::{failpoint, web_download, workflow};
 
@@ -147,6 +147,26 @@ fn is_uuid(s: &str) -> bool {
         && s.len() == 36
 }
 
+/// The store `config` names: `store_dir`, or (cargo feature `rbd`) a Ceph pool.
+fn open_store(config: &Config) -> std::result::Result<Arc<dyn Store>, String> {
+    match config.store {
+        crate::config::StoreKind::Fs => {
+            let store = FsStore::new(&config.store_dir)
+                .map_err(|e| format!("cannot create {}: {e}", config.store_dir.display()))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(feature = "rbd")]
+        crate::config::StoreKind::Rbd => {
+            Ok(Arc::new(crate::rbd_store::RbdStore::connect(&config.rbd)?))
+        }
+        #[cfg(not(feature = "rbd"))]
+        crate::config::StoreKind::Rbd => Err("store = \"rbd\": this vimport was built \
+            without RBD support; build it with the cargo feature `rbd` (`cargo build --release \
+            -p vconvert-import --features rbd`, which needs librbd-dev and librados-dev)"
+            .into()),
+    }
+}
+
 /// How an import waiting in a `PUT /file` learns its end.
 type Waiter = mpsc::Sender<std::result::Result<(), String>>;
 
@@ -209,13 +229,12 @@ impl Service {
                     config.workspace_dir.display()
                 )
             })?;
-        let store = FsStore::new(&config.store_dir)
-            .map_err(|e| format!("cannot create {}: {e}", config.store_dir.display()))?;
+        let store = open_store(&config)?;
         let service = Arc::new(Service {
             tokens,
             db,
             workspace,
-            store: Arc::new(store),
+            store,
             queue: Mutex::new(VecDeque::new()),
             queued: Condvar::new(),
             cancels: Mutex::new(HashMap::new()),
@@ -769,6 +788,14 @@ impl Service {
         if let Some(c) = self.cancels.lock().map_err(Error::internal)?.get(id) {
             c.cancel();
         }
+        // Data that cannot go now (an RBD snapshot with clones) keeps the image.
+        self.store.check_deletable(id).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ResourceBusy {
+                Error::Conflict(e.to_string())
+            } else {
+                Error::Internal(format!("stored data of image {id}: {e}"))
+            }
+        })?;
         // The catalogue first (the image, its tags, properties and tasks, in one
         // statement): once it is gone, any file of it is an orphan that the import
         // (when it ends) or the startup recovery removes.
@@ -779,7 +806,11 @@ impl Service {
             self.workspace.release(&format!("stage:{id}"));
         }
         failpoint::hit("delete.files");
-        self.store.delete(id).map_err(Error::internal)?;
+        // An import in progress removes what it stored itself when it finds the image
+        // gone (its RBD image is open until then, and cannot be removed under it).
+        if img.status != "importing" {
+            self.store.delete(id).map_err(Error::internal)?;
+        }
         Ok(())
     }
 
@@ -789,7 +820,7 @@ impl Service {
         &self,
         caller: &Caller,
         id: &str,
-    ) -> Result<Option<(std::fs::File, u64, Option<String>)>> {
+    ) -> Result<Option<(Box<dyn StoredData>, u64, Option<String>)>> {
         let img = self.image_for(caller, id)?;
         if img.status != "active" {
             return Ok(None);

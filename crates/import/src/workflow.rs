@@ -132,6 +132,10 @@ fn run_inner(
             })?;
             let virtual_size = src.virtual_size();
             let target = job.target;
+            if target == Format::Raw && store.writes_raw_directly() {
+                // Straight from the engine into the store: no workspace file.
+                return store_raw_directly(job, store, src.as_ref(), declared, virtual_size);
+            }
             if declared == target {
                 (
                     job.staging.to_path_buf(),
@@ -194,10 +198,32 @@ fn convert(
             ))
         },
     )?;
+    with_convert_options(job, declared, |opts| {
+        vconvert_engine::convert(src, output, target, Options::new(), opts)
+    })?;
+    failpoint::hit("convert.done");
+    let check =
+        vconvert_engine::inspect(output, Some(target), job.policy).map_err(|e| e.to_string())?;
+    if !check.violations.is_empty() {
+        return Err(format!(
+            "converted image refused: {}",
+            check.violations.join("; ")
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `f` with the job's conversion options (cancel, rate limit, progress reported
+/// as the task's message); its error becomes the task's message.
+fn with_convert_options(
+    job: &Job<'_>,
+    declared: Format,
+    f: impl FnOnce(&ConvertOptions<'_>) -> vconvert_core::Result<()>,
+) -> Result<(), String> {
     let label = format!(
         "converting {} to {}",
         disk_format_name(declared),
-        disk_format_name(target)
+        disk_format_name(job.target)
     );
     let last = Mutex::new(Instant::now() - Duration::from_secs(1));
     let progress = |done: u64, total: u64| {
@@ -220,23 +246,58 @@ fn convert(
         rate_limit: job.rate_limit,
         ..ConvertOptions::default()
     };
-    vconvert_engine::convert(src, output, target, Options::new(), &opts).map_err(|e| match e {
+    f(&opts).map_err(|e| match e {
         vconvert_core::Error::Cancelled => "cancelled".to_string(),
         e => format!(
             "conversion of the {} upload failed: {e}",
             disk_format_name(declared)
         ),
-    })?;
+    })
+}
+
+/// A raw target in a store that takes it straight from the engine (RBD): the
+/// conversion writes the data into the store, then the stored image is hashed (read
+/// back) and recorded. Nothing of it stays in the store on error. The workspace holds
+/// only the staged upload.
+fn store_raw_directly(
+    job: &Job<'_>,
+    store: &dyn Store,
+    src: &dyn vconvert_core::ImageReader,
+    declared: Format,
+    virtual_size: u64,
+) -> Result<Stored, String> {
+    with_convert_options(job, declared, |opts| store.put_raw(job.image_id, src, opts))?;
     failpoint::hit("convert.done");
-    let check =
-        vconvert_engine::inspect(output, Some(target), job.policy).map_err(|e| e.to_string())?;
-    if !check.violations.is_empty() {
-        return Err(format!(
-            "converted image refused: {}",
-            check.violations.join("; ")
-        ));
+    let result = (|| {
+        if job.cancel.is_cancelled() {
+            return Err("cancelled".to_string());
+        }
+        (job.progress)("computing checksums");
+        let (mut data, _) = store
+            .open(job.image_id)
+            .map_err(|e| format!("cannot read the stored image: {e}"))?;
+        let (checksum, sha512, size) =
+            hashes_of(&mut data).map_err(|e| format!("cannot read the stored image: {e}"))?;
+        failpoint::hit("hash.done");
+        if job.cancel.is_cancelled() {
+            return Err("cancelled".to_string());
+        }
+        let stored = Stored {
+            disk_format: disk_format_name(Format::Raw).to_string(),
+            size,
+            virtual_size,
+            checksum,
+            sha512,
+        };
+        (job.record)(&stored)?;
+        failpoint::hit("store.intent");
+        failpoint::hit("store.moved");
+        Ok(stored)
+    })();
+    if result.is_err() {
+        let _ = store.delete(job.image_id);
     }
-    Ok(())
+    result
 }
 
 #[cfg(test)]
