@@ -13,8 +13,9 @@
 # Two clusters at once need other ports: CEPH_DEV_PORT (msgr v2, default 3300) and
 # CEPH_DEV_PORT_V1 (default 6789).
 #
-# When run as root, the packages are installed when missing:
-#   ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev
+# When Ceph's programs are missing and this runs as root on Debian, the packages are
+# installed: ceph-mon ceph-mgr ceph-osd ceph-common librbd-dev librados-dev
+# (the last two are for building vimport with the cargo feature `rbd`).
 #
 # The approach of go-ceph's testing/containers/micro-osd.sh (written anew here).
 set -euo pipefail
@@ -36,20 +37,21 @@ CONF="$DIR/ceph.conf"
 log() { echo "ceph-dev: $*" >&2; }
 
 ensure_packages() {
-    local missing=()
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    local need=(ceph-mon ceph-osd ceph-authtool monmaptool ceph rbd) missing=() c
+    [ "${CEPH_DEV_MGR:-1}" = 1 ] && need+=(ceph-mgr)
+    for c in "${need[@]}"; do
+        command -v "$c" >/dev/null 2>&1 || missing+=("$c")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    if [ "$(id -u)" != 0 ]; then
-        log "missing packages: ${missing[*]}; install them with"
-        log "  apt-get install --no-install-recommends ${missing[*]}   (as root)"
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        log "missing: ${missing[*]}; install Debian's Ceph packages with"
+        log "  apt-get install --no-install-recommends ${PACKAGES[*]}   (as root)"
         exit 1
     fi
-    log "installing ${missing[*]}"
+    log "missing: ${missing[*]}; installing ${PACKAGES[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null
 }
 
 # Stops every daemon whose pid file is in DIR/run, waiting until each is gone.

@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer tasks that are more than one cargo command.
 
 mod bench;
+mod ceph;
 mod test;
 
 use std::path::{Path, PathBuf};
@@ -10,10 +11,12 @@ const HELP: &str = "\
 cargo xtask <TASK>
 
 Tasks:
-  test [ARGS]                  the README's test command: installs qemu-utils when missing
-                               (as root), makes target/test-venv with the OpenStack
-                               clients (reused), then cargo test --workspace --release
-                               ARGS (CI=1: client tests must run, not skip)
+  test [ARGS]                  the README's test command: installs qemu-utils and Ceph
+                               when missing (as root), makes target/test-venv with the
+                               OpenStack clients (reused), starts a throwaway Ceph on
+                               loopback (target/test-ceph), then cargo test --workspace
+                               --release [--features vconvert-import/rbd] ARGS, then
+                               stops Ceph (CI=1: client and RBD tests must run, not skip)
   lint                         cargo fmt --check, then clippy -D warnings on every target
   soak                         the long #[ignore] tests of the workspace, in release mode
   fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N

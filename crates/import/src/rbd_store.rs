@@ -9,6 +9,9 @@
 //! - deletion unprotects the snapshot (a snapshot with clones refuses: the image is
 //!   in use), removes it, then removes the image.
 //!
+//! An RBD image is written under the name `ID.partial`, sealed (flushed, snapshot made
+//! and protected), then renamed to the id: an RBD image named by an id is complete.
+//!
 //! A raw image goes straight from the engine into the RBD image
 //! ([`Store::put_raw`]): only its data extents are written (a new RBD image reads as
 //! zeros), in parallel through librbd's asynchronous writes, in batches bounded by the
@@ -28,6 +31,30 @@ use crate::store::{Store, StoredData};
 
 /// The snapshot every image gets (Glance's `DEFAULT_SNAPNAME`).
 pub const SNAPSHOT: &str = "snap";
+
+/// Appended to an image id to name its RBD image while it is written.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
+/// `EEXIST`.
+const EEXIST: i32 = 17;
+
+/// An error of [`Store::put_raw`]: the engine's, or the store's own.
+enum PublishError {
+    Engine(vconvert_core::Error),
+    Io(io::Error),
+}
+
+impl From<io::Error> for PublishError {
+    fn from(e: io::Error) -> Self {
+        PublishError::Io(e)
+    }
+}
+
+impl From<vconvert_core::Error> for PublishError {
+    fn from(e: vconvert_core::Error) -> Self {
+        PublishError::Engine(e)
+    }
+}
 
 /// Chunks of a file streamed into an image that are written at once.
 const FILE_BATCH: usize = 8;
@@ -69,7 +96,7 @@ impl RbdStore {
     fn create(&self, id: &str, size: u64) -> io::Result<Image> {
         let order = Some(self.config.order());
         if let Err(e) = self.pool.create(id, size, order) {
-            if e.errno != 17 {
+            if e.errno != EEXIST {
                 return Err(e.into());
             }
             tracing::warn!(
@@ -181,18 +208,52 @@ impl BlockTarget for RbdTarget<'_> {
     }
 }
 
+/// The name an image's RBD image has while it is written: renamed to the id once
+/// complete, so an RBD image named by an id is always complete.
+fn partial_name(id: &str) -> String {
+    format!("{id}{PARTIAL_SUFFIX}")
+}
+
+impl RbdStore {
+    /// Writes image `id` through `write` into a new RBD image of `size` bytes named
+    /// [`partial_name`], seals it (flush, snapshot) and renames it to `id`. On any
+    /// error the partial RBD image is removed.
+    fn publish<E: From<io::Error>>(
+        &self,
+        id: &str,
+        size: u64,
+        write: impl FnOnce(&Image) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let tmp = partial_name(id);
+        let result = (|| {
+            let image = self.create(&tmp, size)?;
+            write(&image)?;
+            self.seal(&image)?;
+            drop(image);
+            // An RBD image named by the id that no catalogue entry points to (left by
+            // an import interrupted after its rename) is replaced.
+            match self.pool.rename(&tmp, id) {
+                Err(e) if e.errno == EEXIST => {
+                    self.remove(id)?;
+                    self.pool.rename(&tmp, id).map_err(io::Error::from)?;
+                }
+                other => other.map_err(io::Error::from)?,
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            if let Err(e) = self.remove(&tmp) {
+                tracing::error!(image = %id, error = %e, "rbd store: cannot remove the partial RBD image {}", self.spec(&tmp));
+            }
+        }
+        result
+    }
+}
+
 impl Store for RbdStore {
     fn put(&self, id: &str, from: &Path) -> io::Result<()> {
         let len = std::fs::metadata(from)?.len();
-        let image = self.create(id, len)?;
-        let result = self
-            .copy_file(from, &image, len)
-            .and_then(|()| self.seal(&image));
-        drop(image);
-        if let Err(e) = result {
-            let _ = self.remove(id);
-            return Err(e);
-        }
+        self.publish(id, len, |image| self.copy_file(from, image, len))?;
         std::fs::remove_file(from)
     }
 
@@ -206,26 +267,19 @@ impl Store for RbdStore {
         src: &dyn ImageReader,
         opts: &ConvertOptions<'_>,
     ) -> vconvert_core::Result<()> {
-        let name = self.spec(id);
-        let result = (|| {
-            let image = self
-                .create(id, src.virtual_size())
-                .map_err(|e| vconvert_core::Error::io(&name, "cannot create the RBD image", e))?;
+        let name = self.spec(&partial_name(id));
+        self.publish(id, src.virtual_size(), |image| {
             let target = RbdTarget {
-                image: &image,
+                image,
                 name: name.clone(),
                 chunk_size: self.config.chunk_size,
             };
-            vconvert_engine::convert_to_block(src, &target, opts)?;
-            self.seal(&image)
-                .map_err(|e| vconvert_core::Error::io(&name, "cannot snapshot the RBD image", e))
-        })();
-        if result.is_err() {
-            if let Err(e) = self.remove(id) {
-                tracing::error!(image = %id, error = %e, "rbd store: cannot remove the partial RBD image {name}");
-            }
-        }
-        result
+            vconvert_engine::convert_to_block(src, &target, opts).map_err(PublishError::Engine)
+        })
+        .map_err(|e| match e {
+            PublishError::Engine(e) => e,
+            PublishError::Io(e) => vconvert_core::Error::io(&name, "cannot store the RBD image", e),
+        })
     }
 
     fn open(&self, id: &str) -> io::Result<(Box<dyn StoredData>, u64)> {

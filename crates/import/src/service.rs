@@ -126,6 +126,11 @@ pub struct Page<T> {
 /// `task_time_to_live` default, 48 hours).
 const TASK_TTL: Duration = Duration::from_secs(48 * 3600);
 
+/// How often the removal of a busy orphan store object is retried after start.
+const ORPHAN_RETRY: Duration = Duration::from_secs(5);
+/// For how long (Ceph's default watch timeout of a dead client is 30 s).
+const ORPHAN_RETRY_FOR: Duration = Duration::from_secs(120);
+
 /// Glance's `limit_param_default` and `api_limit_max`.
 const DEFAULT_LIMIT: usize = 25;
 const MAX_LIMIT: usize = 1000;
@@ -244,6 +249,7 @@ impl Service {
             config,
         });
         service.recover(true)?;
+        service.remove_orphans_later();
         for i in 0..service.config.max_workers {
             let s = service.clone();
             std::thread::Builder::new()
@@ -372,25 +378,55 @@ impl Service {
         Ok(done)
     }
 
-    /// Removes every store object that belongs to no active image, naming it.
-    fn reconcile_store(&self) -> std::result::Result<(), String> {
-        // Glance keeps the data of a deactivated image too.
-        let active: std::collections::HashSet<String> = self
+    /// The store objects that belong to no image with data (active or deactivated:
+    /// Glance keeps the data of a deactivated image too) nor to an import in progress
+    /// (at start, this host's interrupted imports were already returned to `queued`;
+    /// with a shared store, another host's import is `importing`).
+    fn orphans(&self) -> std::result::Result<Vec<String>, String> {
+        let status: HashMap<String, String> = self
             .db
             .images()?
             .into_iter()
-            .filter(|i| i.status == "active" || i.status == "deactivated")
-            .map(|i| i.id)
+            .map(|i| (i.id, i.status))
             .collect();
         let names = self
             .store
             .ids()
             .map_err(|e| format!("cannot list the store: {e}"))?;
-        for name in names.into_iter().filter(|n| !active.contains(n)) {
+        // A partial copy (`.ID.partial` in a directory, `ID.partial` in a pool) is kept
+        // only while its import runs; complete data while its image has data too.
+        let keep = |n: &String| {
+            let bare = n.strip_prefix('.').unwrap_or(n);
+            let (id, partial) = match bare.strip_suffix(".partial") {
+                Some(id) => (id, true),
+                None => (bare, false),
+            };
+            let kept: &[&str] = if partial {
+                &["importing"]
+            } else {
+                &["active", "deactivated", "importing"]
+            };
+            status.get(id).is_some_and(|s| kept.contains(&s.as_str()))
+        };
+        Ok(names.into_iter().filter(|n| !keep(n)).collect())
+    }
+
+    /// Removes every store object that belongs to no active image, naming it. An
+    /// object that is busy (an RBD image still watched by the client of a vimport that
+    /// was killed: Ceph drops the watch after `osd_client_watch_timeout`, 30 s) is
+    /// removed later by [`Service::remove_orphans_later`].
+    fn reconcile_store(&self) -> std::result::Result<(), String> {
+        for name in self.orphans()? {
             match self.store.delete(&name) {
                 Ok(()) => tracing::warn!(
                     object = %name,
                     "recovery: removed store object {name}: it belongs to no active image"
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => tracing::warn!(
+                    object = %name,
+                    error = %e,
+                    "recovery: store object {name} belongs to no active image but is busy; \
+                     retrying in the background"
                 ),
                 Err(e) => tracing::error!(
                     object = %name,
@@ -400,6 +436,52 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// After the start's reconciliation: if orphan store objects are left (busy), a
+    /// thread retries their removal every [`ORPHAN_RETRY`] for [`ORPHAN_RETRY_FOR`],
+    /// listing them again each time (an image imported meanwhile is no orphan).
+    fn remove_orphans_later(self: &Arc<Self>) {
+        if self.orphans().map_or(true, |o| o.is_empty()) {
+            return;
+        }
+        let s = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vimport-orphans".into())
+            .spawn(move || {
+                let until = Instant::now() + ORPHAN_RETRY_FOR;
+                while !s.stopping.load(Ordering::SeqCst) {
+                    std::thread::sleep(ORPHAN_RETRY);
+                    let Ok(orphans) = s.orphans() else { continue };
+                    let mut left = Vec::new();
+                    for name in orphans {
+                        match s.store.delete(&name) {
+                            Ok(()) => tracing::warn!(
+                                object = %name,
+                                "recovery: removed store object {name}: it belongs to no active image"
+                            ),
+                            Err(e) => left.push((name, e)),
+                        }
+                    }
+                    if left.is_empty() {
+                        return;
+                    }
+                    if Instant::now() >= until {
+                        for (name, e) in left {
+                            tracing::error!(
+                                object = %name,
+                                error = %e,
+                                "recovery: cannot remove store object {name}, which belongs \
+                                 to no active image; remove it by hand"
+                            );
+                        }
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "recovery: cannot start the orphan removal thread");
+        }
     }
 
     /// The caller a token stands for, compared in constant time with every token.

@@ -48,6 +48,7 @@ extern "C" {
 extern "C" {
     pub fn rbd_create(io: IoCtx, name: *const c_char, size: u64, order: *mut c_int) -> c_int;
     pub fn rbd_remove(io: IoCtx, name: *const c_char) -> c_int;
+    pub fn rbd_rename(io: IoCtx, src: *const c_char, dst: *const c_char) -> c_int;
     pub fn rbd_list2(io: IoCtx, images: *mut ImageSpec, max: *mut usize) -> c_int;
     pub fn rbd_image_spec_list_cleanup(images: *mut ImageSpec, n: usize);
     pub fn rbd_open(

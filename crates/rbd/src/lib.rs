@@ -307,6 +307,17 @@ impl Pool {
         })
     }
 
+    /// Renames image `from` to `to` in this pool (its snapshots go with it). `EEXIST`
+    /// when `to` exists.
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (from_c, to_c) = (cstr(from, "image name")?, cstr(to, "image name")?);
+        // SAFETY: open I/O context, two NUL-terminated names outliving the call.
+        let ret = unsafe { ffi::rbd_rename(self.inner.io, from_c.as_ptr(), to_c.as_ptr()) };
+        check(ret, || {
+            format!("cannot rename RBD image {} to {to}", self.spec(from))
+        })
+    }
+
     /// The names of every image in the pool.
     pub fn list(&self) -> Result<Vec<String>> {
         let mut max: usize = 0;
