@@ -591,3 +591,74 @@ fn non_raw_output_goes_through_the_workspace_into_rbd() {
     assert_eq!(v.call("DELETE", &format!("/v2/images/{id}"), None).0, 204);
     assert_eq!(pool.images(), Vec::<String>::new());
 }
+
+#[test]
+fn a_raw_import_into_rbd_reserves_only_the_staged_upload() {
+    let Some(conf) = ceph() else { return };
+    let Some(q) = qemu() else { return };
+    let pool = TestPool::new(&conf, "workspace");
+    let dir = tempdir();
+    // A compressed qcow2 whose raw data is about three times its size.
+    let raw = dir.path().join("compressible.raw");
+    vconvert_testkit::write_compressible_raw(&raw, 48 << 20, 8);
+    let qcow = dir.path().join("src.qcow2");
+    q.img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]);
+    let staged = std::fs::metadata(&qcow).unwrap().len();
+    let data = vconvert_engine::measure(
+        Some(
+            vconvert_engine::open(&qcow, None, &Default::default())
+                .unwrap()
+                .as_ref(),
+        ),
+        0,
+        vconvert_core::Format::Raw,
+        &vconvert_core::Options::new(),
+    )
+    .unwrap()
+    .required;
+    let quota = staged + (1 << 20);
+    assert!(
+        data > quota,
+        "the raw output ({data}) must not fit in {quota}"
+    );
+    let quota_s = quota.to_string();
+    let bytes = std::fs::read(&qcow).unwrap();
+
+    // Control: into the directory store, the raw output needs the workspace.
+    let fs = Vimport::start(
+        &dir.path().join("fs"),
+        &[("VIMPORT_WORKSPACE_BYTES", quota_s.as_str())],
+    );
+    let id = fs.create("fs", "qcow2");
+    assert_eq!(fs.stage(&id, &bytes), 204);
+    assert_eq!(fs.import(&id).0, 202);
+    let task = fs.wait_import(&id, Duration::from_secs(60));
+    assert_eq!(task["status"], "failure", "{task}");
+    assert!(
+        task["message"].as_str().unwrap().contains("workspace full"),
+        "{task}"
+    );
+    drop(fs);
+
+    // Into RBD the raw output never touches the workspace: only the upload counts.
+    let v = start(
+        &dir.path().join("rbd"),
+        &pool,
+        &[("VIMPORT_WORKSPACE_BYTES", quota_s.as_str())],
+    );
+    let id = import(&v, &qcow, "qcow2");
+    let exported = dir.path().join("export.raw");
+    pool.export(&id, &exported);
+    q.assert_same("qcow2", &qcow, "raw", &exported);
+    let (ws, _) = v.files();
+    assert!(ws.is_empty(), "workspace not empty: {ws:?}");
+}
