@@ -172,6 +172,9 @@ fn open_store(config: &Config) -> std::result::Result<Arc<dyn Store>, String> {
     }
 }
 
+/// An image's stored data (read from any offset), its length and its MD5.
+pub type ImageData = (Box<dyn StoredData>, u64, Option<String>);
+
 /// How an import waiting in a `PUT /file` learns its end.
 type Waiter = mpsc::Sender<std::result::Result<(), String>>;
 
@@ -898,11 +901,7 @@ impl Service {
 
     /// The stored data of an image `caller` may see: the file, its length and MD5.
     /// `Ok(None)`: the image has no data (204).
-    pub fn image_data(
-        &self,
-        caller: &Caller,
-        id: &str,
-    ) -> Result<Option<(Box<dyn StoredData>, u64, Option<String>)>> {
+    pub fn image_data(&self, caller: &Caller, id: &str) -> Result<Option<ImageData>> {
         let img = self.image_for(caller, id)?;
         if img.status != "active" {
             return Ok(None);
