@@ -590,4 +590,42 @@ mod tests {
         let e = Config::load(None, &env(&[("VIMPORT_WORKERS", "1")])).unwrap_err();
         assert!(e.0.contains("unknown configuration key 'workers'"), "{e}");
     }
+
+    #[test]
+    fn rbd_settings_have_glance_defaults_and_are_checked() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c.store, StoreKind::Fs);
+        assert_eq!(c.rbd.pool, "images");
+        assert_eq!(c.rbd.user, None);
+        assert_eq!(c.rbd.chunk_size, 8 << 20);
+        assert_eq!(c.rbd.order(), 23);
+        assert!(c.rbd.snapshot);
+        let c = Config::load(
+            None,
+            &env(&[
+                ("VIMPORT_STORE", "rbd"),
+                ("VIMPORT_RBD_POOL", "glance"),
+                ("VIMPORT_RBD_USER", "client.glance"),
+                ("VIMPORT_CEPH_CONF", "/etc/ceph/x.conf"),
+                ("VIMPORT_RBD_CHUNK_SIZE", "4M"),
+                ("VIMPORT_RBD_SNAPSHOT", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.store, StoreKind::Rbd);
+        assert_eq!(c.rbd.pool, "glance");
+        assert_eq!(c.rbd.user.as_deref(), Some("glance"));
+        assert_eq!(c.rbd.ceph_conf, Some(PathBuf::from("/etc/ceph/x.conf")));
+        assert_eq!(c.rbd.order(), 22);
+        assert!(!c.rbd.snapshot);
+        for (k, v, says) in [
+            ("VIMPORT_STORE", "swift", "not fs or rbd"),
+            ("VIMPORT_RBD_CHUNK_SIZE", "3M", "power of two"),
+            ("VIMPORT_RBD_CHUNK_SIZE", "64M", "power of two"),
+            ("VIMPORT_RBD_SNAPSHOT", "maybe", "true or false"),
+        ] {
+            let e = Config::load(None, &env(&[(k, v)])).unwrap_err();
+            assert!(e.0.contains(says) && e.0.contains(k), "{k}={v}: {e}");
+        }
+    }
 }

@@ -283,7 +283,7 @@ impl Store for RbdStore {
     }
 
     fn open(&self, id: &str) -> io::Result<(Box<dyn StoredData>, u64)> {
-        let image = self.pool.open(id)?;
+        let image = self.pool.open_read_only(id)?;
         let size = image.size()?;
         let reader = RbdReader {
             image,

@@ -266,6 +266,11 @@ impl Pool {
         self.open_with(name, None, false)
     }
 
+    /// Opens image `name` read-only (no watch, no lock: for readers).
+    pub fn open_read_only(&self, name: &str) -> Result<Image> {
+        self.open_with(name, None, true)
+    }
+
     /// Opens snapshot `snap` of image `name`, read-only.
     pub fn open_snapshot(&self, name: &str, snap: &str) -> Result<Image> {
         self.open_with(name, Some(snap), true)
