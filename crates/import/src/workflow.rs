@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use md5::Md5;
@@ -50,22 +50,43 @@ pub fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
     hashes_of(&mut std::fs::File::open(path)?)
 }
 
-/// MD5 and SHA-512 (hex) of what `f` reads, and its length.
+/// MD5 and SHA-512 (hex) of what `f` reads, and its length. The SHA-512 runs on a
+/// thread of its own, fed the same buffers, so the two cost the slower of them.
 pub fn hashes_of(f: &mut dyn Read) -> std::io::Result<(String, String, u64)> {
-    let (mut md5, mut sha) = (Md5::new(), Sha512::new());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        md5.update(&buf[..n]);
-        sha.update(&buf[..n]);
-        n_total += n as u64;
-        failpoint::hit("hash.reading");
-    }
-    Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
+    /// Buffers in flight to the SHA-512 thread.
+    const DEPTH: usize = 4;
+    std::thread::scope(|s| {
+        let (to_sha, from_reader) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(DEPTH);
+        let sha = s.spawn(move || {
+            let mut sha = Sha512::new();
+            for b in from_reader {
+                sha.update(&b[..]);
+            }
+            sha.finalize()
+        });
+        let mut md5 = Md5::new();
+        let mut n_total = 0u64;
+        let read = (|| loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.truncate(n);
+            md5.update(&buf);
+            n_total += n as u64;
+            if to_sha.send(Arc::new(buf)).is_err() {
+                return Err(std::io::Error::other("the SHA-512 thread ended early"));
+            }
+            failpoint::hit("hash.reading");
+        })();
+        drop(to_sha);
+        let sha = sha
+            .join()
+            .map_err(|_| std::io::Error::other("the SHA-512 thread panicked"))?;
+        read?;
+        Ok((hex(&md5.finalize()), hex(&sha), n_total))
+    })
 }
 
 /// The engine's format names in an engine message, as Glance's users know them (the
@@ -302,6 +323,34 @@ fn store_raw_directly(
 
 #[cfg(test)]
 mod tests {
+    use md5::Md5;
+    use sha2::{Digest, Sha512};
+
+    /// Reads at most 7777 bytes at a time (odd sizes, many calls).
+    struct Dribble<'a>(&'a [u8]);
+
+    impl std::io::Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.len().min(buf.len()).min(7777);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn hashes_of_equals_one_shot_digests() {
+        let data: Vec<u8> = (0..(5u32 << 20) / 2 + 5)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let (md5, sha, n) = super::hashes_of(&mut Dribble(&data)).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(md5, super::hex(&Md5::digest(&data)));
+        assert_eq!(sha, super::hex(&Sha512::digest(&data)));
+        let (md5, _, n) = super::hashes_of(&mut Dribble(&[])).unwrap();
+        assert_eq!((md5.as_str(), n), ("d41d8cd98f00b204e9800998ecf8427e", 0));
+    }
+
     #[test]
     fn engine_names_become_glance_names() {
         assert_eq!(
