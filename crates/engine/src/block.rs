@@ -9,6 +9,10 @@
 //! asynchronous I/O). The bytes are the same in any order: the result is deterministic.
 //! Creating the target, and removing it when the conversion fails or is cancelled, is
 //! the caller's.
+//!
+//! An observer, when given, sees every byte of the converted image in guest order
+//! (zeros included) while the batch holding them is written, so a caller can hash what
+//! it stored without reading it back.
 
 use vconvert_core::{
     Chunk, CreateParams, Error, ImageReader, ImageWriter, PlainChunks, Result, RunKind,
@@ -31,13 +35,19 @@ pub trait BlockTarget: Send + Sync {
     fn flush(&self) -> std::io::Result<()>;
 }
 
+/// Sees the converted image's bytes in guest order, every one of them, as they are
+/// written (see the module doc).
+pub type Observer<'a> = &'a mut (dyn FnMut(&[u8]) + Send + Sync);
+
 /// Converts `src` into `target` as a raw image: its data runs only (see the module
-/// doc). `target` must be at least the virtual size and read as zeros. On error or
-/// cancellation the target holds part of the image: the caller removes it.
+/// doc); `observe` (if any) is fed the whole image in guest order. `target` must be at
+/// least the virtual size and read as zeros. On error or cancellation the target holds
+/// part of the image: the caller removes it.
 pub fn convert_to_block(
     src: &dyn ImageReader,
     target: &dyn BlockTarget,
     opts: &ConvertOptions<'_>,
+    observe: Option<Observer<'_>>,
 ) -> Result<()> {
     let params = CreateParams {
         virtual_size: src.virtual_size(),
@@ -46,19 +56,41 @@ pub fn convert_to_block(
         compress: false,
         identity_seed: None,
     };
-    let mut writer = BlockWriter { target };
+    let mut writer = BlockWriter {
+        target,
+        observe,
+        observed: 0,
+        size: src.virtual_size(),
+    };
     copy_image(src, &mut writer, &params, opts)?;
     opts.cancel.check()?;
     writer.finish()
 }
 
-/// The [`ImageWriter`] over a [`BlockTarget`].
-struct BlockWriter<'a> {
-    target: &'a dyn BlockTarget,
+/// Zeros fed to an observer for the ranges no chunk covers.
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+/// Feeds `n` zeros to `observe`.
+fn observe_zeros(observe: &mut (dyn FnMut(&[u8]) + Send + Sync), mut n: u64) {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64);
+        observe(&ZEROS[..k as usize]);
+        n -= k;
+    }
 }
 
-impl BlockWriter<'_> {
-    fn write(&self, chunks: &[Chunk]) -> Result<()> {
+/// The [`ImageWriter`] over a [`BlockTarget`].
+struct BlockWriter<'a, 'o> {
+    target: &'a dyn BlockTarget,
+    observe: Option<Observer<'o>>,
+    /// Guest bytes fed to `observe` so far.
+    observed: u64,
+    /// The virtual size.
+    size: u64,
+}
+
+impl BlockWriter<'_, '_> {
+    fn write(&mut self, chunks: &[Chunk]) -> Result<()> {
         let writes: Vec<(u64, &[u8])> = chunks
             .iter()
             .flat_map(|c| {
@@ -68,24 +100,43 @@ impl BlockWriter<'_> {
                     .filter_map(move |r| Some((r.start, c.bytes(r.start, r.len)?)))
             })
             .collect();
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let (first, last) = (writes[0].0, writes[writes.len() - 1]);
-        self.target.write_batch(&writes).map_err(|e| {
-            Error::io(
-                self.target.name(),
-                format!(
-                    "cannot write data at {first:#x}..{:#x}",
-                    last.0 + last.1.len() as u64
-                ),
-                e,
-            )
-        })
+        let target = self.target;
+        let write = || {
+            if writes.is_empty() {
+                return Ok(());
+            }
+            let (first, last) = (writes[0].0, writes[writes.len() - 1]);
+            target.write_batch(&writes).map_err(|e| {
+                Error::io(
+                    target.name(),
+                    format!(
+                        "cannot write data at {first:#x}..{:#x}",
+                        last.0 + last.1.len() as u64
+                    ),
+                    e,
+                )
+            })
+        };
+        let Some(observe) = self.observe.as_mut() else {
+            return write();
+        };
+        // The observer reads the batch while it is written (chunks come in guest order).
+        let observed = &mut self.observed;
+        let (written, ()) = rayon::join(write, || {
+            for c in chunks {
+                observe_zeros(&mut **observe, c.offset.saturating_sub(*observed));
+                match c.data.get(..c.len as usize) {
+                    Some(bytes) if !c.data.is_empty() => observe(bytes),
+                    _ => observe_zeros(&mut **observe, c.len),
+                }
+                *observed = c.offset + c.len;
+            }
+        });
+        written
     }
 }
 
-impl ImageWriter for BlockWriter<'_> {
+impl ImageWriter for BlockWriter<'_, '_> {
     type Encoder = PlainChunks;
 
     fn encoder(&self) -> PlainChunks {
@@ -104,7 +155,10 @@ impl ImageWriter for BlockWriter<'_> {
         self.write(chunks)
     }
 
-    fn finish(self) -> Result<()> {
+    fn finish(mut self) -> Result<()> {
+        if let Some(observe) = self.observe.as_mut() {
+            observe_zeros(&mut **observe, self.size.saturating_sub(self.observed));
+        }
         self.target
             .flush()
             .map_err(|e| Error::io(self.target.name(), "cannot flush", e))

@@ -24,7 +24,7 @@ mod snapshot;
 
 pub use amend::{amend, rebase};
 pub use backing::{backing_of, backing_supported, overlay_size};
-pub use block::{convert_to_block, BlockTarget};
+pub use block::{convert_to_block, BlockTarget, Observer};
 pub use commit::commit;
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};

@@ -1,6 +1,7 @@
 //! `convert_to_block`: a raw conversion into a target that is not a local file (an RBD
 //! image in vimport), checked against the in-memory model: the target ends up with the
-//! model's bytes, only non-zero data is ever written, the result does not depend on the
+//! model's bytes, only non-zero data is ever written, an observer sees every byte in
+//! guest order, the result does not depend on the
 //! thread count, and a cancelled or failing conversion reports it.
 
 use std::io;
@@ -98,7 +99,7 @@ fn only_data_runs_reach_the_target() {
         (m / 2, ModelKind::Unallocated, 0),
     ]);
     let t = MemTarget::new(model.bytes.len() as u64, 4 << 20);
-    convert_to_block(&model, &t, &opts(2)).unwrap();
+    convert_to_block(&model, &t, &opts(2), None).unwrap();
     assert!(*t.bytes.lock().unwrap() == model.bytes);
     assert!(*t.flushed.lock().unwrap());
     let writes = t.writes.lock().unwrap();
@@ -113,7 +114,7 @@ fn a_cancelled_conversion_says_so() {
     let t = MemTarget::new(8 << 20, 1 << 20);
     let o = opts(1);
     o.cancel.cancel();
-    let e = convert_to_block(&model, &t, &o).unwrap_err();
+    let e = convert_to_block(&model, &t, &o, None).unwrap_err();
     assert!(matches!(e, vconvert_core::Error::Cancelled), "{e}");
     assert!(!*t.flushed.lock().unwrap());
 }
@@ -123,7 +124,7 @@ fn a_write_error_names_the_target_and_the_range() {
     let model = ModelImage::from_parts(&[(8 << 20, ModelKind::Data, 3)]);
     let mut t = MemTarget::new(8 << 20, 1 << 20);
     t.fail_at = Some(5 << 20);
-    let e = convert_to_block(&model, &t, &opts(2))
+    let e = convert_to_block(&model, &t, &opts(2), None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("mem:test"), "{e}");
@@ -142,8 +143,12 @@ proptest! {
         let size = model.bytes.len() as u64;
         for threads in [1, 3] {
             let t = MemTarget::new(size, 1 << chunk_bits);
-            convert_to_block(&model, &t, &opts(threads)).unwrap();
+            // The observer sees the whole image, zeros included, in guest order.
+            let mut seen = Vec::new();
+            let mut observe = |b: &[u8]| seen.extend_from_slice(b);
+            convert_to_block(&model, &t, &opts(threads), Some(&mut observe)).unwrap();
             prop_assert!(*t.bytes.lock().unwrap() == model.bytes);
+            prop_assert!(seen == model.bytes);
             assert_only_data_written(&model, &t.writes.lock().unwrap());
         }
     }

@@ -23,7 +23,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use vconvert_core::ImageReader;
-use vconvert_engine::{BlockTarget, ConvertOptions};
+use vconvert_engine::{BlockTarget, ConvertOptions, Observer};
 use vconvert_rbd::{Cluster, Image, Pool};
 
 use crate::config::RbdConfig;
@@ -266,6 +266,7 @@ impl Store for RbdStore {
         id: &str,
         src: &dyn ImageReader,
         opts: &ConvertOptions<'_>,
+        observe: Observer<'_>,
     ) -> vconvert_core::Result<()> {
         let name = self.spec(&partial_name(id));
         self.publish(id, src.virtual_size(), |image| {
@@ -274,7 +275,8 @@ impl Store for RbdStore {
                 name: name.clone(),
                 chunk_size: self.config.chunk_size,
             };
-            vconvert_engine::convert_to_block(src, &target, opts).map_err(PublishError::Engine)
+            vconvert_engine::convert_to_block(src, &target, opts, Some(observe))
+                .map_err(PublishError::Engine)
         })
         .map_err(|e| match e {
             PublishError::Engine(e) => e,

@@ -9,7 +9,7 @@ use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use vconvert_core::ImageReader;
-use vconvert_engine::ConvertOptions;
+use vconvert_engine::{ConvertOptions, Observer};
 
 /// The stored bytes of an image, read from any offset (downloads honour `Range`).
 pub trait StoredData: Read + Seek + Send {}
@@ -27,15 +27,17 @@ pub trait Store: Send + Sync + Debug {
         false
     }
     /// Converts `src` as a raw image straight into the store as the data of image
-    /// `id` (only its data is written). On error or cancellation nothing of it is left
-    /// in the store. Only for a store whose [`Store::writes_raw_directly`] is true.
+    /// `id` (only its data is written), feeding `observe` the whole image in guest
+    /// order (to hash it). On error or cancellation nothing of it is left in the
+    /// store. Only for a store whose [`Store::writes_raw_directly`] is true.
     fn put_raw(
         &self,
         id: &str,
         src: &dyn ImageReader,
         opts: &ConvertOptions<'_>,
+        observe: Observer<'_>,
     ) -> vconvert_core::Result<()> {
-        let _ = (src, opts);
+        let _ = (src, opts, observe);
         Err(vconvert_core::Error::invalid(format!(
             "this store cannot take image {id} straight from the engine"
         )))

@@ -276,10 +276,51 @@ fn with_convert_options(
     })
 }
 
+/// MD5 and SHA-512 of bytes fed in order; pieces of 256 KiB or more are hashed by the
+/// two on two threads.
+struct Hashes {
+    md5: Md5,
+    sha: Sha512,
+    len: u64,
+}
+
+impl Hashes {
+    fn new() -> Hashes {
+        Hashes {
+            md5: Md5::new(),
+            sha: Sha512::new(),
+            len: 0,
+        }
+    }
+
+    fn update(&mut self, b: &[u8]) {
+        let (md5, sha) = (&mut self.md5, &mut self.sha);
+        if b.len() >= 1 << 18 {
+            std::thread::scope(|s| {
+                s.spawn(|| md5.update(b));
+                sha.update(b);
+            });
+        } else {
+            md5.update(b);
+            sha.update(b);
+        }
+        self.len += b.len() as u64;
+    }
+
+    /// (MD5, SHA-512, length).
+    fn finish(self) -> (String, String, u64) {
+        (
+            hex(&self.md5.finalize()),
+            hex(&self.sha.finalize()),
+            self.len,
+        )
+    }
+}
+
 /// A raw target in a store that takes it straight from the engine (RBD): the
-/// conversion writes the data into the store, then the stored image is hashed (read
-/// back) and recorded. Nothing of it stays in the store on error. The workspace holds
-/// only the staged upload.
+/// conversion writes the data into the store and hashes the image as it goes (no
+/// read-back), then the stored image is recorded. Nothing of it stays in the store on
+/// error. The workspace holds only the staged upload.
 fn store_raw_directly(
     job: &Job<'_>,
     store: &dyn Store,
@@ -287,18 +328,19 @@ fn store_raw_directly(
     declared: Format,
     virtual_size: u64,
 ) -> Result<Stored, String> {
-    with_convert_options(job, declared, |opts| store.put_raw(job.image_id, src, opts))?;
+    let mut hashes = Hashes::new();
+    let mut observe = |b: &[u8]| hashes.update(b);
+    with_convert_options(job, declared, |opts| {
+        store.put_raw(job.image_id, src, opts, &mut observe)
+    })?;
     failpoint::hit("convert.done");
     let result = (|| {
-        if job.cancel.is_cancelled() {
-            return Err("cancelled".to_string());
+        let (checksum, sha512, size) = hashes.finish();
+        if size != virtual_size {
+            return Err(format!(
+                "the conversion produced {size} bytes for a virtual size of {virtual_size}"
+            ));
         }
-        (job.progress)("computing checksums");
-        let (mut data, _) = store
-            .open(job.image_id)
-            .map_err(|e| format!("cannot read the stored image: {e}"))?;
-        let (checksum, sha512, size) =
-            hashes_of(&mut data).map_err(|e| format!("cannot read the stored image: {e}"))?;
         failpoint::hit("hash.done");
         if job.cancel.is_cancelled() {
             return Err("cancelled".to_string());
