@@ -110,7 +110,6 @@ auth service required = cephx
 auth client required = cephx
 run dir = $RUN
 pid file = $RUN/\$name.pid
-admin socket = $RUN/\$name.asok
 log file = $DIR/log/\$name.log
 chdir = ""
 osd pool default size = 1
@@ -127,13 +126,16 @@ mon data avail warn = 0
 keyring = $DIR/client.admin.keyring
 
 [mon]
+admin socket = $RUN/\$name.asok
 mon data = $DIR/mon/\$name
 mon cluster log file = $DIR/log/cluster.log
 
 [mgr]
+admin socket = $RUN/\$name.asok
 mgr data = $DIR/mgr/\$name
 
 [osd]
+admin socket = $RUN/\$name.asok
 osd data = $DIR/osd/\$name
 osd objectstore = bluestore
 bluestore block create = true
