@@ -317,7 +317,12 @@ impl Store for RbdStore {
         ))
     }
 
+    /// Removes image `id`'s RBD image and its partial one (an import interrupted
+    /// while writing it), or the RBD image named `id` that [`Store::ids`] listed.
     fn delete(&self, id: &str) -> io::Result<()> {
+        if !id.ends_with(PARTIAL_SUFFIX) {
+            self.remove(&partial_name(id))?;
+        }
         self.remove(id)
     }
 
