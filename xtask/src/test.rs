@@ -15,6 +15,12 @@
 //!    `VIMPORT_REQUIRE_CEPH=1` so the client and RBD tests fail rather than skip.
 //! 5. The Ceph cluster is stopped by the PIDs of its daemons and its files removed.
 //!
+//! 4. A throwaway PostgreSQL ([`crate::postgres`]; `apt-get install postgresql` when
+//!    missing, as root) for the PostgreSQL catalogue and several-hosts tests, its URL in
+//!    `VIMPORT_TEST_POSTGRES_URL`, with `VIMPORT_REQUIRE_POSTGRES=1` so those tests fail
+//!    rather than skip; stopped by its PID when the suite ends, whatever its outcome.
+//!    A server that cannot be installed or started fails the command.
+//!
 //! No step reads standard input; every failure names the step and exits non-zero.
 
 use std::path::{Path, PathBuf};
@@ -217,6 +223,17 @@ pub fn test(root: &Path, args: &[String]) -> bool {
         cmd.env("VIMPORT_REQUIRE_CLIENTS", "1")
             .env("VIMPORT_REQUIRE_CEPH", "1");
     }
+    // PostgreSQL is required like qemu-img: installed (as root) when missing, and its
+    // tests fail rather than skip without it.
+    let pg = match crate::postgres::Postgres::start(&mut |p, why| apt.install(p, why)) {
+        Ok(pg) => pg,
+        Err(e) => {
+            eprintln!("cargo xtask test: PostgreSQL: {e}");
+            return false;
+        }
+    };
+    cmd.env(crate::postgres::URL_ENV, &pg.url)
+        .env("VIMPORT_REQUIRE_POSTGRES", "1");
     match run("the test suite", &mut cmd) {
         Ok(()) => true,
         Err(e) => {

@@ -138,8 +138,9 @@ struct RebaseArgs {
 }
 
 /// `amend`: qcow2 `-o compat=0.10|1.1,lazy_refcounts=on|off` in place. Going down to
-/// 0.10 is refused for images using version 3 features (zero clusters, refcount
-/// widths other than 16, extended L2, zstd, bitmaps, data files).
+/// 0.10 expands zero clusters as qemu-img does and is refused, as qemu-img refuses it,
+/// for refcount widths other than 16, extended L2, zstd-compressed clusters, bitmaps
+/// and data files.
 #[derive(Args, Debug)]
 struct AmendArgs {
     /// Image format; probed from the content when omitted.
@@ -158,8 +159,9 @@ struct AmendArgs {
 /// `snapshot`: qcow2 internal snapshots, as qemu-img manages them.
 ///
 /// `-l` prints qemu-img's table; `-c` snapshots the current state (the new snapshot
-/// shares every cluster with it); `-a` reverts the current state to a snapshot;
-/// `-d` deletes one. Reference counts and COPIED flags are kept exact, so the image
+/// shares every cluster with it); `-a` reverts the current state to a snapshot
+/// (resizing the image first when the snapshot was taken at another size); `-d`
+/// deletes one. Reference counts and COPIED flags are kept exact, so the image
 /// stays `qemu-img check`-clean.
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("op").required(true).args(["list", "create", "apply", "delete"])))]
@@ -194,8 +196,9 @@ struct SnapshotArgs {
 /// raw: the file's length (`--preallocation=falloc|full` reserves or writes the new
 /// space). qcow2: the header and, when needed, a larger L1 table, written in an order
 /// that leaves a consistent image at every step (a crash at worst leaks clusters,
-/// which `check -r leaks` reclaims); shrinking frees the clusters past the new end.
-/// Other formats are refused, as qemu-img refuses them.
+/// which `check -r leaks` reclaims); shrinking frees the clusters past the new end;
+/// `--preallocation=metadata|falloc|full` gives every new guest cluster a host
+/// cluster (sparse, reserved or written with zeros), as qemu-img does. Other formats are refused, as qemu-img refuses them.
 #[derive(Args, Debug)]
 struct ResizeArgs {
     /// Image format; probed from the content when omitted.
@@ -204,8 +207,10 @@ struct ResizeArgs {
     /// Allow the image to shrink (deleting what lies past the new end).
     #[arg(long)]
     shrink: bool,
-    /// How the new space is reserved: off (default), falloc or full (raw).
-    #[arg(long, value_name = "MODE", value_parser = ["off", "falloc", "full", "metadata"])]
+    /// How the new space is reserved: off (default); metadata (qcow2: tables and
+    /// host clusters, the file extended sparsely); falloc (reserved on the file
+    /// system); full (written with zeros). Growing only.
+    #[arg(long, value_name = "MODE")]
     preallocation: Option<String>,
     /// Quiet: print nothing on success.
     #[arg(short = 'q')]

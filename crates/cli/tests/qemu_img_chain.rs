@@ -1,5 +1,6 @@
 //! The chain script (`qemu_img_chain.sh`: create, snapshot, resize, overlay, rebase,
-//! commit, snapshot delete, shrink, check, convert) run unchanged with `qemu-img` and
+//! commit, snapshot apply and delete, shrink, preallocated grow, amend to compat=0.10,
+//! check, convert) run unchanged with `qemu-img` and
 //! with `vconvert` as the program: every image reads the same through qemu-img, the
 //! final raw images are byte-identical, and `qemu-img check` finds ours clean.
 

@@ -293,6 +293,33 @@ pub(crate) fn open_qcow2_rw(path: &Path) -> Result<(Qcow2Reader, std::fs::File)>
         &resolver,
         Qcow2OpenOptions::default(),
     )?;
+    // Writes in place follow the image's tables and refcounts: they must be exact (an
+    // L2 entry naming the header or a refcount too low would have us overwrite what
+    // is in use). Images marked dirty or corrupt are refused by each command.
+    let h = reader.header();
+    if h.incompatible_features
+        & (vconvert_qcow2::incompatible::DIRTY | vconvert_qcow2::incompatible::CORRUPT)
+        == 0
+    {
+        let report = vconvert_qcow2::check(&reader)?;
+        if let Some(first) = report.corruptions.first() {
+            return Err(Error::Refused {
+                file: path.display().to_string(),
+                reason: format!(
+                    "{} corruption(s) in its metadata ({first}): repair it first (check -r all)",
+                    report.corruptions.len()
+                ),
+            });
+        }
+        if report.check_errors > 0 {
+            return Err(Error::Refused {
+                file: path.display().to_string(),
+                reason:
+                    "its metadata could not be checked completely: repair it first (check -r all)"
+                        .into(),
+            });
+        }
+    }
     let rw = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -319,7 +346,10 @@ pub(crate) fn with_writer<J: WriterJob>(
         Format::Qcow2 => job.run(Qcow2Writer::create(output, params, options)?),
         Format::Vdi => job.run(VdiWriter::create(output, params, options)?),
         Format::Vpc => job.run(VpcWriter::create(output, params, options)?),
-        Format::Vmdk => job.run(VmdkWriter::create(output, params, options)?),
+        Format::Vmdk => {
+            let (options, parent) = crate::backing::vmdk_parent(output.target(), options)?;
+            job.run(VmdkWriter::create_over(output, params, options, parent)?)
+        }
         Format::Vhdx => job.run(VhdxWriter::create(output, params, options)?),
     }
 }

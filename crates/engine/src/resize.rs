@@ -11,7 +11,8 @@ use vconvert_core::{parse_size, Error, Format, ImageFile, Result};
 pub struct ResizeOptions {
     /// Allow the image to shrink (qemu-img's `--shrink`).
     pub shrink: bool,
-    /// qemu-img's `--preallocation`: `off` (default), `falloc` or `full` (raw only).
+    /// qemu-img's `--preallocation`: `off` (default), `metadata` (qcow2), `falloc`
+    /// or `full`.
     pub preallocation: Option<String>,
 }
 
@@ -50,6 +51,11 @@ pub fn resize(
     };
     let name = file.name().to_string();
     let prealloc = opts.preallocation.as_deref().unwrap_or("off");
+    if !["off", "metadata", "falloc", "full"].contains(&prealloc) {
+        return Err(Error::invalid(format!(
+            "Invalid preallocation mode '{prealloc}'"
+        )));
+    }
     match format {
         Format::Raw => {
             let current = file.len();
@@ -61,7 +67,7 @@ pub fn resize(
                 "full" => vconvert_raw::Preallocation::Full,
                 other => {
                     return Err(Error::invalid(format!(
-                        "Invalid parameter '{other}': preallocation is off, falloc or full"
+                        "{name}: Unsupported preallocation mode: {other}"
                     )))
                 }
             };
@@ -76,13 +82,13 @@ pub fn resize(
             let current = vconvert_core::ImageReader::virtual_size(&reader);
             let target = new_size(size, current)?;
             check_shrink(target, current, opts)?;
-            if prealloc != "off" {
-                return Err(Error::unsupported(
-                    &name,
-                    format!("resizing a qcow2 image with preallocation={prealloc}"),
-                ));
-            }
-            vconvert_qcow2::resize(&reader, &rw, target)?;
+            let mode = match prealloc {
+                "metadata" => vconvert_qcow2::Preallocation::Metadata,
+                "falloc" => vconvert_qcow2::Preallocation::Falloc,
+                "full" => vconvert_qcow2::Preallocation::Full,
+                _ => vconvert_qcow2::Preallocation::Off,
+            };
+            vconvert_qcow2::resize(&reader, &rw, target, mode)?;
             Ok(target)
         }
         _ => Err(Error::invalid(format!(
@@ -93,17 +99,17 @@ pub fn resize(
 
 /// qemu-img's refusal to shrink without `--shrink`.
 fn check_shrink(target: u64, current: u64, opts: &ResizeOptions) -> Result<()> {
+    if target < current && opts.preallocation.as_deref().is_some_and(|p| p != "off") {
+        return Err(Error::invalid(
+            "Preallocation can only be used for growing images",
+        ));
+    }
     if target < current && !opts.shrink {
         return Err(Error::invalid(
             "Use the --shrink option to perform a shrink operation.\n\
              warning: Shrinking an image will delete all data beyond the shrunken image's \
              end. Before performing such an operation, make sure there is no important data \
              there.",
-        ));
-    }
-    if target < current && opts.preallocation.as_deref().is_some_and(|p| p != "off") {
-        return Err(Error::invalid(
-            "Preallocation can only be used for growing images",
         ));
     }
     Ok(())

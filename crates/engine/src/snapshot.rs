@@ -52,7 +52,26 @@ pub fn snapshot(path: &Path, format: Option<Format>, op: &SnapshotOp) -> Result<
     let (reader, rw) = crate::registry::open_qcow2_rw(path)?;
     match op {
         SnapshotOp::Create(n) => vconvert_qcow2::create_snapshot(&reader, &rw, n)?,
-        SnapshotOp::Apply(n) => vconvert_qcow2::apply_snapshot(&reader, &rw, n)?,
+        SnapshotOp::Apply(n) => {
+            // A snapshot taken at another disk size: the image is resized to it first
+            // (as qemu does), keeping every snapshot's clusters.
+            let current = vconvert_core::ImageReader::virtual_size(&reader);
+            let size = reader
+                .snapshots()
+                .iter()
+                .find(|s| s.info.id == *n)
+                .or_else(|| reader.snapshots().iter().find(|s| s.info.name == *n))
+                .and_then(|s| s.disk_size);
+            match size {
+                Some(size) if size != current => {
+                    vconvert_qcow2::resize(&reader, &rw, size, vconvert_qcow2::Preallocation::Off)?;
+                    drop((reader, rw));
+                    let (reader, rw) = crate::registry::open_qcow2_rw(path)?;
+                    vconvert_qcow2::apply_snapshot(&reader, &rw, n)?
+                }
+                _ => vconvert_qcow2::apply_snapshot(&reader, &rw, n)?,
+            }
+        }
         SnapshotOp::Delete(n) => vconvert_qcow2::delete_snapshot(&reader, &rw, n)?,
         SnapshotOp::List => {}
     }

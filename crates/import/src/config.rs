@@ -25,6 +25,8 @@ pub const KEYS: &[&str] = &[
     "rbd_chunk_size",
     "rbd_snapshot",
     "database",
+    "host_id",
+    "task_lease",
     "listen",
     "token",
     "tokens",
@@ -94,8 +96,14 @@ pub struct Config {
     pub store: StoreKind,
     /// The `rbd` store's settings.
     pub rbd: RbdConfig,
-    /// The SQLite database file.
-    pub database: PathBuf,
+    /// The catalogue: a SQLite file (one host), or `postgres://…` shared by hosts.
+    pub database: crate::db::Location,
+    /// This host's name in the catalogue (tasks it holds, uploads it staged); must
+    /// be unique among hosts sharing a database and stable across restarts.
+    pub host_id: String,
+    /// Seconds a host holds a task without renewing its lease (it renews every
+    /// third of it); after that another host fails the task.
+    pub task_lease: u64,
     /// Address to listen on.
     pub listen: String,
     /// The single admin token (`token`); `None` and no `tokens` means "generate one
@@ -385,7 +393,27 @@ impl Config {
             workspace_dir: path_or("workspace_dir", data_dir.join("workspace")),
             workspace_bytes,
             store_dir: path_or("store_dir", data_dir.join("store")),
-            database: path_or("database", data_dir.join("vimport.db")),
+            database: get("database").map_or_else(
+                || crate::db::Location::Sqlite(data_dir.join("vimport.db")),
+                |v| crate::db::Location::parse(&v.0),
+            ),
+            host_id: match get("host_id") {
+                Some((v, _)) if !v.trim().is_empty() => v.trim().to_string(),
+                _ => default_host_id(&path_or("workspace_dir", data_dir.join("workspace"))),
+            },
+            task_lease: match get("task_lease") {
+                None => 30,
+                Some((v, src)) => match v.parse::<u64>() {
+                    Ok(n) if n >= 3 => n,
+                    _ => {
+                        return Err(bad(
+                            "task_lease",
+                            &src,
+                            format!("'{v}' is not a number of seconds of at least 3"),
+                        ))
+                    }
+                },
+            },
             listen: get("listen").map_or("127.0.0.1:9292".into(), |v| v.0),
             token: get("token").map(|v| v.0).filter(|t| !t.is_empty()),
             convert_rate_limit: match get("convert_rate_limit") {
@@ -397,6 +425,19 @@ impl Config {
             data_dir,
         })
     }
+}
+
+/// The default `host_id`: the machine's host name and the workspace directory, which
+/// holds what only this host has (staged uploads).
+fn default_host_id(workspace: &Path) -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    let dir = std::path::absolute(workspace).unwrap_or_else(|_| workspace.to_path_buf());
+    format!("{name}:{}", dir.display())
 }
 
 /// Glance's whole `disk_format` vocabulary (its default `[image_format] disk_formats`).

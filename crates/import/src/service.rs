@@ -1,9 +1,18 @@
 //! The service: images and tasks as Glance's API defines them, with tenancy, the
 //! import queue and its workers, the workspace quota, graceful shutdown and recovery
-//! after a crash. Every call blocks (SQLite, files, the engine): the HTTP layer runs
-//! them off the async runtime. The import workflow itself is in [`crate::workflow`].
+//! after a crash. Every call blocks (the database, files, the engine): the HTTP layer
+//! runs them off the async runtime. The import workflow itself is in
+//! [`crate::workflow`].
+//!
+//! The queue is the catalogue's `pending` tasks: workers claim them
+//! ([`Db::claim_task`]), so several hosts over one PostgreSQL catalogue share the
+//! work, `max_workers` each. A staged upload stays in the workspace of the host that
+//! received it and its import task is bound to that host, whichever host the import
+//! request reached. A heartbeat thread renews this host's leases (stopping an import
+//! whose task it no longer holds) and fails what a silent host held
+//! ([`Db::reap`]); see README, "Several hosts".
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,7 +27,7 @@ use vconvert_engine::{CancelToken, Policy};
 use crate::config::{
     parse_declared_format, Config, TokenEntry, ADMIN_PROJECT, GLANCE_CONTAINER_FORMATS,
 };
-use crate::db::{now, rfc3339, Db, Image, Stored, Task};
+use crate::db::{now, rfc3339, Backend, Db, Image, Location, Stored, Task};
 use crate::error::{Error, Result};
 use crate::store::{FsStore, Store, StoredData};
 use crate::workspace::Workspace;
@@ -130,6 +139,9 @@ const TASK_TTL: Duration = Duration::from_secs(48 * 3600);
 const ORPHAN_RETRY: Duration = Duration::from_secs(5);
 /// For how long (Ceph's default watch timeout of a dead client is 30 s).
 const ORPHAN_RETRY_FOR: Duration = Duration::from_secs(120);
+/// How often an idle worker looks for tasks queued through other hosts (a task
+/// queued through this host wakes one at once).
+const CLAIM_POLL: Duration = Duration::from_millis(250);
 
 /// Glance's `limit_param_default` and `api_limit_max`.
 const DEFAULT_LIMIT: usize = 25;
@@ -188,10 +200,14 @@ pub struct Service {
     db: Db,
     workspace: Workspace,
     store: Arc<dyn Store>,
-    /// Queued imports: (task, image).
-    queue: Mutex<VecDeque<(String, String)>>,
+    /// Wakes idle workers when this host queues a task (they also look every
+    /// [`CLAIM_POLL`], for tasks queued through other hosts).
+    wake: Mutex<()>,
     queued: Condvar,
+    /// Cancel tokens of running imports, by image.
     cancels: Mutex<HashMap<String, CancelToken>>,
+    /// Tasks this host runs now, with their image: their leases are renewed.
+    held: Mutex<HashMap<String, String>>,
     waiters: Mutex<HashMap<String, Waiter>>,
     /// Imports being worked on now.
     running: AtomicUsize,
@@ -206,11 +222,10 @@ impl Service {
         failpoint::init()?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
-        if let Some(parent) = config
-            .database
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-        {
+        if let Some(parent) = match &config.database {
+            Location::Sqlite(p) => p.parent().filter(|p| !p.as_os_str().is_empty()),
+            Location::Postgres(_) => None,
+        } {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
@@ -229,7 +244,8 @@ impl Service {
                 admin: true,
             });
         }
-        let db = Db::open(&config.database)?;
+        let db = Db::connect(&config.database)?;
+        db.host_started(&config.host_id)?;
         let workspace =
             Workspace::new(&config.workspace_dir, config.workspace_bytes).map_err(|e| {
                 format!(
@@ -243,9 +259,10 @@ impl Service {
             db,
             workspace,
             store,
-            queue: Mutex::new(VecDeque::new()),
+            wake: Mutex::new(()),
             queued: Condvar::new(),
             cancels: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
@@ -253,6 +270,11 @@ impl Service {
         });
         service.recover(true)?;
         service.remove_orphans_later();
+        let s = service.clone();
+        std::thread::Builder::new()
+            .name("vimport-heartbeat".into())
+            .spawn(move || s.heartbeat_loop())
+            .map_err(|e| format!("cannot start the heartbeat: {e}"))?;
         for i in 0..service.config.max_workers {
             let s = service.clone();
             std::thread::Builder::new()
@@ -295,6 +317,10 @@ impl Service {
     fn recover(&self, at_start: bool) -> std::result::Result<(), String> {
         for status in ["pending", "processing"] {
             for t in self.db.tasks_in(status)? {
+                // Other hosts' tasks, and unbound ones any host may claim, are theirs.
+                if !self.mine(t.host.as_deref()) {
+                    continue;
+                }
                 // Only at start: at the end of a shutdown a worker may still be
                 // finishing this very import.
                 if at_start && self.finish_interrupted(&t)? {
@@ -311,6 +337,15 @@ impl Service {
         let mut keep = Vec::new();
         for img in self.db.images()? {
             let staging = self.workspace.staging_path(&img.id);
+            let receiving = ["importing", "uploading", "saving"].contains(&img.status.as_str());
+            if receiving
+                && self.db.backend() == Backend::Postgres
+                && (img.status == "importing" || !self.mine(self.db.staged_on(&img.id)?.as_deref()))
+            {
+                // Another host's upload, or an import whose task (failed above if
+                // it was this host's) says where it runs.
+                continue;
+            }
             if img.status == "uploading" && img.staged && staging.is_file() {
                 let size = std::fs::metadata(&staging).map_or(0, |m| m.len());
                 // Staged data survives a restart even if the quota shrank meanwhile.
@@ -320,7 +355,7 @@ impl Service {
                     self.workspace.release(&key);
                 }
                 keep.push(staging);
-            } else if ["importing", "uploading", "saving"].contains(&img.status.as_str()) {
+            } else if receiving {
                 self.db.transition(
                     &img.id,
                     &["importing", "uploading", "saving"],
@@ -384,7 +419,8 @@ impl Service {
     /// The store objects that belong to no image with data (active or deactivated:
     /// Glance keeps the data of a deactivated image too) nor to an import in progress
     /// (at start, this host's interrupted imports were already returned to `queued`;
-    /// with a shared store, another host's import is `importing`).
+    /// with a shared store, another host's import is `importing` or `saving` and may
+    /// be storing its object now).
     fn orphans(&self) -> std::result::Result<Vec<String>, String> {
         let status: HashMap<String, String> = self
             .db
@@ -405,9 +441,9 @@ impl Service {
                 None => (bare, false),
             };
             let kept: &[&str] = if partial {
-                &["importing"]
+                &["importing", "saving"]
             } else {
-                &["active", "deactivated", "importing"]
+                &["active", "deactivated", "importing", "saving"]
             };
             status.get(id).is_some_and(|s| kept.contains(&s.as_str()))
         };
@@ -959,7 +995,7 @@ impl Service {
         }
         if !self
             .db
-            .transition(id, &["queued"], status, false)
+            .start_receiving(id, status, &self.config.host_id)
             .map_err(Error::Internal)?
         {
             let now = self.db.image(id).map_err(Error::Internal)?;
@@ -1030,20 +1066,14 @@ impl Service {
             expires_at: None,
             created_at: t.clone(),
             updated_at: t,
+            host: Some(self.config.host_id.clone()),
         }
     }
 
-    fn enqueue(&self, image_id: &str, task_id: &str) -> Result<()> {
-        self.cancels
-            .lock()
-            .map_err(Error::internal)?
-            .insert(image_id.to_string(), CancelToken::new());
-        self.queue
-            .lock()
-            .map_err(Error::internal)?
-            .push_back((task_id.to_string(), image_id.to_string()));
+    /// Wakes an idle worker: a task was queued through this host.
+    fn enqueue(&self) {
+        let _guard = self.wake.lock();
         self.queued.notify_one();
-        Ok(())
     }
 
     /// `POST /v2/images/{id}/import`; returns the task id.
@@ -1094,7 +1124,7 @@ impl Service {
                 }
             }
         }
-        self.enqueue(id, &task.id)?;
+        self.enqueue();
         failpoint::hit("import.accepted");
         Ok(task.id)
     }
@@ -1116,18 +1146,19 @@ impl Service {
             serde_json::json!({"image_id": id, "import_req": {"method": {"name": "upload"}}}),
         );
         let (tx, rx) = mpsc::channel();
-        let start = self.db.insert_task(&task).and_then(|_| {
-            self.waiters
-                .lock()
-                .map_err(|_| "lock poisoned".to_string())
-                .map(|mut w| {
-                    w.insert(task.id.clone(), tx);
-                })
-        });
-        if let Err(e) = start
-            .map_err(Error::Internal)
-            .and_then(|_| self.enqueue(id, &task.id))
-        {
+        // The waiter first: a worker may claim the task as soon as it is recorded.
+        let start = self
+            .waiters
+            .lock()
+            .map_err(|_| "lock poisoned".to_string())
+            .map(|mut w| {
+                w.insert(task.id.clone(), tx);
+            })
+            .and_then(|_| self.db.insert_task(&task));
+        if let Err(e) = start.map_err(Error::Internal) {
+            if let Ok(mut w) = self.waiters.lock() {
+                w.remove(&task.id);
+            }
             let _ = self
                 .db
                 .fail_import(&task.id, id, "cannot queue the import", &expires_at());
@@ -1135,6 +1166,7 @@ impl Service {
             self.workspace.release(&format!("stage:{id}"));
             return Err(e);
         }
+        self.enqueue();
         match rx.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) if self.stopping.load(Ordering::SeqCst) => {
@@ -1241,53 +1273,131 @@ impl Service {
         Ok(Page { items, next_marker })
     }
 
+    /// Whether a task or staged upload bound to `host` is this host's: on SQLite
+    /// (one host) everything is.
+    fn mine(&self, host: Option<&str>) -> bool {
+        self.db.backend() == Backend::Sqlite || host == Some(self.config.host_id.as_str())
+    }
+
     fn worker_loop(self: Arc<Self>) {
         loop {
-            let (task_id, image_id) = {
-                let Ok(mut q) = self.queue.lock() else { return };
-                loop {
-                    if self.stopping.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    if let Some(t) = q.pop_front() {
-                        // Counted while the queue is locked, so shutdown never sees a
-                        // task neither queued nor running.
-                        self.running.fetch_add(1, Ordering::SeqCst);
-                        break t;
-                    }
-                    q = match self.queued.wait_timeout(q, Duration::from_millis(200)) {
-                        Ok(q) => q.0,
-                        Err(_) => return,
-                    };
-                }
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            // Counted before the claim, so shutdown never sees a claimed task neither
+            // pending nor running.
+            self.running.fetch_add(1, Ordering::SeqCst);
+            let claimed = if self.stopping.load(Ordering::SeqCst) {
+                Ok(None)
+            } else {
+                self.db
+                    .claim_task(&self.config.host_id, self.config.task_lease)
             };
-            self.run_task(&task_id, &image_id);
+            match claimed {
+                Ok(Some(task)) => {
+                    self.run_task(task);
+                    self.running.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot claim a task"),
+            }
             self.running.fetch_sub(1, Ordering::SeqCst);
+            let Ok(guard) = self.wake.lock() else { return };
+            if self.queued.wait_timeout(guard, CLAIM_POLL).is_err() {
+                return;
+            }
         }
     }
 
-    fn run_task(&self, task_id: &str, image_id: &str) {
-        let Ok(Some(task)) = self.db.task(task_id) else {
-            // The image was deleted (with its tasks) before the import started: its
-            // staged upload must not stay.
-            let _ = std::fs::remove_file(self.workspace.staging_path(image_id));
-            self.workspace.release(&format!("stage:{image_id}"));
-            if let Ok(mut c) = self.cancels.lock() {
-                c.remove(image_id);
+    /// Renews this host's heartbeat and leases every third of `task_lease`, cancels
+    /// the imports of tasks it no longer holds, and (PostgreSQL) fails what silent
+    /// hosts held, removes their store objects, and removes staged uploads of images
+    /// deleted through another host.
+    fn heartbeat_loop(self: Arc<Self>) {
+        let period = Duration::from_secs(self.config.task_lease / 3).max(Duration::from_secs(1));
+        let me = self.config.host_id.clone();
+        loop {
+            std::thread::sleep(period);
+            let held: Vec<String> = self
+                .held
+                .lock()
+                .map(|h| h.keys().cloned().collect())
+                .unwrap_or_default();
+            match self.db.heartbeat(&me, &held, self.config.task_lease) {
+                Ok(lost) => {
+                    for task in lost {
+                        let image = self.held.lock().ok().and_then(|h| h.get(&task).cloned());
+                        let token = image
+                            .as_ref()
+                            .and_then(|i| self.cancels.lock().ok().and_then(|c| c.get(i).cloned()));
+                        if let Some(t) = token {
+                            tracing::warn!(task = %task, "this host no longer holds the task (image deleted, or lease given up): stopping its import");
+                            t.cancel();
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "heartbeat failed"),
             }
-            if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(task_id)) {
-                let _ = w.send(Err("cancelled: the image was deleted".to_string()));
+            if self.db.backend() != Backend::Postgres {
+                continue;
             }
+            match self.db.reap(&me, self.config.task_lease) {
+                Ok(gone) => {
+                    for a in gone {
+                        tracing::warn!(task = %a.task_id, image = %a.image_id, host = %a.host,
+                            "host {} went silent holding this import: failed it, image queued again", a.host);
+                        match self.store.delete(&a.image_id) {
+                            Ok(()) => {}
+                            // An RBD image the silent host may still watch (Ceph
+                            // drops a dead client's watch after 30 s): retried.
+                            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+                                tracing::warn!(image = %a.image_id, error = %e, "the abandoned import's store object is busy; retrying in the background");
+                                self.remove_orphans_later();
+                            }
+                            Err(e) => {
+                                tracing::error!(image = %a.image_id, error = %e, "cannot remove the abandoned import's store object")
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot check other hosts' leases"),
+            }
+            self.sweep_staging();
+        }
+    }
+
+    /// Removes staged uploads of images that no longer exist (deleted through another
+    /// host, which cannot reach this host's workspace).
+    fn sweep_staging(&self) {
+        let Ok(rd) = std::fs::read_dir(
+            self.workspace
+                .staging_path("x")
+                .parent()
+                .unwrap_or(Path::new(".")),
+        ) else {
             return;
         };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if matches!(self.db.image(&id), Ok(None)) {
+                let _ = std::fs::remove_file(e.path());
+                self.workspace.release(&format!("stage:{id}"));
+                tracing::info!(image = %id, "removed the staged upload of a deleted image");
+            }
+        }
+    }
+
+    fn run_task(&self, task: Task) {
+        let task_id = task.id.as_str();
         let image_id = task.image_id.clone();
-        let cancel = self
-            .cancels
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&image_id).cloned())
-            .unwrap_or_default();
-        let _ = self.db.set_task(task_id, "processing", "starting");
+        let cancel = CancelToken::new();
+        if let Ok(mut c) = self.cancels.lock() {
+            c.insert(image_id.clone(), cancel.clone());
+        }
+        if let Ok(mut h) = self.held.lock() {
+            h.insert(task.id.clone(), image_id.clone());
+        }
         failpoint::hit("task.processing");
         let staging = self.workspace.staging_path(&image_id);
         let result = self.import_one(&task, &staging, &cancel);
@@ -1296,7 +1406,25 @@ impl Service {
         if let Ok(mut c) = self.cancels.lock() {
             c.remove(&image_id);
         }
-        let outcome = match result {
+        let outcome = self.record_outcome(task_id, &image_id, result, &cancel);
+        if let Ok(mut h) = self.held.lock() {
+            h.remove(task_id);
+        }
+        if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(task_id)) {
+            let _ = w.send(outcome);
+        }
+    }
+
+    /// Records the end of an import in the catalogue; what its waiter is told.
+    fn record_outcome(
+        &self,
+        task_id: &str,
+        image_id: &str,
+        result: std::result::Result<Stored, String>,
+        cancel: &CancelToken,
+    ) -> std::result::Result<(), String> {
+        let image_id = image_id.to_string();
+        match result {
             Ok(stored) => {
                 let message = success_message(&stored);
                 // The task's success and the image's `active` are one transaction.
@@ -1343,9 +1471,6 @@ impl Service {
                     .fail_import(task_id, &image_id, &message, &expires_at());
                 Err(message)
             }
-        };
-        if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(task_id)) {
-            let _ = w.send(outcome);
         }
     }
 
@@ -1362,7 +1487,7 @@ impl Service {
             .ok_or("cancelled: the image was deleted")?;
         let declared = parse_declared_format(img.disk_format.as_deref().unwrap_or(""))?;
         let progress = |m: &str| {
-            let _ = self.db.set_task(&task.id, "processing", m);
+            let _ = self.db.progress(&task.id, m);
         };
         let input: Value = serde_json::from_str(&task.input).unwrap_or(Value::Null);
         if input
@@ -1408,15 +1533,19 @@ impl Service {
     pub fn shutdown(&self, grace: Duration) {
         self.stopping.store(true, Ordering::SeqCst);
         self.queued.notify_all();
-        let pending: Vec<String> = self
-            .queue
-            .lock()
-            .map(|mut q| q.drain(..).map(|(t, _)| t).collect())
-            .unwrap_or_default();
-        for task_id in pending {
-            if let Ok(Some(t)) = self.db.task(&task_id) {
-                let m = "cancelled: vimport shut down before this import started; stage the image again";
-                let _ = self.db.fail_import(&t.id, &t.image_id, m, &expires_at());
+        // Pending tasks this host would run (on PostgreSQL, unbound ones stay for
+        // the other hosts).
+        let pending: Vec<Task> = self
+            .db
+            .tasks_in("pending")
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| self.mine(t.host.as_deref()))
+            .collect();
+        for t in pending {
+            let m =
+                "cancelled: vimport shut down before this import started; stage the image again";
+            if self.db.fail_import(&t.id, &t.image_id, m, &expires_at()) == Ok(true) {
                 let _ = std::fs::remove_file(self.workspace.staging_path(&t.image_id));
                 self.workspace.release(&format!("stage:{}", t.image_id));
                 if let Some(w) = self.waiters.lock().ok().and_then(|mut w| w.remove(&t.id)) {
@@ -1448,9 +1577,12 @@ impl Service {
         }
     }
 
-    /// Imports running or waiting now.
+    /// Imports running or waiting for this host now.
     pub fn busy(&self) -> usize {
-        self.running.load(Ordering::SeqCst) + self.queue.lock().map_or(0, |q| q.len())
+        let waiting = self.db.tasks_in("pending").map_or(0, |v| {
+            v.iter().filter(|t| self.mine(t.host.as_deref())).count()
+        });
+        self.held.lock().map_or(0, |h| h.len()) + waiting
     }
 }
 

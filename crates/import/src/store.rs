@@ -50,7 +50,9 @@ pub trait Store: Send + Sync + Debug {
         let _ = id;
         Ok(())
     }
-    /// Removes the data of image `id` (no error when there is none).
+    /// Removes the data of image `id`, complete or half-made by a `put` that did not
+    /// finish (a host that died copying it), or the object `id` that [`Store::ids`]
+    /// named (no error when there is none).
     fn delete(&self, id: &str) -> io::Result<()>;
     /// Names of every object in the store, for reconciliation at start: image ids, and
     /// whatever a crash left half-made (a partial copy), which [`Store::delete`]
@@ -77,6 +79,12 @@ impl FsStore {
         self.dir.join(id)
     }
 
+    /// Where [`Store::put`] copies image `id` before renaming it into place, when the
+    /// file to store is on another filesystem (always, for a store shared by hosts).
+    fn partial(&self, id: &str) -> PathBuf {
+        self.dir.join(format!(".{id}.partial"))
+    }
+
     /// Syncs the directory, so a rename into it survives a power loss too.
     fn sync_dir(&self) -> io::Result<()> {
         File::open(&self.dir)?.sync_all()
@@ -90,7 +98,7 @@ impl Store for FsStore {
             return self.sync_dir();
         }
         // Another filesystem: copy beside the target, sync, rename.
-        let tmp = self.dir.join(format!(".{id}.partial"));
+        let tmp = self.partial(id);
         let result = (|| {
             std::fs::copy(from, &tmp)?;
             File::open(&tmp)?.sync_all()?;
@@ -111,10 +119,13 @@ impl Store for FsStore {
     }
 
     fn delete(&self, id: &str) -> io::Result<()> {
-        match std::fs::remove_file(self.path(id)) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
+        for path in [self.partial(id), self.path(id)] {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     fn ids(&self) -> io::Result<Vec<String>> {
@@ -143,5 +154,20 @@ mod tests {
         s.delete("i1").unwrap();
         s.delete("i1").unwrap();
         assert!(s.open("i1").is_err());
+    }
+
+    /// What a host killed while copying an image into the store left (a partial copy)
+    /// goes with the image's data.
+    #[test]
+    fn delete_removes_a_partial_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStore::new(&dir.path().join("store")).unwrap();
+        std::fs::write(dir.path().join("store/.i2.partial"), b"half").unwrap();
+        std::fs::write(dir.path().join("store/.i3.partial"), b"other").unwrap();
+        assert_eq!(s.ids().unwrap().len(), 2);
+        s.delete("i2").unwrap();
+        assert_eq!(s.ids().unwrap(), vec![".i3.partial"]);
+        s.delete(".i3.partial").unwrap();
+        assert!(s.ids().unwrap().is_empty());
     }
 }

@@ -170,3 +170,26 @@ fn hostile_upload_fails_its_task_and_returns_to_queued() {
     let (ws, store) = v.files();
     assert!(ws.is_empty() && store.is_empty(), "{ws:?} {store:?}");
 }
+
+// The same tests on a PostgreSQL catalogue (issue 20): skipped without a test
+// server, failing in CI (`VIMPORT_REQUIRE_POSTGRES=1`).
+
+#[test]
+fn requests_without_the_token_get_401_on_postgres() {
+    common::on_postgres(requests_without_the_token_get_401);
+}
+
+#[test]
+fn raw_upload_is_stored_with_its_hashes_on_postgres() {
+    common::on_postgres(raw_upload_is_stored_with_its_hashes);
+}
+
+#[test]
+fn wrong_requests_get_clear_4xx_on_postgres() {
+    common::on_postgres(wrong_requests_get_clear_4xx);
+}
+
+#[test]
+fn hostile_upload_fails_its_task_and_returns_to_queued_on_postgres() {
+    common::on_postgres(hostile_upload_fails_its_task_and_returns_to_queued);
+}

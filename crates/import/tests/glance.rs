@@ -871,3 +871,31 @@ fn sigterm_lets_a_conversion_finish_within_the_grace_period() {
     let (_, back) = v.call("GET", &format!("/v2/images/{id}/file"), None);
     assert!(back == data);
 }
+
+// The same tests on a PostgreSQL catalogue (issue 20): skipped without a test
+// server, failing in CI (`VIMPORT_REQUIRE_POSTGRES=1`).
+
+#[test]
+fn projects_see_only_their_own_private_images_on_postgres() {
+    common::on_postgres(projects_see_only_their_own_private_images);
+}
+
+#[test]
+fn image_model_patch_and_tags_as_glance_on_postgres() {
+    common::on_postgres(image_model_patch_and_tags_as_glance);
+}
+
+#[test]
+fn listing_filters_sorts_and_pages_on_postgres() {
+    common::on_postgres(listing_filters_sorts_and_pages);
+}
+
+#[test]
+fn put_file_imports_and_downloads_serve_ranges_on_postgres() {
+    common::on_postgres(put_file_imports_and_downloads_serve_ranges);
+}
+
+#[test]
+fn web_download_fetches_under_the_uri_filter_on_postgres() {
+    common::on_postgres(web_download_fetches_under_the_uri_filter);
+}

@@ -363,3 +363,16 @@ fn refused_classes_end_queued_with_the_rule_and_leave_nothing() {
     assert_eq!(s, 200);
     assert!(bytes == iso, "the ISO is stored as uploaded");
 }
+
+// The same tests on a PostgreSQL catalogue (issue 20): skipped without a test
+// server, failing in CI (`VIMPORT_REQUIRE_POSTGRES=1`).
+
+#[test]
+fn killed_mid_conversion_restarts_clean_on_postgres() {
+    common::on_postgres(killed_mid_conversion_restarts_clean);
+}
+
+#[test]
+fn never_more_conversions_than_max_workers_on_postgres() {
+    common::on_postgres(never_more_conversions_than_max_workers);
+}

@@ -4,19 +4,28 @@
 //! `lazy_refcounts` is one bit of the header, written alone. `compat` rewrites the
 //! header (version 2 headers are 72 bytes, version 3 headers 112), its extensions
 //! (the backing format) and the backing file name at the start of cluster 0, in one
-//! write. Going down to 0.10 needs an image without version 3 features: no zero
-//! clusters in any table, 16-bit refcounts, standard L2 entries, zlib, no bitmaps, no
-//! external data file, no lazy refcounts.
+//! write. Going down to 0.10 needs an image without version 3 features, as qemu-img
+//! refuses them (refcount widths other than 16, extended L2 entries, an external data
+//! file, zstd-compressed clusters; bitmaps too, which qemu-img drops with leaks); lazy
+//! refcounts are turned off (unless asked for: refused) and zero clusters expanded
+//! as QEMU's `qcow2_expand_zero_clusters` does: a zero cluster with no host cluster
+//! becomes unallocated (an image without a backing file reads zeros there anyway) or,
+//! over a backing file, a new cluster of zeros counted as often as its L2 table; one
+//! with a host cluster keeps it, written with zeros (unless other L2 tables name it
+//! too, where qemu would overwrite what a snapshot reads: it gets a new cluster of
+//! zeros instead). Each L2 table is written once,
+//! after the clusters it will name are written and counted, so a crash leaves a
+//! version 3 image reading the same (leaks at worst).
 
 use std::fs::File;
 
 use byteorder::{BigEndian, ByteOrder};
-use vconvert_core::{Error, Options, Result};
+use vconvert_core::{fail_point, Error, Options, Result};
 
 use crate::header::{
     compatible, extension, incompatible, CompressionType, MAGIC, V2_HEADER_LENGTH, V3_HEADER_LENGTH,
 };
-use crate::l2::{COMPRESSED, OFFSET_MASK, ZERO};
+use crate::l2::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::reader::Qcow2Reader;
 use crate::resize::Writer;
 
@@ -45,7 +54,9 @@ pub fn amend(r: &Qcow2Reader, file: &File, mut options: Options) -> Result<()> {
         Some(_) => 3,
         None => h.version,
     };
-    let lazy = lazy.unwrap_or(h.compatible_features & compatible::LAZY_REFCOUNTS != 0);
+    // Down to 0.10, lazy refcounts are dropped unless asked for (as qemu-img does).
+    let lazy =
+        lazy.unwrap_or(version == 3 && h.compatible_features & compatible::LAZY_REFCOUNTS != 0);
     if version == 2 && lazy {
         return Err(Error::invalid(format!(
             "{name}: Lazy refcounts only supported with compatibility level 1.1 and above \
@@ -67,6 +78,7 @@ pub fn amend(r: &Qcow2Reader, file: &File, mut options: Options) -> Result<()> {
     }
     if version == 2 {
         downgradable(&w)?;
+        expand_zero_clusters(&w)?;
     }
     let backing = h
         .backing_file
@@ -77,61 +89,159 @@ pub fn amend(r: &Qcow2Reader, file: &File, mut options: Options) -> Result<()> {
     w.sync()
 }
 
-/// Refuses a downgrade to version 2 of an image that uses version 3 features.
+/// Refuses a downgrade to version 2 of an image that uses version 3 features that
+/// cannot be undone, with qemu-img's words.
 fn downgradable(w: &Writer<'_>) -> Result<()> {
     let r = w.r;
     let h = r.header();
-    let refuse = |what: &str| {
-        Err(Error::unsupported(
-            r.file().name(),
-            format!("amending to compat=0.10 an image with {what}"),
-        ))
-    };
+    let name = r.file().name();
+    let refuse = |what: String| Err(Error::invalid(format!("{name}: {what}")));
     if h.refcount_order != 4 {
-        return refuse("refcount_bits other than 16");
-    }
-    if h.extended_l2() {
-        return refuse("extended L2 entries");
-    }
-    if h.compression_type != CompressionType::Zlib {
-        return refuse("zstd compression");
+        return refuse("compat=0.10 requires refcount_bits=16".into());
     }
     if r.data_file().is_some() {
-        return refuse("an external data file");
+        return refuse("Cannot downgrade an image with a data file".into());
+    }
+    let other = h.incompatible_features & !incompatible::COMPRESSION_TYPE;
+    if other != 0 {
+        return refuse(format!(
+            "Cannot downgrade an image with incompatible features {other:#x} set"
+        ));
     }
     if h.nb_bitmaps.unwrap_or(0) > 0 {
-        return refuse("persistent bitmaps");
+        return Err(Error::unsupported(
+            name,
+            "amending to compat=0.10 an image with persistent bitmaps (qemu-img leaves \
+             them inconsistent and their clusters leaked)",
+        ));
     }
-    if h.incompatible_features != 0
-        || h.autoclear_features & !crate::header::autoclear::BITMAPS != 0
-    {
-        return refuse("version 3 feature bits set");
+    if h.compression_type != CompressionType::Zlib && has_compressed(r)? {
+        return refuse(
+            "Cannot downgrade an image with zstd compression type and existing compressed \
+             clusters"
+                .into(),
+        );
     }
-    let cs = h.cluster_size();
+    Ok(())
+}
+
+/// Whether any L2 table names a compressed cluster.
+fn has_compressed(r: &Qcow2Reader) -> Result<bool> {
+    for l2 in l2_tables(r)? {
+        let table = read_l2(r, l2)?;
+        if table
+            .chunks_exact(8)
+            .any(|x| BigEndian::read_u64(x) & COMPRESSED != 0)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The offset of every L2 table the active L1 table and the snapshots' reach, once
+/// each, in the order first reached.
+fn l2_tables(r: &Qcow2Reader) -> Result<Vec<u64>> {
+    let h = r.header();
     let mut l1s: Vec<(u64, u32)> = vec![(h.l1_table_offset, h.l1_size)];
     l1s.extend(r.snapshots().iter().map(|s| (s.l1_table_offset, s.l1_size)));
-    let mut table = vec![0u8; cs as usize];
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
     for (offset, size) in l1s {
         let l1 = r.file().read_vec(
             offset,
-            8 * u64::from(size),
+            u64::from(size) * 8,
             crate::header::MAX_L1_BYTES,
             "L1 table",
         )?;
         for e in l1.chunks_exact(8) {
             let l2 = BigEndian::read_u64(e) & OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            w.read(&mut table, l2, "L2 table")?;
-            let zero = table.chunks_exact(8).any(|x| {
-                let v = BigEndian::read_u64(x);
-                v & COMPRESSED == 0 && v & ZERO != 0
-            });
-            if zero {
-                return refuse("zero clusters (convert it with -o compat=0.10 instead)");
+            if l2 != 0 && seen.insert(l2) {
+                out.push(l2);
             }
         }
+    }
+    Ok(out)
+}
+
+/// The L2 table at `offset`.
+fn read_l2(r: &Qcow2Reader, offset: u64) -> Result<Vec<u8>> {
+    let cs = r.header().cluster_size();
+    r.file().read_vec(offset, cs, cs, "L2 table")
+}
+
+/// Expands the zero clusters of every L2 table (see the module doc). A zero cluster
+/// whose host cluster other L2 tables also reference (a snapshot may read data there)
+/// gets a new cluster instead of having the shared one overwritten; the reference to
+/// the shared one is dropped once the L2 table no longer names it.
+fn expand_zero_clusters(w: &Writer<'_>) -> Result<()> {
+    let r = w.r;
+    let h = r.header();
+    let cs = h.cluster_size();
+    let backed = h.backing_file.is_some();
+    let zeros = vec![0u8; cs as usize];
+    for l2 in l2_tables(r)? {
+        let mut table = read_l2(r, l2)?;
+        let table_refs = w.refcount(l2 / cs)?;
+        if table_refs == 0 {
+            return Err(r.file().corrupt(
+                "L2 table",
+                l2,
+                "the L2 table is referenced but its refcount is 0",
+            ));
+        }
+        let mut changed = false;
+        let mut zeroed = Vec::new();
+        let mut dropped = Vec::new();
+        for k in (0..table.len()).step_by(8) {
+            let entry = BigEndian::read_u64(&table[k..]);
+            if entry & COMPRESSED != 0 || entry & ZERO == 0 {
+                continue;
+            }
+            changed = true;
+            let host = entry & OFFSET_MASK;
+            if host % cs != 0 {
+                return Err(r.file().corrupt(
+                    "L2 table",
+                    l2 + k as u64,
+                    format!("zero cluster at unaligned host offset {host:#x}"),
+                ));
+            }
+            let rc = if host != 0 { w.refcount(host / cs)? } else { 0 };
+            let new = if host != 0 && rc == table_refs {
+                // Preallocated zeros only this table names: written with zeros.
+                zeroed.push(host);
+                host | if rc == 1 { COPIED } else { 0 }
+            } else if host == 0 && !backed {
+                // Reads zeros unallocated, there being no backing file.
+                0
+            } else {
+                if host != 0 {
+                    dropped.push(host);
+                }
+                let at = w.alloc_cluster()?;
+                zeroed.push(at);
+                w.set_refcount(at / cs, table_refs)?;
+                at | if table_refs == 1 { COPIED } else { 0 }
+            };
+            BigEndian::write_u64(&mut table[k..], new);
+        }
+        if !changed {
+            continue;
+        }
+        for at in zeroed {
+            w.write(&zeros, at, "data cluster")?;
+        }
+        w.sync()?;
+        fail_point("qcow2-amend-zeros-written");
+        w.write(&table, l2, "L2 table")?;
+        w.sync()?;
+        fail_point("qcow2-amend-l2-written");
+        for host in dropped {
+            let rc = w.refcount(host / cs)?;
+            w.set_refcount(host / cs, rc.saturating_sub(table_refs))?;
+        }
+        w.sync()?;
     }
     Ok(())
 }

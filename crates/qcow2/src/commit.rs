@@ -70,16 +70,15 @@ impl<'a> ClusterWriter<'a> {
         })?;
         let mut padded = data.to_vec();
         padded.resize(cs as usize, 0);
-        let l2 = entry & OFFSET_MASK;
+        let mut l2 = entry & OFFSET_MASK;
         if l2 == 0 {
             // No table yet: the new-table path.
             return crate::rebase::write_cluster(&self.w, &mut self.l1, cluster, &padded);
         }
         if entry & COPIED == 0 {
-            return Err(Error::unsupported(
-                r.file().name(),
-                "writing into an L2 table shared with an internal snapshot",
-            ));
+            // Shared with an internal snapshot: the active state gets its own copy.
+            self.l1[i] = self.w.copy_shared_l2(i as u64, entry)?;
+            l2 = self.l1[i] & OFFSET_MASK;
         }
         let at = l2 + (cluster % l2e) * 8;
         let mut e = [0u8; 8];

@@ -15,7 +15,7 @@
 mod amend;
 mod bitmap;
 mod check;
-pub use check::repair_leaks;
+pub use check::{check, repair_leaks};
 mod commit;
 pub use commit::{make_empty, ClusterWriter};
 pub mod compressed;
@@ -36,7 +36,7 @@ pub use header::{
 };
 pub use reader::{L1Table, Qcow2OpenOptions, Qcow2Reader};
 pub use rebase::rebase;
-pub use resize::resize;
+pub use resize::{resize, Preallocation};
 pub use snapshot::Snapshot;
 pub use snapshot_edit::{apply_snapshot, create_snapshot, delete_snapshot};
 pub use writer::Qcow2Writer;

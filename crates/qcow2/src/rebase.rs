@@ -4,8 +4,12 @@
 //! mode first makes the image keep its content whatever the new backing file holds:
 //! every cluster the image leaves to its backing file whose content differs between
 //! the old and the new backing file is written into the image (the old content, as a
-//! new data cluster, counted before the L2 entry names it); only then does the header
-//! switch. Until the switch the guest sees the same bytes as before, so a crash at any
+//! new data cluster, counted before the L2 entry names it; with extended L2 entries,
+//! the subclusters that read from the backing file, written into the cluster's host
+//! cluster before their allocation bits are set); only then does the header
+//! switch (an L2 table shared with an internal snapshot is first copied for the active
+//! state, see `Writer::copy_shared_l2`). Until the switch the guest sees the same bytes
+//! as before, so a crash at any
 //! point leaves the old state (with leaked clusters at worst) or the new one.
 
 use std::fs::File;
@@ -60,6 +64,7 @@ fn copy_differences(w: &Writer<'_>, new: Option<&dyn ImageReader>) -> Result<()>
     let mut old_buf = vec![0u8; cs as usize];
     let mut new_buf = vec![0u8; cs as usize];
     let mut l1: Vec<u64> = r.l1_raw().to_vec();
+    let mut done: Option<u64> = None;
     let mut pos = 0u64;
     while pos < size {
         let window = pos..size.min(pos + (64 << 20));
@@ -67,6 +72,12 @@ fn copy_differences(w: &Writer<'_>, new: Option<&dyn ImageReader>) -> Result<()>
         for s in status.iter().filter(|s| !s.allocated()) {
             let mut c = s.start / cs * cs;
             while c < s.end() {
+                if done == Some(c) {
+                    // Extended L2: an earlier unallocated range of this cluster already
+                    // had all its unallocated subclusters written.
+                    c += cs;
+                    continue;
+                }
                 let len = cs.min(size - c);
                 let (a, b) = (&mut old_buf[..len as usize], &mut new_buf[..len as usize]);
                 r.read_at(a, c)?;
@@ -77,16 +88,14 @@ fn copy_differences(w: &Writer<'_>, new: Option<&dyn ImageReader>) -> Result<()>
                 // Only the unallocated part of the cluster reads from a backing file.
                 let (from, to) = (s.start.max(c) - c, s.end().min(c + len) - c);
                 if a[from as usize..to as usize] != b[from as usize..to as usize] {
-                    if h.extended_l2() {
-                        return Err(Error::unsupported(
-                            r.file().name(),
-                            "a safe rebase of an image with extended L2 entries whose content \
-                             would change (use -u if the backing files hold the same data)",
-                        ));
-                    }
                     let mut data = vec![0u8; cs as usize];
                     data[..len as usize].copy_from_slice(a);
-                    write_cluster(w, &mut l1, c / cs, &data)?;
+                    if h.extended_l2() {
+                        write_subclusters(w, &mut l1, c / cs, &data)?;
+                        done = Some(c);
+                    } else {
+                        write_cluster(w, &mut l1, c / cs, &data)?;
+                    }
                 }
                 c += cs;
             }
@@ -96,9 +105,62 @@ fn copy_differences(w: &Writer<'_>, new: Option<&dyn ImageReader>) -> Result<()>
     Ok(())
 }
 
+/// Extended L2 entries (qcow2.txt "Extended L2 Entries"): makes the subclusters of
+/// guest cluster `cluster` that read from the backing file hold `data` (the cluster's
+/// current content). Without a host cluster, a new one holds all of `data`, every
+/// subcluster allocated (see [`write_cluster`]); with one, the unallocated
+/// subclusters' bytes are written into it and synced, then the entry's allocation
+/// bits set (the entry and its bitmap in one 16-byte write).
+fn write_subclusters(w: &Writer<'_>, l1: &mut [u64], cluster: u64, data: &[u8]) -> Result<()> {
+    let r = w.r;
+    let h = r.header();
+    let cs = h.cluster_size();
+    let l2e = h.l2_entries();
+    let i = (cluster / l2e) as usize;
+    let mut l1e = l1.get(i).copied().unwrap_or(0);
+    if l1e & OFFSET_MASK != 0 && l1e & COPIED == 0 {
+        // Shared with an internal snapshot: the active state gets its own copy.
+        l1e = w.copy_shared_l2(i as u64, l1e)?;
+        l1[i] = l1e;
+    }
+    let l2 = l1e & OFFSET_MASK;
+    let at = l2 + (cluster % l2e) * h.l2_entry_size();
+    let mut pair = [0u8; 16];
+    if l2 != 0 {
+        w.read(&mut pair, at, "L2 table")?;
+    }
+    let entry = BigEndian::read_u64(&pair[..8]);
+    let bitmap = BigEndian::read_u64(&pair[8..]);
+    let host = entry & OFFSET_MASK;
+    if host == 0 || entry & crate::l2::COMPRESSED != 0 {
+        return write_cluster(w, l1, cluster, data);
+    }
+    if w.refcount(host / cs)? > 1 {
+        // A snapshot reaches this host cluster too: its bytes stay as they are; the
+        // active state gets a cluster of its own holding all it reads.
+        write_cluster(w, l1, cluster, data)?;
+        w.release(&[host / cs])?;
+        return w.sync();
+    }
+    let sc = cs / 32;
+    let mut set = 0u64;
+    for k in 0..32u64 {
+        if bitmap & (1 << k) == 0 && bitmap & (1 << (32 + k)) == 0 {
+            let range = (k * sc) as usize..((k + 1) * sc) as usize;
+            w.write(&data[range], host + k * sc, "data subcluster")?;
+            set |= 1 << k;
+        }
+    }
+    w.sync()?;
+    BigEndian::write_u64(&mut pair[8..], bitmap | set);
+    w.write(&pair, at, "L2 table")?;
+    w.sync()
+}
+
 /// Stores `data` as guest cluster `cluster` (unallocated until now): a new data
 /// cluster written and counted, a new L2 table if needed (written, counted, then named
-/// in the L1 table), then the L2 entry.
+/// in the L1 table), then the L2 entry (with extended L2 entries, every subcluster
+/// allocated, the entry and its bitmap in one write).
 pub(crate) fn write_cluster(
     w: &Writer<'_>,
     l1: &mut [u64],
@@ -119,10 +181,9 @@ pub(crate) fn write_cluster(
     };
     let mut l2 = entry & OFFSET_MASK;
     if l2 != 0 && entry & COPIED == 0 {
-        return Err(Error::unsupported(
-            r.file().name(),
-            "writing into an L2 table shared with an internal snapshot",
-        ));
+        // Shared with an internal snapshot: the active state gets its own copy.
+        l1[i] = w.copy_shared_l2(i as u64, entry)?;
+        l2 = l1[i] & OFFSET_MASK;
     }
     let host = w.alloc_cluster()?;
     w.write(data, host, "data cluster")?;
@@ -141,9 +202,10 @@ pub(crate) fn write_cluster(
         l1[i] = e;
     }
     w.sync()?;
-    let mut e = [0u8; 8];
+    let mut e = [0u8; 16];
     BigEndian::write_u64(&mut e, host | COPIED);
+    BigEndian::write_u64(&mut e[8..], u64::from(u32::MAX));
     let at = l2 + (cluster % l2e) * h.l2_entry_size();
-    w.write(&e, at, "L2 table")?;
+    w.write(&e[..h.l2_entry_size() as usize], at, "L2 table")?;
     w.sync()
 }

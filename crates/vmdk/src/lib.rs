@@ -25,7 +25,7 @@ mod sparse;
 mod writer;
 
 pub use reader::VmdkReader;
-pub use writer::{Subformat, VmdkWriter};
+pub use writer::{Parent, Subformat, VmdkWriter};
 
 /// Bytes per sector: every VMDK offset and size field counts 512-byte sectors.
 pub const SECTOR_SIZE: u64 = 512;

@@ -141,12 +141,27 @@ struct OutExtent {
     kind: OutKind,
 }
 
+/// The parent of a differencing disk (qemu-img `create -f vmdk -b PARENT`): the
+/// child's descriptor names it (spec "The Descriptor File": `parentCID`,
+/// `parentFileNameHint`), and grains the child leaves unallocated read from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parent {
+    /// `parentFileNameHint`: the parent's name as given (relative names resolve
+    /// against the child's directory).
+    pub hint: String,
+    /// `parentCID`: the parent's content ID when the child was made.
+    pub cid: u32,
+}
+
 /// Writes a VMDK image.
 #[derive(Debug)]
 pub struct VmdkWriter {
     subformat: Subformat,
     size: u64,
     zeroed_grain: bool,
+    /// The image has a parent: every grain the source's layer stores is written, zeros
+    /// too (they must hide the parent), and grains it leaves alone stay unallocated.
+    has_parent: bool,
     extents: Vec<OutExtent>,
     /// The descriptor: embedded in extent 0 or a file of its own.
     descriptor: String,
@@ -245,10 +260,18 @@ impl VmdkWriter {
     ];
 
     /// Creates the VMDK target (and its extent files) in `output` with `options`.
-    pub fn create(
+    pub fn create(output: &mut Output, params: &CreateParams, options: Options) -> Result<Self> {
+        Self::create_over(output, params, options, None)
+    }
+
+    /// Creates the VMDK target as [`VmdkWriter::create`] does, a differencing disk of
+    /// `parent` when given (sparse and streamOptimized layouts; flat ones cannot have
+    /// a parent, as in qemu).
+    pub fn create_over(
         output: &mut Output,
         params: &CreateParams,
         mut options: Options,
+        parent: Option<Parent>,
     ) -> Result<Self> {
         let names: Vec<&str> = Subformat::ALL.iter().map(|(_, n)| *n).collect();
         let subformat = options
@@ -279,6 +302,16 @@ impl VmdkWriter {
 
         let target = output.target().to_path_buf();
         let tname = target.display().to_string();
+        if parent.is_some()
+            && matches!(
+                subformat,
+                Subformat::MonolithicFlat | Subformat::TwoGbMaxExtentFlat
+            )
+        {
+            return Err(Error::invalid(format!(
+                "{tname}: Flat image can't have backing file"
+            )));
+        }
         if params.existing {
             return Err(Error::unsupported(
                 &tname,
@@ -405,9 +438,9 @@ impl VmdkWriter {
         ];
         let descriptor = NewDescriptor {
             cid,
-            parent_cid: CID_NONE,
+            parent_cid: parent.as_ref().map_or(CID_NONE, |p| p.cid),
             create_type: subformat.name(),
-            parent_file_name_hint: None,
+            parent_file_name_hint: parent.as_ref().map(|p| p.hint.as_str()),
             extents: &lines,
             ddb: &ddb,
         }
@@ -416,6 +449,7 @@ impl VmdkWriter {
             subformat,
             size,
             zeroed_grain,
+            has_parent: parent.is_some(),
             extents,
             descriptor,
             descriptor_file,
@@ -510,6 +544,7 @@ pub struct VmdkEncoder {
     subformat: Subformat,
     size: u64,
     zeroed_grain: bool,
+    has_parent: bool,
     /// The first extent's name, for errors.
     name: String,
 }
@@ -539,14 +574,25 @@ impl ChunkEncoder for VmdkEncoder {
                 .runs
                 .iter()
                 .filter(|r| r.start < ge && r.start + r.len > gs);
-            let (mut data, mut unalloc) = (false, false);
+            let (mut data, mut unalloc, mut stored) = (false, false, false);
             for r in runs {
                 data |= r.kind == RunKind::Data;
                 unalloc |= r.kind == RunKind::Unallocated;
+                stored |= r.kind != RunKind::Unallocated;
             }
-            let nonzero = data && chunk.bytes(gs, ge - gs).is_some_and(|b| !is_zero(b));
+            let zeros = chunk.bytes(gs, ge - gs).is_none_or(is_zero);
+            let nonzero = data && !zeros;
+            // Over a parent, what the layer stores is written even when zero (as
+            // qemu-img writes it: a zeroed-grain GTE when the grain is wholly zeros and
+            // the image has them, else a grain of zeros); the rest of a stored grain
+            // holds the parent's bytes (copy on write).
+            let write = if self.has_parent {
+                stored && !(self.zeroed_grain && !unalloc && zeros)
+            } else {
+                nonzero
+            };
             let g = gs / GRAIN_BYTES;
-            if nonzero {
+            if write {
                 let bytes = if self.subformat == Subformat::StreamOptimized {
                     let z = grain::deflate(&grain_bytes(chunk, gs, ge))
                         .map_err(|e| Error::io(&self.name, "cannot compress", e))?;
@@ -565,7 +611,7 @@ impl ChunkEncoder for VmdkEncoder {
                     None
                 };
                 out.grains.push((g, GrainOut::Data(bytes)));
-            } else if self.zeroed_grain && !unalloc {
+            } else if self.zeroed_grain && !unalloc && (stored || !self.has_parent) {
                 out.grains.push((g, GrainOut::Zero));
             }
             gs = ge;
@@ -586,6 +632,7 @@ impl ImageWriter for VmdkWriter {
             subformat: self.subformat,
             size: self.size,
             zeroed_grain: self.zeroed_grain,
+            has_parent: self.has_parent,
             name: self
                 .extents
                 .first()

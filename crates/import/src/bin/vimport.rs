@@ -28,7 +28,10 @@ VIMPORT_<KEY> environment variables, which win. Keys and defaults:
   ceph_conf           $CEPH_CONF or /etc/ceph/ceph.conf (monitors, keyring)
   rbd_chunk_size      8M             (rbd store: object size, 4K..32M, power of 2)
   rbd_snapshot        true           (rbd store: protected snapshot 'snap' to clone)
-  database            <data_dir>/vimport.db
+  database            <data_dir>/vimport.db  (a SQLite file: one host), or
+                      postgres://user:password@host:port/db  (several hosts)
+  host_id             <hostname>:<workspace_dir>  (unique per host, stable)
+  task_lease          30   (seconds; a silent host's tasks fail after it)
   listen              127.0.0.1:9292
   token               an admin token (project 'admin'); with no token and no
                       tokens, one is generated into <data_dir>/token

@@ -10,6 +10,53 @@ use serde_json::Value;
 
 pub const TOKEN: &str = "test-token";
 
+thread_local! {
+    /// The PostgreSQL catalogue of the test running on this thread, if it runs on
+    /// PostgreSQL ([`on_postgres`]); every [`Vimport`] it starts uses it.
+    static DATABASE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the PostgreSQL tests must run: `VIMPORT_REQUIRE_POSTGRES=1` (`cargo xtask
+/// test` sets it) or `CI` set to something true.
+fn postgres_required() -> bool {
+    std::env::var("VIMPORT_REQUIRE_POSTGRES").as_deref() == Ok("1")
+        || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// A new, empty database on the test server (`VIMPORT_TEST_POSTGRES_URL`, which
+/// `cargo xtask test` sets); `None` (the test skips, saying so) without one, unless
+/// PostgreSQL is required ([`postgres_required`]), where its absence fails the test.
+pub fn postgres_database() -> Option<String> {
+    let Ok(url) = std::env::var("VIMPORT_TEST_POSTGRES_URL") else {
+        assert!(
+            !postgres_required(),
+            "PostgreSQL is required (VIMPORT_REQUIRE_POSTGRES=1 or CI) but VIMPORT_TEST_POSTGRES_URL is not set: run `cargo xtask test`, which starts one"
+        );
+        eprintln!("SKIPPED: no VIMPORT_TEST_POSTGRES_URL (`cargo xtask test` starts PostgreSQL)");
+        return None;
+    };
+    let name = format!("vimport_it_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls)
+        .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL {url}: {e}"));
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .expect("create the test database");
+    let mut u = url::Url::parse(&url).expect("VIMPORT_TEST_POSTGRES_URL is a URL");
+    u.set_path(&name);
+    Some(u.to_string())
+}
+
+/// Runs `test` with every vimport it starts on a new PostgreSQL catalogue (skipped
+/// as [`postgres_database`] says).
+pub fn on_postgres(test: impl FnOnce()) {
+    let Some(url) = postgres_database() else {
+        return;
+    };
+    DATABASE.with(|d| *d.borrow_mut() = Some(url));
+    test();
+    DATABASE.with(|d| *d.borrow_mut() = None);
+}
+
 /// A running vimport.
 pub struct Vimport {
     pub child: Child,
@@ -28,6 +75,9 @@ impl Vimport {
             .env("VIMPORT_TOKEN", TOKEN)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let Some(url) = DATABASE.with(|d| d.borrow().clone()) {
+            cmd.env("VIMPORT_DATABASE", url);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
