@@ -1415,6 +1415,47 @@ fn sdk_create_via_import() {
     assert_stored(&env, &src, &img, &got);
 }
 
+/// Image members through openstacksdk: `add_member`, `members`, `update_member`
+/// (Bob accepts: the image appears in his `images()`), `get_member`,
+/// `remove_member`.
+#[test]
+fn sdk_members() {
+    let Some(env) = env() else { return };
+    let srv = Server::start(env.dir.path(), None);
+    let mut alice = Sdk::new(&env, &srv, ALICE);
+    let mut bob = Sdk::new(&env, &srv, BOB);
+    let rec = alice.ok(
+        "create_image",
+        json!({"name": "sdk-shared", "disk_format": "raw", "container_format": "bare",
+               "visibility": "shared"}),
+    );
+    let id = sdk_id(&rec);
+    let ids = |v: Value| -> Vec<String> { v.as_array().unwrap().iter().map(sdk_id).collect() };
+    let m = alice.ok("add_member", json!({"image": id, "member": BOB_PROJECT}));
+    assert_eq!(m["status"], "pending", "{m}");
+    let all = alice.ok("members", json!({"image": id}));
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+    assert_eq!(all[0]["status"], "pending", "{all}");
+    assert!(ids(bob.ok("images", json!({}))).is_empty());
+    let err = bob
+        .call("add_member", json!({"image": id, "member": "p-carol"}))
+        .expect_err("a member shared the image on");
+    assert!(err.to_string().contains("403"), "{err}");
+
+    let m = bob.ok(
+        "update_member",
+        json!({"image": id, "member": BOB_PROJECT, "status": "accepted"}),
+    );
+    assert_eq!(m["status"], "accepted", "{m}");
+    assert_eq!(ids(bob.ok("images", json!({}))), [id.as_str()]);
+    let m = bob.ok("get_member", json!({"image": id, "member": BOB_PROJECT}));
+    assert_eq!(m["status"], "accepted", "{m}");
+
+    alice.ok("remove_member", json!({"image": id, "member": BOB_PROJECT}));
+    assert!(ids(bob.ok("images", json!({}))).is_empty());
+    assert_eq!(alice.ok("members", json!({"image": id})), json!([]));
+}
+
 /// `create_image(filename=…)`: the SDK's default upload, `PUT /file`, of a qcow2.
 #[test]
 fn sdk_upload_put_file() {
