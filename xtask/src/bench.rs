@@ -17,7 +17,7 @@ struct Corpus {
     source_tree: &'static str,
 }
 
-fn run_ok(cmd: &mut Command) -> bool {
+pub(crate) fn run_ok(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .status()
@@ -159,11 +159,17 @@ fn warm(path: &Path) {
     }
 }
 
+/// [`warm`], then `sync`: a run starts with its source cached and no dirty pages.
+pub(crate) fn warm_and_sync(path: &Path) {
+    warm(path);
+    let _ = Command::new("sync").status();
+}
+
 /// One timed run of `cmd` converting `src`: wall seconds and peak RSS in KiB (from
 /// /usr/bin/time). The source is read into the page cache and dirty pages left by the
 /// previous run are flushed first (`sync`), neither timed, so every run starts alike and
 /// none pays for another's writeback.
-fn timed(src: &Path, cmd: &[String]) -> Option<(f64, Option<u64>)> {
+pub(crate) fn timed(src: &Path, cmd: &[String]) -> Option<(f64, Option<u64>)> {
     warm(src);
     let _ = Command::new("sync").status();
     let rss_file = std::env::temp_dir().join(format!("vconvert-bench-rss-{}", std::process::id()));
@@ -193,12 +199,36 @@ fn timed(src: &Path, cmd: &[String]) -> Option<(f64, Option<u64>)> {
     Some((secs, rss))
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         f64::NAN
     } else {
         v[v.len() / 2]
+    }
+}
+
+/// Whether a case named `name` runs: every case without `--only`, else those whose name
+/// contains one of its words.
+fn selected(only: &[String], name: &str) -> bool {
+    only.is_empty() || only.iter().any(|o| name.contains(o.as_str()))
+}
+
+/// The 1-minute load average now.
+pub(crate) fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// "median (min–max)" of `v`, in seconds.
+pub(crate) fn spread(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    let med = median(&mut v);
+    match (v.first(), v.last()) {
+        (Some(lo), Some(hi)) if v.len() > 1 => format!("{med:.2} ({lo:.2}–{hi:.2})"),
+        _ => format!("{med:.2}"),
     }
 }
 
@@ -326,7 +356,7 @@ fn machine() -> String {
 }
 
 /// Runs the benchmark; `quick` uses a small corpus to check the harness itself.
-pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
+pub fn bench(root: &Path, quick: bool, rounds: usize, only: &[String]) -> bool {
     let corpus = if quick {
         Corpus {
             dir: root.join("benches/corpus-quick"),
@@ -342,7 +372,14 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
     };
     if !run_ok(
         Command::new("cargo")
-            .args(["build", "--release", "--bin", "vconvert"])
+            .args([
+                "build",
+                "--release",
+                "--bin",
+                "vconvert",
+                "--bin",
+                "vimport",
+            ])
             .current_dir(root),
     ) {
         return false;
@@ -358,25 +395,39 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let out_dir = corpus.dir.join("out");
     let _ = std::fs::create_dir_all(&out_dir);
-    let mut table = String::from(
-        "| case | vconvert s | qemu-img -W -m 16 s | speed-up | qemu-img default s | speed-up | qemu-img -t none -W -m 16 s | speed-up | vconvert -t unsafe s | its speed-up vs -W -m 16 | floor (cp --sparse) s | vconvert RSS MiB | qemu-img RSS MiB | size vs qemu | qemu-img compare |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    let mut flushed = String::from(
+        "| case | vconvert s | qemu-img -t none -W -m 16 s | speed-up median | worst round | vconvert -t unsafe s | qemu-img -W -m 16 s | speed-up median | worst round | floor (cp --sparse) s | vconvert RSS MiB | qemu-img RSS MiB | size vs qemu | qemu-img compare | load (1 min) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for case in &CASES {
+    let mut compressed = String::from(
+        "| case | vconvert s | qemu-img -W -m 16 s | speed-up median | worst round | qemu-img default s | speed-up median | vconvert RSS MiB | qemu-img RSS MiB | size vs qemu | qemu-img compare | load (1 min) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for case in CASES.iter().filter(|c| selected(only, c.name)) {
         let src = corpus.dir.join(case.src);
-        // vconvert flushes its output before renaming it into place (writing its data
-        // with O_DIRECT); qemu-img convert's default cache mode (unsafe) never flushes.
-        // Like for like: vconvert `-t unsafe` against qemu-img's default, and qemu-img
-        // `-t none` (O_DIRECT, flushed at the end) against vconvert's default.
-        let tools: [(&str, Vec<&str>); 5] = [
-            ("vconvert", vec![]),
-            ("qemu-fast", vec!["-W", "-m", "16"]),
-            ("qemu-default", vec![]),
-            ("vconvert-unsafe", vec!["-t", "unsafe"]),
-            ("qemu-direct", vec!["-t", "none", "-W", "-m", "16"]),
-        ];
-        let mut times: [Vec<f64>; 5] = Default::default();
-        let mut rss: [Option<u64>; 5] = [None; 5];
-        let mut failed = [false; 5];
+        // Equal durability (see the notes in RESULTS.md): vconvert's default (O_DIRECT,
+        // synced before the rename) against qemu-img `-t none -W -m 16` (O_DIRECT, flushed
+        // at the end); `vconvert -t unsafe` against qemu-img's default cache mode (never
+        // flushes) with `-W -m 16`. Compressed writes: against qemu-img's fastest flags
+        // and its defaults.
+        let compressed_write =
+            case.args.contains(&"-c") || case.args.iter().any(|a| a.contains("streamOptimized"));
+        let tools: Vec<(&str, Vec<&str>)> = if compressed_write {
+            vec![
+                ("vconvert", vec![]),
+                ("qemu-fast", vec!["-W", "-m", "16"]),
+                ("qemu-default", vec![]),
+            ]
+        } else {
+            vec![
+                ("vconvert", vec![]),
+                ("qemu-direct", vec!["-t", "none", "-W", "-m", "16"]),
+                ("vconvert-unsafe", vec!["-t", "unsafe"]),
+                ("qemu-fast", vec!["-W", "-m", "16"]),
+            ]
+        };
+        let load_before = loadavg();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); tools.len()];
+        let mut rss: Vec<Option<u64>> = vec![None; tools.len()];
+        let mut failed = vec![false; tools.len()];
         for _ in 0..rounds {
             for (i, (tool, extra)) in tools.iter().enumerate() {
                 let out = out_dir.join(format!("{tool}.{}", case.out_fmt));
@@ -395,6 +446,7 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
                 }
             }
         }
+        let load = format!("{load_before}–{}", loadavg());
         let ours = out_dir.join(format!("vconvert.{}", case.out_fmt));
         let theirs = out_dir.join(format!("qemu-fast.{}", case.out_fmt));
         let same = !failed[0]
@@ -404,43 +456,30 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
                     .arg(&src)
                     .arg(&ours),
             );
-        let floor = if case.cp_floor {
-            let raw = corpus.dir.join("disk.raw");
-            let dst = out_dir.join("cp.raw");
-            let mut t = Vec::new();
-            for _ in 0..rounds {
-                let _ = std::fs::remove_file(&dst);
-                let cmd: Vec<String> = vec![
-                    "cp".into(),
-                    "--sparse=always".into(),
-                    raw.display().to_string(),
-                    dst.display().to_string(),
-                ];
-                if let Some((s, _)) = timed(&raw, &cmd) {
-                    t.push(s);
-                }
-            }
-            format!("{:.2}", median(&mut t))
-        } else {
-            "—".into()
-        };
-        let m: Vec<f64> = times.iter_mut().map(|v| median(v)).collect();
         let fmt_t = |i: usize| {
             if failed[i] {
                 "failed".to_string()
             } else {
-                format!("{:.2}", m[i])
+                spread(&times[i])
             }
         };
-        let ratio = |i: usize| {
-            if failed[0] || failed[i] {
-                "—".to_string()
-            } else {
-                format!("{:.2}×", m[i] / m[0])
+        // Speed-up of `ours` over `theirs`: medians, and the worst round (each round
+        // runs both, one after the other).
+        let speedup = |ours: usize, theirs: usize| -> (String, String) {
+            if failed[ours] || failed[theirs] {
+                return ("—".into(), "—".into());
             }
+            let med = median(&mut times[theirs].clone()) / median(&mut times[ours].clone());
+            let worst = times[ours]
+                .iter()
+                .zip(&times[theirs])
+                .map(|(o, t)| t / o)
+                .fold(f64::INFINITY, f64::min);
+            (format!("{med:.2}×"), format!("{worst:.2}×"))
         };
         let mib = |r: Option<u64>| r.map_or("—".into(), |k| format!("{}", k / 1024));
-        let size = if failed[0] || failed[1] {
+        let fast = tools.iter().position(|t| t.0 == "qemu-fast").unwrap_or(1);
+        let size = if failed[0] || failed[fast] {
             "—".into()
         } else {
             format!(
@@ -448,45 +487,73 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
                 allocated(&ours) as f64 / allocated(&theirs).max(1) as f64
             )
         };
-        let unsafe_ratio = if failed[3] || failed[1] {
-            "—".to_string()
+        let verdict = if same {
+            "identical"
+        } else if failed[0] {
+            "—"
         } else {
-            format!("{:.2}×", m[1] / m[3])
+            "DIFFERS"
         };
-        let row = format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            case.name,
-            fmt_t(0),
-            fmt_t(1),
-            ratio(1),
-            fmt_t(2),
-            ratio(2),
-            fmt_t(4),
-            ratio(4),
-            fmt_t(3),
-            unsafe_ratio,
-            floor,
-            mib(rss[0]),
-            mib(rss[1]),
-            size,
-            if same {
-                "identical"
-            } else if failed[0] {
-                "—"
+        let row = if compressed_write {
+            let (m1, w1) = speedup(0, 1);
+            let (m2, _) = speedup(0, 2);
+            format!(
+                "| {} | {} | {} | {m1} | {w1} | {} | {m2} | {} | {} | {size} | {verdict} | {load} |\n",
+                case.name,
+                fmt_t(0),
+                fmt_t(1),
+                fmt_t(2),
+                mib(rss[0]),
+                mib(rss[1]),
+            )
+        } else {
+            let floor = if case.cp_floor {
+                let raw = corpus.dir.join("disk.raw");
+                let dst = out_dir.join("cp.raw");
+                let mut t = Vec::new();
+                for _ in 0..rounds {
+                    let _ = std::fs::remove_file(&dst);
+                    let cmd: Vec<String> = vec![
+                        "cp".into(),
+                        "--sparse=always".into(),
+                        raw.display().to_string(),
+                        dst.display().to_string(),
+                    ];
+                    if let Some((s, _)) = timed(&raw, &cmd) {
+                        t.push(s);
+                    }
+                }
+                format!("{:.2}", median(&mut t))
             } else {
-                "DIFFERS"
-            }
-        );
+                "—".into()
+            };
+            let (fm, fw) = speedup(0, 1);
+            let (um, uw) = speedup(2, 3);
+            format!(
+                "| {} | {} | {} | {fm} | {fw} | {} | {} | {um} | {uw} | {floor} | {} | {} | {size} | {verdict} | {load} |\n",
+                case.name,
+                fmt_t(0),
+                fmt_t(1),
+                fmt_t(2),
+                fmt_t(3),
+                mib(rss[0].max(rss[2])),
+                mib(rss[1].max(rss[3])),
+            )
+        };
         eprint!("{row}");
-        table.push_str(&row);
+        if compressed_write {
+            compressed.push_str(&row);
+        } else {
+            flushed.push_str(&row);
+        }
     }
     // Scaling of compressed work with the thread count.
     let mut scaling =
         String::from("| case | threads | vconvert s | speed-up vs -m 1 |\n|---|---|---|---|\n");
-    for case in CASES
-        .iter()
-        .filter(|c| c.args.contains(&"-c") || c.args.iter().any(|a| a.contains("stream")))
-    {
+    for case in CASES.iter().filter(|c| {
+        (c.args.contains(&"-c") || c.args.iter().any(|a| a.contains("stream")))
+            && selected(only, "scaling")
+    }) {
         let src = corpus.dir.join(case.src);
         let mut base = f64::NAN;
         let mut threads = vec![1usize];
@@ -525,15 +592,33 @@ pub fn bench(root: &Path, quick: bool, rounds: usize) -> bool {
             scaling.push_str(&row);
         }
     }
+    let imports = if selected(only, "vimport") {
+        match crate::bench_import::bench_imports(root, &corpus.dir, &out_dir, rounds) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("vimport cases: {e}");
+                format!("not run: {e}\n")
+            }
+        }
+    } else {
+        "not run (`--only` left them out)\n".into()
+    };
     let _ = std::fs::remove_dir_all(&out_dir);
+    let only_note = if only.is_empty() {
+        String::new()
+    } else {
+        format!(" --only {}", only.join(","))
+    };
     let results = format!(
-        "# Benchmark results\n\nWritten by `cargo xtask bench{}` ({rounds} alternating rounds per tool; medians; before every timed run the source is read into the page cache and `sync` flushes the previous run's writes, neither timed). \
-Speed-up = qemu-img time / vconvert time (above 1: vconvert is faster). Size = allocated bytes of vconvert's output / qemu-img's. \
-RSS = peak resident set size (`/usr/bin/time`). \
-vconvert flushes its output to disk before renaming it into place (no partial or lost output), \
-writing its data with O_DIRECT; \
-qemu-img convert's default cache mode, `unsafe`, never flushes, so the `vconvert -t unsafe` column is the like-for-like run against it, \
-and qemu-img `-t none` (O_DIRECT, flushed at the end) the like-for-like run against vconvert's default.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms made by qemu-img.\n\n## Conversions\n\n{table}\n## Scaling of compressed work\n\n{scaling}",
+        "# Benchmark results\n\nWritten by `cargo xtask bench{}{only_note} --rounds {rounds}` ({rounds} rounds; in each round every tool runs once, one after the other; \
+times are median (min–max); before every timed run the source is read into the page cache and `sync` flushes the previous run's writes, neither timed). \
+Speed-up = qemu-img time / vconvert time (above 1: vconvert is faster): of the medians, and the worst round (the smallest ratio of the two tools' times within one round). \
+Size = allocated bytes of vconvert's output / qemu-img's. RSS = peak resident set size (`/usr/bin/time`). \
+Load = the 1-minute load average before and after the case: **this machine is shared** (other jobs run on its 2 cores during the bench), so figures swing from run to run; compare tools within a row, never rows of different runs.\n\n\
+Conversions whose output is uncompressed are compared **at equal durability**, both ways: \
+*flushed*, vconvert's default (data written with O_DIRECT, synced before the rename into place) against `qemu-img convert -t none -W -m 16` (O_DIRECT, flushed at the end); \
+*unflushed*, `vconvert -t unsafe` against qemu-img's default cache mode (`unsafe`: never flushes) with `-W -m 16`. \
+Compressed writes (`-c`, streamOptimized) are compared with qemu-img's fastest flags and its defaults, default cache mode.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms made by qemu-img.\n\n## Conversions with uncompressed output, at equal durability\n\n{flushed}\n## Compressed writes\n\n{compressed}\n## Scaling of compressed work\n\n{scaling}\n## vimport: upload and import end to end\n\n{imports}",
         if quick { " --quick" } else { "" },
         machine()
     );

@@ -1,6 +1,7 @@
 //! `cargo xtask`: developer tasks that are more than one cargo command.
 
 mod bench;
+mod bench_import;
 mod postgres;
 mod test;
 
@@ -23,9 +24,12 @@ Tasks:
   fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N
                                seconds each (default 60), seeded from testdata/, and
                                record each campaign in fuzz/README.md
-  bench [--quick] [--rounds N] vconvert vs qemu-img side by side on a realistic corpus
-                               (built once in benches/corpus/); writes benches/RESULTS.md
-                               (--quick: a small corpus, benches/RESULTS-quick.md)
+  bench [--quick] [--rounds N] [--only WORD,...]
+                               vconvert vs qemu-img side by side on a realistic corpus
+                               (built once in benches/corpus/), and vimport's upload and
+                               import end to end; writes benches/RESULTS.md (--quick: a
+                               small corpus, benches/RESULTS-quick.md; --only: the cases
+                               whose name holds a WORD; scaling, vimport)
 ";
 
 const FUZZ_TARGETS: [&str; 7] = [
@@ -198,7 +202,13 @@ fn main() {
                 .position(|a| a == "--rounds")
                 .and_then(|i| args.get(i + 1)?.parse().ok())
                 .unwrap_or(3);
-            bench::bench(&root(), quick, rounds)
+            let only: Vec<String> = args
+                .iter()
+                .position(|a| a == "--only")
+                .and_then(|i| args.get(i + 1))
+                .map(|o| o.split(',').map(str::to_string).collect())
+                .unwrap_or_default();
+            bench::bench(&root(), quick, rounds, &only)
         }
         "" | "help" | "--help" | "-h" => {
             print!("{HELP}");

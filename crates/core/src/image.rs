@@ -390,9 +390,15 @@ pub trait ImageWriter: Send + Sync {
 
     /// Places a batch of chunks, in guest order. The default calls
     /// [`ImageWriter::place`] for each; a writer may instead assign every location in
-    /// order first and then write the batch's data in parallel (it runs inside the
-    /// conversion's thread pool).
-    fn place_batch(&mut self, chunks: &[Chunk], encoded: Vec<Encoded<Self>>) -> Result<()> {
+    /// order first and then write the batch's data in parallel on `workers` (the
+    /// conversion's thread count).
+    fn place_batch(
+        &mut self,
+        chunks: &[Chunk],
+        encoded: Vec<Encoded<Self>>,
+        workers: &crate::Workers,
+    ) -> Result<()> {
+        let _ = workers;
         for (chunk, e) in chunks.iter().zip(encoded) {
             self.place(chunk, e)?;
         }

@@ -2,17 +2,17 @@
 //!
 //! The disk is walked in windows whose block map is fetched lazily. Chunks of the
 //! writer's chunk size that hold data are read, zero-scanned and encoded in parallel
-//! (rayon), then placed by the writer one by one in guest order, so the output is the
-//! same at any thread count. At most one batch of chunks is in memory at a time.
+//! ([`Workers`]: threads that block when idle, never spin), then placed by the writer
+//! in guest order, so the output is the same at any thread count. A few batches of
+//! chunks are in memory at a time.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use vconvert_core::{
     zero_runs, BlockMap, Chunk, ChunkEncoder, CreateParams, Encoded, Error, ExtentKind, Format,
-    ImageReader, ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind,
+    ImageReader, ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind, Workers,
 };
 
 use crate::registry::{with_writer, WriterJob};
@@ -62,6 +62,19 @@ impl CancelToken {
 /// Progress of a conversion: guest bytes done out of the virtual size.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
+/// The bytes of a raw target, in order from its first byte to its last, as they are
+/// placed (see [`ConvertOptions::observe_raw`]).
+#[derive(Clone, Copy, Debug)]
+pub enum RawBytes<'a> {
+    /// These bytes.
+    Data(&'a [u8]),
+    /// This many zero bytes.
+    Zeros(u64),
+}
+
+/// Sees a raw target's bytes as they are placed (see [`ConvertOptions::observe_raw`]).
+pub type RawObserver<'a> = &'a (dyn Fn(RawBytes<'_>) + Sync);
+
 /// How to convert.
 #[derive(Clone)]
 pub struct ConvertOptions<'a> {
@@ -102,6 +115,12 @@ pub struct ConvertOptions<'a> {
     /// file, which must hold the same content. Zeros past the backing file's end are
     /// not stored (the target reads zeros there).
     pub target_backing_size: Option<u64>,
+    /// Given every byte of a new raw target once, in order, as batches are placed: a
+    /// caller hashes the output while it is written instead of reading it again. The
+    /// pieces cover exactly `0..virtual size`; ranges the conversion leaves as holes
+    /// come as [`RawBytes::Zeros`]. Only for a new raw target (not `existing`): any
+    /// other target is refused, since its bytes are not the guest's in order.
+    pub observe_raw: Option<RawObserver<'a>>,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -120,6 +139,7 @@ impl Default for ConvertOptions<'_> {
             identity_seed: None,
             rate_limit: None,
             target_backing_size: None,
+            observe_raw: None,
         }
     }
 }
@@ -136,6 +156,16 @@ pub fn convert(
     options: Options,
     opts: &ConvertOptions<'_>,
 ) -> Result<()> {
+    if opts.observe_raw.is_some() && (format != Format::Raw || opts.existing) {
+        return Err(Error::invalid(format!(
+            "only a new raw target's bytes can be observed as they are written, not {}",
+            if opts.existing {
+                "an existing target's".to_string()
+            } else {
+                format!("a {format} target's")
+            }
+        )));
+    }
     let mut output = Output::new(target, opts.existing);
     if !opts.no_sync {
         output.write_direct(opts.direct);
@@ -191,11 +221,9 @@ pub fn copy_image<W: ImageWriter>(
     } else {
         opts.threads
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("vconvert-{i}"))
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start {threads} worker threads: {e}")))?;
+    // Threads that block when idle (see `Workers`): encoding and placement use
+    // `threads` of them, reading as many more.
+    let workers = Workers::new(threads);
 
     let size = src.virtual_size();
     let chunk_size = writer.chunk_size().max(512);
@@ -232,17 +260,12 @@ pub fn copy_image<W: ImageWriter>(
     // (with decompression) must go on meanwhile. Measured: compressed qcow2 -> raw
     // 1.4-1.55 s with one pool for both, 1.07-1.11 s with two.
     let buffers = BufferPool::default();
-    let read_pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("vconvert-read-{i}"))
-        .build()
-        .map_err(|e| Error::invalid(format!("cannot start {threads} reader threads: {e}")))?;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
         let reader = Reader {
             buffers: &buffers,
             src,
-            pool: &read_pool,
+            workers: &workers,
             chunk_size,
             batch,
             sparse_size: opts.sparse_size,
@@ -252,9 +275,14 @@ pub fn copy_image<W: ImageWriter>(
         };
         scope.spawn(move || reader.run(&tx));
         let encoder = writer.encoder();
+        // How far the raw observer has been given the target's bytes.
+        let mut observed = 0u64;
         let mut placed_batch = |placed: Option<Batch>| {
             if let Some(batch) = placed {
                 processed += batch.chunks.iter().map(|c| c.len).sum::<u64>();
+                if let Some(observe) = opts.observe_raw {
+                    observed = observe_chunks(observe, &batch.chunks, observed);
+                }
                 for chunk in batch.chunks {
                     buffers.put(chunk.data);
                 }
@@ -270,40 +298,56 @@ pub fn copy_image<W: ImageWriter>(
             let batch = msg?;
             opts.cancel.check()?;
             let previous = encoded_batch.take();
-            let (encoded, placed) = pool.install(|| {
-                rayon::join(
-                    || {
-                        batch
-                            .chunks
-                            .par_iter()
-                            .map(|chunk| encoder.encode(chunk))
-                            .collect::<Vec<Result<Encoded<W>>>>()
-                    },
-                    || place_encoded(&mut *writer, previous),
-                )
-            });
+            let (encoded, placed) = workers.join(
+                || workers.map(&batch.chunks, |chunk| encoder.encode(chunk)),
+                || place_encoded(&mut *writer, previous, &workers),
+            );
             // Errors in guest order: the earlier batch's placement first, then the first
             // chunk that failed to encode.
             placed_batch(placed?);
             let encoded = encoded.into_iter().collect::<Result<Vec<_>>>()?;
             encoded_batch = Some((batch, encoded));
         }
-        placed_batch(pool.install(|| place_encoded(&mut *writer, encoded_batch))?);
+        placed_batch(place_encoded(&mut *writer, encoded_batch, &workers)?);
+        if let Some(observe) = opts.observe_raw {
+            if observed < size {
+                observe(RawBytes::Zeros(size - observed));
+            }
+        }
         // The reader stops early only by sending an error (handled above) or when the
         // channel closes after the last batch.
         opts.cancel.check()
     })
 }
 
+/// Gives `observe` the raw target's bytes from `from` to the end of `chunks` (placed, in
+/// guest order): the gaps between chunks and chunks without data are zeros. Returns
+/// where it stopped.
+fn observe_chunks(observe: RawObserver<'_>, chunks: &[Chunk], from: u64) -> u64 {
+    let mut at = from;
+    for c in chunks {
+        if c.offset > at {
+            observe(RawBytes::Zeros(c.offset - at));
+        }
+        match c.data.get(..c.len as usize).filter(|_| c.has_data()) {
+            Some(data) => observe(RawBytes::Data(data)),
+            None => observe(RawBytes::Zeros(c.len)),
+        }
+        at = c.offset + c.len;
+    }
+    at
+}
+
 /// Places an encoded batch, if any, and gives the batch back (to recycle its buffers).
 fn place_encoded<W: ImageWriter>(
     writer: &mut W,
     encoded: Option<(Batch, Vec<Encoded<W>>)>,
+    workers: &Workers,
 ) -> Result<Option<Batch>> {
     let Some((batch, encoded)) = encoded else {
         return Ok(None);
     };
-    writer.place_batch(&batch.chunks, encoded)?;
+    writer.place_batch(&batch.chunks, encoded, workers)?;
     Ok(Some(batch))
 }
 
@@ -353,7 +397,7 @@ struct Batch {
 struct Reader<'a> {
     buffers: &'a BufferPool,
     src: &'a dyn ImageReader,
-    pool: &'a rayon::ThreadPool,
+    workers: &'a Workers,
     chunk_size: u64,
     batch: usize,
     sparse_size: u64,
@@ -402,20 +446,15 @@ impl Reader<'_> {
             };
             for group in ranges.chunks(self.batch) {
                 self.cancel.check()?;
-                let chunks = self.pool.install(|| {
-                    group
-                        .par_iter()
-                        .map(|r| {
-                            read_chunk(
-                                self.src,
-                                &map.clip(r.clone()),
-                                self.sparse_size,
-                                fully_allocated,
-                                self.top_layer.is_some(),
-                                self.buffers,
-                            )
-                        })
-                        .collect::<Result<Vec<Chunk>>>()
+                let chunks = self.workers.try_map(group, |r| {
+                    read_chunk(
+                        self.src,
+                        &map.clip(r.clone()),
+                        self.sparse_size,
+                        fully_allocated,
+                        self.top_layer.is_some(),
+                        self.buffers,
+                    )
                 })?;
                 let done = group.last().map_or(pos, |r| r.end);
                 if tx.send(Ok(Batch { chunks, done })).is_err() {

@@ -24,7 +24,9 @@ pub use amend::{amend, rebase};
 pub use backing::{backing_of, backing_supported, overlay_size};
 pub use commit::commit;
 pub use compare::{compare, CompareOptions, Comparison};
-pub use convert::{convert, copy_image, CancelToken, ConvertOptions, Progress};
+pub use convert::{
+    convert, copy_image, CancelToken, ConvertOptions, Progress, RawBytes, RawObserver,
+};
 pub use dd::{dd, DdOptions};
 pub use inspect::{
     inspect, inspect_as, inspect_file, inspect_file_as, DeclaredFormat, Policy, Report,

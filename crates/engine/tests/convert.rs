@@ -11,7 +11,7 @@ use vconvert_core::{
     BlockMap, Error, ExtentKind, Format, ImageFile, ImageInfo, ImageReader, Options, Result,
     Storage,
 };
-use vconvert_engine::{convert, open_file, CancelToken, ConvertOptions, OpenOptions};
+use vconvert_engine::{convert, open_file, CancelToken, ConvertOptions, OpenOptions, RawBytes};
 use vconvert_testkit::{dir_entries, tempdir, ModelImage, ModelKind};
 
 fn raw_opts(threads: usize) -> ConvertOptions<'static> {
@@ -31,11 +31,24 @@ proptest! {
     ) {
         let dir = tempdir();
         let out = dir.path().join("out.raw");
-        let opts = ConvertOptions { threads, sparse_size: sparse, mem_per_thread: 1 << 20, ..ConvertOptions::default() };
+        // The observer is given the target's bytes in order as they are placed.
+        let seen = std::sync::Mutex::new(Vec::new());
+        let observe = |b: RawBytes<'_>| {
+            let mut seen = seen.lock().unwrap();
+            match b {
+                RawBytes::Data(d) => seen.extend_from_slice(d),
+                RawBytes::Zeros(n) => {
+                    let len = seen.len() + n as usize;
+                    seen.resize(len, 0)
+                }
+            }
+        };
+        let opts = ConvertOptions { threads, sparse_size: sparse, mem_per_thread: 1 << 20, observe_raw: Some(&observe), ..ConvertOptions::default() };
         convert(&model, &out, Format::Raw, Options::new(), &opts).unwrap();
         let bytes = std::fs::read(&out).unwrap();
         prop_assert_eq!(bytes.len(), model.bytes.len());
         prop_assert!(bytes == model.bytes, "content differs");
+        prop_assert!(*seen.lock().unwrap() == bytes, "observed bytes differ from the output");
         prop_assert_eq!(dir_entries(dir.path()).len(), 1);
         // Read back through the raw reader too: its map must be consistent.
         let back = vconvert_engine::open(&out, Some(Format::Raw), &OpenOptions::default()).unwrap();
@@ -450,4 +463,30 @@ proptest! {
         vconvert_engine::copy_image(&model, &mut w, &params, &opts).unwrap();
         prop_assert!(w.disk == model.bytes);
     }
+}
+
+/// Only a new raw target's bytes are the guest's in order: observing any other target
+/// is refused before anything is written.
+#[test]
+fn observing_a_non_raw_target_is_refused() {
+    let model = ModelImage::from_parts(&[(65536, ModelKind::Data, 1)]);
+    let dir = tempdir();
+    let observe = |_: RawBytes<'_>| {};
+    let opts = ConvertOptions {
+        observe_raw: Some(&observe),
+        ..ConvertOptions::default()
+    };
+    let out = dir.path().join("out.qcow2");
+    let err = convert(&model, &out, Format::Qcow2, Options::new(), &opts).unwrap_err();
+    assert!(err.to_string().contains("raw target"), "{err}");
+    assert!(dir_entries(dir.path()).is_empty());
+    let existing = dir.path().join("existing.raw");
+    std::fs::write(&existing, vec![1u8; 65536]).unwrap();
+    let opts = ConvertOptions {
+        existing: true,
+        ..opts
+    };
+    let err = convert(&model, &existing, Format::Raw, Options::new(), &opts).unwrap_err();
+    assert!(err.to_string().contains("existing target"), "{err}");
+    assert_eq!(std::fs::read(&existing).unwrap(), vec![1u8; 65536]);
 }

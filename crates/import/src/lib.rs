@@ -7,7 +7,8 @@
 //! policy, converts it to the operator's format, hashes it and stores it. Modules:
 //! [`http`] (axum routers, one per resource), [`service`] (images, tasks, tenancy,
 //! workers, shutdown), [`workflow`] (inspect → convert → hash → store, behind
-//! [`store::Store`]), [`web_download`], [`db`] (SQLite, `migrations/`),
+//! [`store::Store`]; [`digest`] hashes as the conversion writes), [`web_download`],
+//! [`db`] (SQLite, `migrations/`),
 //! [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
 //! [`error`].
 
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod db;
+pub mod digest;
 pub mod error;
 pub mod failpoint;
 pub mod http;

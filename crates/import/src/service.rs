@@ -857,15 +857,22 @@ impl Service {
                 "Image {id} is protected and cannot be deleted."
             )));
         }
-        if let Some(c) = self.cancels.lock().map_err(Error::internal)?.get(id) {
-            c.cancel();
-        }
+        // An import running on this host is cancelled, and removes the staged upload
+        // when it ends; an import still waiting for a worker never starts once its
+        // task is gone, so its staged upload goes now.
+        let running_here = match self.cancels.lock().map_err(Error::internal)?.get(id) {
+            Some(c) => {
+                c.cancel();
+                true
+            }
+            None => false,
+        };
         // The catalogue first (the image, its tags, properties and tasks, in one
         // statement): once it is gone, any file of it is an orphan that the import
-        // (when it ends) or the startup recovery removes.
+        // (when it ends), the heartbeat's sweep or the startup recovery removes.
         self.db.delete_image(id).map_err(Error::Internal)?;
         failpoint::hit("delete.recorded");
-        if img.status != "importing" && img.status != "saving" {
+        if !running_here || (img.status != "importing" && img.status != "saving") {
             let _ = std::fs::remove_file(self.workspace.staging_path(id));
             self.workspace.release(&format!("stage:{id}"));
         }
@@ -1254,9 +1261,9 @@ impl Service {
     }
 
     /// Renews this host's heartbeat and leases every third of `task_lease`, cancels
-    /// the imports of tasks it no longer holds, and (PostgreSQL) fails what silent
-    /// hosts held, removes their store objects, and removes staged uploads of images
-    /// deleted through another host.
+    /// the imports of tasks it no longer holds, removes staged uploads of images that
+    /// no longer exist (deleted through another host, or while waiting for a worker),
+    /// and (PostgreSQL) fails what silent hosts held and removes their store objects.
     fn heartbeat_loop(self: Arc<Self>) {
         let period = Duration::from_secs(self.config.task_lease / 3).max(Duration::from_secs(1));
         let me = self.config.host_id.clone();
@@ -1282,6 +1289,7 @@ impl Service {
                 }
                 Err(e) => tracing::error!(error = %e, "heartbeat failed"),
             }
+            self.sweep_staging();
             if self.db.backend() != Backend::Postgres {
                 continue;
             }
@@ -1297,12 +1305,11 @@ impl Service {
                 }
                 Err(e) => tracing::error!(error = %e, "cannot check other hosts' leases"),
             }
-            self.sweep_staging();
         }
     }
 
     /// Removes staged uploads of images that no longer exist (deleted through another
-    /// host, which cannot reach this host's workspace).
+    /// host, which cannot reach this host's workspace, or while waiting for a worker).
     fn sweep_staging(&self) {
         let Ok(rd) = std::fs::read_dir(
             self.workspace

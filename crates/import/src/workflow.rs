@@ -8,13 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use md5::Md5;
-use sha2::{Digest, Sha512};
 use vconvert_core::{Format, Options};
-use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy};
+use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy, RawBytes, RawObserver};
 
 use crate::config::{disk_format_name, DiskFormat};
 use crate::db::Stored;
+use crate::digest::Digests;
 use crate::failpoint;
 use crate::store::Store;
 use crate::workspace::Workspace;
@@ -50,22 +49,10 @@ pub fn hashes(path: &Path) -> std::io::Result<(String, String, u64)> {
     hashes_of(&mut std::fs::File::open(path)?)
 }
 
-/// MD5 and SHA-512 (hex) of what `f` reads, and its length.
+/// MD5 and SHA-512 (hex) of what `f` reads, and its length (the two on threads of
+/// their own, see [`Digests`]).
 pub fn hashes_of(f: &mut dyn Read) -> std::io::Result<(String, String, u64)> {
-    let (mut md5, mut sha) = (Md5::new(), Sha512::new());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n_total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        md5.update(&buf[..n]);
-        sha.update(&buf[..n]);
-        n_total += n as u64;
-        failpoint::hit("hash.reading");
-    }
-    Ok((hex(&md5.finalize()), hex(&sha.finalize()), n_total))
+    Digests::of_reader(f)
 }
 
 /// The engine's format names in an engine message, as Glance's users know them (the
@@ -75,10 +62,7 @@ fn glance_names(msg: &str) -> String {
         .replace("which is vpc", "which is vhd")
 }
 
-/// Lower-case hex of `b`.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use crate::digest::hex;
 
 /// Runs the workflow; the stored file is in `store` under the image id when it
 /// returns `Ok`. On error nothing of it is left in the workspace or the store (the
@@ -102,6 +86,8 @@ fn run_inner(
     output: &Path,
 ) -> Result<Stored, String> {
     (job.progress)("inspecting the upload");
+    // The checksums, when the conversion computed them as it wrote.
+    let mut hashed = None;
     let (stored_from, stored_format, virtual_size): (PathBuf, &str, u64) = match job.declared {
         DiskFormat::Iso => {
             // The engine's ISO rules: ISO 9660 / UDF content, no other format in
@@ -139,7 +125,7 @@ fn run_inner(
                     virtual_size,
                 )
             } else {
-                convert(job, workspace, src.as_ref(), declared, output)?;
+                hashed = convert(job, workspace, src.as_ref(), declared, output)?;
                 (output.to_path_buf(), disk_format_name(target), virtual_size)
             }
         }
@@ -147,9 +133,14 @@ fn run_inner(
     if job.cancel.is_cancelled() {
         return Err("cancelled".into());
     }
-    (job.progress)("computing checksums");
-    let (checksum, sha512, size) =
-        hashes(&stored_from).map_err(|e| format!("cannot read {}: {e}", stored_from.display()))?;
+    let (checksum, sha512, size) = match hashed {
+        Some(h) => h,
+        None => {
+            (job.progress)("computing checksums");
+            hashes(&stored_from)
+                .map_err(|e| format!("cannot read {}: {e}", stored_from.display()))?
+        }
+    };
     failpoint::hit("hash.done");
     if job.cancel.is_cancelled() {
         return Err("cancelled".into());
@@ -172,13 +163,15 @@ fn run_inner(
     Ok(stored)
 }
 
+/// Converts the upload to `output`; a raw output is hashed as it is written (its
+/// checksums returned), saving a second pass over it.
 fn convert(
     job: &Job<'_>,
     workspace: &Workspace,
     src: &dyn vconvert_core::ImageReader,
     declared: Format,
     output: &Path,
-) -> Result<(), String> {
+) -> Result<Option<(String, String, u64)>, String> {
     let target = job.target;
     let need = vconvert_engine::measure(Some(src), 0, target, &Options::new())
         .map_err(|e| e.to_string())?;
@@ -214,10 +207,25 @@ fn convert(
             }
         }
     };
+    let digests = match target {
+        Format::Raw => Some(Mutex::new(
+            Digests::new().map_err(|e| format!("cannot start hashing: {e}"))?,
+        )),
+        _ => None,
+    };
+    let observe = |bytes: RawBytes<'_>| {
+        if let Some(Ok(mut d)) = digests.as_ref().map(|d| d.lock()) {
+            match bytes {
+                RawBytes::Data(b) => d.data(b),
+                RawBytes::Zeros(n) => d.zeros(n),
+            }
+        }
+    };
     let opts = ConvertOptions {
         cancel: job.cancel.clone(),
         progress: Some(&progress),
         rate_limit: job.rate_limit,
+        observe_raw: digests.as_ref().map(|_| &observe as RawObserver<'_>),
         ..ConvertOptions::default()
     };
     vconvert_engine::convert(src, output, target, Options::new(), &opts).map_err(|e| match e {
@@ -236,7 +244,24 @@ fn convert(
             check.violations.join("; ")
         ));
     }
-    Ok(())
+    let Some(digests) = digests else {
+        return Ok(None);
+    };
+    (job.progress)("computing checksums");
+    let hashed = digests
+        .into_inner()
+        .map_err(|_| "hashing failed".to_string())?
+        .finish()
+        .map_err(|e| format!("cannot hash the converted image: {e}"))?;
+    // What was hashed is the file that will be stored (a mismatch would be a bug).
+    let len = std::fs::metadata(output).map_err(|e| e.to_string())?.len();
+    if hashed.2 != len {
+        return Err(format!(
+            "the converted image holds {len} bytes but {} were hashed",
+            hashed.2
+        ));
+    }
+    Ok(Some(hashed))
 }
 
 #[cfg(test)]

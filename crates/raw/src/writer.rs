@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vconvert_core::{
     Chunk, CreateParams, Error, ImageWriter, Options, Output, PlainChunks, Result, RunKind,
-    TargetFile,
+    TargetFile, Workers,
 };
 
 /// How the raw target's space is reserved (qemu-img's `preallocation`).
@@ -148,10 +148,14 @@ impl ImageWriter for RawWriter {
     /// A raw chunk's place is its guest offset, so the chunks of a batch are written
     /// in parallel: several writes in flight keep the disk busy when they go around the
     /// page cache, and the bytes are the same in any order.
-    fn place_batch(&mut self, chunks: &[Chunk], _encoded: Vec<()>) -> Result<()> {
-        use rayon::prelude::*;
+    fn place_batch(
+        &mut self,
+        chunks: &[Chunk],
+        _encoded: Vec<()>,
+        workers: &Workers,
+    ) -> Result<()> {
         let this = &*self;
-        chunks.par_iter().try_for_each(|c| this.write_chunk(c))
+        workers.try_for_each(chunks, |c| this.write_chunk(c))
     }
 
     fn finish(self) -> Result<()> {

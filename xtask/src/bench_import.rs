@@ -1,0 +1,394 @@
+//! The vimport cases of `cargo xtask bench`: an upload staged over loopback, then
+//! imported to raw until the image is `active`, against what Glance's import does with
+//! the same upload (its image conversion plugin's `qemu-img convert -f FMT -O raw`,
+//! then the store's copy of the converted file with MD5 and SHA-512 computed as it is
+//! copied, as glance_store's filesystem driver does).
+//!
+//! vimport runs as a real process on loopback with its default configuration
+//! (`output_format` raw, files under a data directory beside the corpus); the client
+//! is a minimal HTTP/1.1 one over `TcpStream` (the upload is sent with `sendfile`), so
+//! polling costs next to nothing. Phases come from the task's message, polled every
+//! 10 ms: "inspecting the upload", then "converting …", then "computing checksums",
+//! then the task's `success`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bench::{loadavg, median, run_ok, spread, timed};
+
+const TOKEN: &str = "bench-token";
+
+/// The uploads: corpus file, Glance `disk_format`, qemu-img format.
+const UPLOADS: [(&str, &str, &str); 4] = [
+    ("disk.qcow2", "qcow2", "qcow2"),
+    ("disk-c.qcow2", "qcow2", "qcow2"),
+    ("disk-stream.vmdk", "vmdk", "vmdk"),
+    ("disk.vhd", "vhd", "vpc"),
+];
+
+/// A request body.
+enum Body<'a> {
+    None,
+    Json(&'a str),
+    File(&'a Path),
+}
+
+/// One HTTP/1.1 exchange with vimport at `addr` (`Connection: close`).
+fn http(addr: &str, method: &str, path: &str, body: Body<'_>) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    let (ctype, len) = match &body {
+        Body::None => ("application/json", 0),
+        Body::Json(j) => ("application/json", j.len() as u64),
+        Body::File(p) => (
+            "application/octet-stream",
+            std::fs::metadata(p).map_err(|e| e.to_string())?.len(),
+        ),
+    };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nX-Auth-Token: {TOKEN}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    let io = |e: std::io::Error| format!("{method} {path}: {e}");
+    s.write_all(head.as_bytes()).map_err(io)?;
+    match body {
+        Body::None => {}
+        Body::Json(j) => s.write_all(j.as_bytes()).map_err(io)?,
+        Body::File(p) => {
+            let mut f = std::fs::File::open(p).map_err(io)?;
+            std::io::copy(&mut f, &mut s).map_err(io)?;
+        }
+    }
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(io)?;
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{method} {path}: no status line"))?;
+    let body = if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The body of a chunked response.
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The string value of the first `"key"` in `json` (enough for these answers).
+fn field(json: &str, key: &str) -> Option<String> {
+    let at = json.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = json[at..].trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// vimport, started on loopback; killed on drop.
+struct Service {
+    child: Child,
+    addr: String,
+}
+
+impl Service {
+    fn start(bin: &Path, data: &Path) -> Result<Service, String> {
+        let _ = std::fs::remove_dir_all(data);
+        std::fs::create_dir_all(data).map_err(|e| e.to_string())?;
+        let out = data.with_extension("stdout");
+        let mut child = Command::new(bin)
+            .env("VIMPORT_DATA_DIR", data)
+            .env("VIMPORT_LISTEN", "127.0.0.1:0")
+            .env("VIMPORT_TOKEN", TOKEN)
+            .env("VIMPORT_WORKSPACE_BYTES", "64G")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).map_err(|e| e.to_string())?)
+            .stderr(std::fs::File::create(data.with_extension("log")).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            if let Some(at) = text.find("listening on http://") {
+                let addr = text[at + "listening on http://".len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                return Ok(Service { child, addr });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("vimport exited at start ({status})"));
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                return Err("vimport did not start in 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One upload staged and imported: seconds of each phase, and the stored MD5.
+struct Import {
+    stage: f64,
+    inspect: f64,
+    convert: f64,
+    finish: f64,
+    total: f64,
+    checksum: String,
+}
+
+fn import_once(svc: &Service, file: &Path, disk_format: &str) -> Result<Import, String> {
+    let a = svc.addr.as_str();
+    let body =
+        format!(r#"{{"name":"bench","disk_format":"{disk_format}","container_format":"bare"}}"#);
+    let (s, b) = http(a, "POST", "/v2/images", Body::Json(&body))?;
+    let id = field(&b, "id")
+        .filter(|_| s == 201)
+        .ok_or(format!("create: {s} {b}"))?;
+    crate::bench::warm_and_sync(file);
+    let t = Instant::now();
+    let (s, b) = http(
+        a,
+        "PUT",
+        &format!("/v2/images/{id}/stage"),
+        Body::File(file),
+    )?;
+    let stage = t.elapsed().as_secs_f64();
+    if !(200..300).contains(&s) {
+        return Err(format!("stage: {s} {b}"));
+    }
+    let _ = Command::new("sync").status();
+    let t = Instant::now();
+    let (s, b) = http(
+        a,
+        "POST",
+        &format!("/v2/images/{id}/import"),
+        Body::Json(r#"{"method":{"name":"glance-direct"}}"#),
+    )?;
+    if s != 202 {
+        return Err(format!("import: {s} {b}"));
+    }
+    let (mut converting, mut hashing) = (None, None);
+    let total = loop {
+        let (_, b) = http(a, "GET", &format!("/v2/images/{id}/tasks"), Body::None)?;
+        let now = t.elapsed().as_secs_f64();
+        let message = field(&b, "message").unwrap_or_default();
+        if converting.is_none() && message.starts_with("converting") {
+            converting = Some(now);
+        }
+        if hashing.is_none() && message.starts_with("computing checksums") {
+            hashing = Some(now);
+        }
+        match field(&b, "status").as_deref() {
+            Some("success") => break now,
+            Some("failure") => return Err(format!("import failed: {message}")),
+            _ => {}
+        }
+        if now > 600.0 {
+            return Err("import not done in 10 minutes".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (_, img) = http(a, "GET", &format!("/v2/images/{id}"), Body::None)?;
+    if field(&img, "status").as_deref() != Some("active") {
+        return Err(format!("image not active after its task succeeded: {img}"));
+    }
+    let checksum = field(&img, "checksum").unwrap_or_default();
+    let _ = http(a, "DELETE", &format!("/v2/images/{id}"), Body::None);
+    let converting = converting.unwrap_or(0.0);
+    let hashing = hashing.unwrap_or(total);
+    Ok(Import {
+        stage,
+        inspect: converting,
+        convert: hashing - converting,
+        finish: total - hashing,
+        total,
+        checksum,
+    })
+}
+
+/// Glance's copy into its filesystem store: the converted file read and written in
+/// 64 KiB chunks (glance_store's `WRITE_CHUNKSIZE`), MD5 and the SHA-512 `os_hash`
+/// updated with each chunk (hashlib). Prints the MD5.
+const GLANCE_STORE_COPY: &str = r#"
+import hashlib, sys
+md5, sha = hashlib.md5(), hashlib.sha512()
+with open(sys.argv[1], 'rb') as src, open(sys.argv[2], 'wb') as dst:
+    while True:
+        buf = src.read(65536)
+        if not buf:
+            break
+        md5.update(buf)
+        sha.update(buf)
+        dst.write(buf)
+print(md5.hexdigest())
+"#;
+
+/// Glance's path for `file`: seconds of `qemu-img convert`, of the store copy, and the
+/// MD5 it computed.
+fn glance_once(file: &Path, qemu_fmt: &str, dir: &Path) -> Result<(f64, f64, String), String> {
+    let converted = dir.join("glance.converted");
+    let stored = dir.join("glance.stored");
+    let _ = std::fs::remove_file(&converted);
+    let _ = std::fs::remove_file(&stored);
+    let cmd: Vec<String> = ["qemu-img", "convert", "-f", qemu_fmt, "-O", "raw"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([file.display().to_string(), converted.display().to_string()])
+        .collect();
+    let (convert, _) = timed(file, &cmd).ok_or("qemu-img convert failed")?;
+    let t = Instant::now();
+    let out = Command::new("python3")
+        .args(["-c", GLANCE_STORE_COPY])
+        .arg(&converted)
+        .arg(&stored)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    let copy = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err("the store copy failed".into());
+    }
+    let _ = std::fs::remove_file(&converted);
+    let _ = std::fs::remove_file(&stored);
+    Ok((
+        convert,
+        copy,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
+/// The disk's write bandwidth for `file`'s size: `dd … conv=fsync` into `dir`, as a
+/// staged upload is written and synced.
+fn disk_baseline(file: &Path, dir: &Path) -> Option<f64> {
+    let dst = dir.join("baseline.dd");
+    let cmd: Vec<String> = vec![
+        "dd".into(),
+        format!("if={}", file.display()),
+        format!("of={}", dst.display()),
+        "bs=4M".into(),
+        "conv=fsync".into(),
+        "status=none".into(),
+    ];
+    let r = timed(file, &cmd).map(|(s, _)| s);
+    let _ = std::fs::remove_file(&dst);
+    r
+}
+
+/// Runs the vimport cases; returns their Markdown section.
+pub fn bench_imports(
+    root: &Path,
+    corpus: &Path,
+    out_dir: &Path,
+    rounds: usize,
+) -> Result<String, String> {
+    let bin = root.join("target/release/vimport");
+    let data: PathBuf = out_dir.join("vimport");
+    std::fs::create_dir_all(out_dir).map_err(|e| e.to_string())?;
+    if !run_ok(Command::new("python3").args(["-c", "import hashlib"])) {
+        return Err("python3 is needed for Glance's store copy".into());
+    }
+    let svc = Service::start(&bin, &data)?;
+    let mut table = String::from(
+        "| upload | MiB | stage s | stage MB/s | disk (dd conv=fsync) MB/s | stage / disk | inspect s | convert (hashing overlapped) s | check, hash tail, store s | vimport import → active s | Glance: qemu-img convert s | Glance: store copy + MD5 + SHA-512 s | Glance path s | vimport / Glance median | worst round | MD5 equal | load (1 min) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, disk_format, qemu_fmt) in UPLOADS {
+        let file = corpus.join(name);
+        if !file.exists() {
+            continue;
+        }
+        let mib = std::fs::metadata(&file).map_or(0, |m| m.len()) as f64 / (1 << 20) as f64;
+        let load_before = loadavg();
+        let mut runs: Vec<Import> = Vec::new();
+        let mut glance: Vec<(f64, f64)> = Vec::new();
+        let mut disk: Vec<f64> = Vec::new();
+        let mut same = true;
+        for _ in 0..rounds {
+            let run = import_once(&svc, &file, disk_format)?;
+            let (c, s, md5) = glance_once(&file, qemu_fmt, out_dir)?;
+            same &= md5 == run.checksum;
+            runs.push(run);
+            glance.push((c, s));
+            if let Some(d) = disk_baseline(&file, out_dir) {
+                disk.push(d);
+            }
+        }
+        let col = |f: &dyn Fn(&Import) -> f64| {
+            let v: Vec<f64> = runs.iter().map(f).collect();
+            spread(&v)
+        };
+        let med = |f: &dyn Fn(&Import) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            median(&mut v)
+        };
+        let stage_mbs = mib * 1.048576 / med(&|r| r.stage);
+        let disk_mbs = mib * 1.048576 / median(&mut disk.clone());
+        let glance_total: Vec<f64> = glance.iter().map(|(c, s)| c + s).collect();
+        let ratio = med(&|r| r.total) / median(&mut glance_total.clone());
+        let worst = runs
+            .iter()
+            .zip(&glance_total)
+            .map(|(r, g)| r.total / g)
+            .fold(0.0, f64::max);
+        let row = format!(
+            "| {name} ({disk_format}) | {mib:.0} | {} | {stage_mbs:.0} | {disk_mbs:.0} | {:.0} % | {} | {} | {} | {} | {} | {} | {} | {ratio:.2}× | {worst:.2}× | {} | {load_before}–{} |\n",
+            col(&|r| r.stage),
+            100.0 * stage_mbs / disk_mbs,
+            col(&|r| r.inspect),
+            col(&|r| r.convert),
+            col(&|r| r.finish),
+            col(&|r| r.total),
+            spread(&glance.iter().map(|g| g.0).collect::<Vec<_>>()),
+            spread(&glance.iter().map(|g| g.1).collect::<Vec<_>>()),
+            spread(&glance_total),
+            if same { "yes" } else { "NO" },
+            loadavg(),
+        );
+        eprint!("{row}");
+        table.push_str(&row);
+    }
+    drop(svc);
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(format!(
+        "Each upload, {rounds} rounds: vimport (default configuration, one import at a time) stages it over loopback (`PUT /v2/images/{{id}}/stage`, synced before the answer) and imports it (`glance-direct`) to raw; \
+phases from the task's message polled every 10 ms (inspect: until \"converting\"; convert: until \"computing checksums\", with MD5 and SHA-512 computed as the output is written; then the check of the output, the rest of the hashing, the move into the store and the record). \
+vimport's conversion is durable (O_DIRECT, synced before it is stored). \
+The Glance path is what Glance's import does after staging: its conversion plugin's `qemu-img convert -f FMT -O raw` (default cache mode, never flushed), then glance_store's filesystem copy of the result with MD5 and SHA-512 (Python hashlib) in 64 KiB chunks (not flushed either). \
+\"vimport / Glance\" = import → active over that path (goal ≤ 0.5×; the worst round is the largest ratio); \"MD5 equal\": vimport's `checksum` is the MD5 Glance's path computed. \
+The disk column is `dd conv=fsync` of the upload into the same filesystem (staging writes and syncs the upload too; loopback is faster than the disk).\n\n{table}"
+    ))
+}
