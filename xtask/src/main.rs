@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_import;
+mod ceph;
 mod postgres;
 mod test;
 
@@ -12,13 +13,14 @@ const HELP: &str = "\
 cargo xtask <TASK>
 
 Tasks:
-  test [ARGS]                  the README's test command: installs qemu-utils when missing
-                               (as root), makes target/test-venv with the OpenStack
-                               clients (reused), then cargo test --workspace --release
-                               ARGS (CI=1: client tests must run, not skip); starts
-                               a throwaway PostgreSQL on 127.0.0.1 for the catalogue
-                               and several-hosts tests (installs postgresql as root
-                               when missing; without it the command fails)
+  test [ARGS]                  the README's test command: installs qemu-utils, PostgreSQL
+                               and Ceph when missing (as root), makes target/test-venv
+                               with the OpenStack clients (reused), starts a throwaway
+                               PostgreSQL on 127.0.0.1 (catalogue and several-hosts
+                               tests; without it the command fails) and a throwaway Ceph
+                               (target/test-ceph), then cargo test --workspace --release
+                               [--features vconvert-import/rbd] ARGS, then stops both
+                               (CI=1: client and RBD tests must run, not skip)
   lint                         cargo fmt --check, then clippy -D warnings on every target
   soak                         the long #[ignore] tests of the workspace, in release mode
   fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N

@@ -6,9 +6,14 @@
 //!    (`python-glanceclient`, `openstacksdk`) from PyPI; it is reused while its marker
 //!    file names the same packages. When `python3 -m venv` fails (Debian without
 //!    `python3-venv`), `python3-venv` is installed and the venv made again.
-//! 3. `cargo test --workspace --release` runs with `VIMPORT_TEST_VENV` (the venv),
-//!    `VCONVERT_REQUIRE_QEMU=1`, and, when `CI` is set, `VIMPORT_REQUIRE_CLIENTS=1` so the
-//!    client tests fail rather than skip.
+//! 3. A throwaway single-node Ceph cluster starts on loopback ([`crate::ceph`]; its
+//!    Debian packages are installed when missing, as root) for the `rbd` store's tests.
+//!    Without root and without Ceph they are skipped, except in CI, where that fails.
+//! 4. `cargo test --workspace --release` runs with `VIMPORT_TEST_VENV` (the venv),
+//!    `VCONVERT_REQUIRE_QEMU=1`, with Ceph `--features vconvert-import/rbd` and
+//!    `VIMPORT_TEST_CEPH_CONF`, and, when `CI` is set, `VIMPORT_REQUIRE_CLIENTS=1` and
+//!    `VIMPORT_REQUIRE_CEPH=1` so the client and RBD tests fail rather than skip.
+//! 5. The Ceph cluster is stopped by the PIDs of its daemons and its files removed.
 //!
 //! 4. A throwaway PostgreSQL ([`crate::postgres`]; `apt-get install postgresql` when
 //!    missing, as root) for the PostgreSQL catalogue and several-hosts tests, its URL in
@@ -33,7 +38,7 @@ const READY_MARKER: &str = ".vconvert-test-venv";
 const VENV_CHECK: &str = "import glanceclient, openstack";
 
 /// Runs `cmd` with no standard input; `Err` says what failed and how.
-fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
+pub(crate) fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
     eprintln!("$ {}", show(cmd));
     match cmd.stdin(Stdio::null()).status() {
         Ok(s) if s.success() => Ok(()),
@@ -43,7 +48,7 @@ fn run(what: &str, cmd: &mut Command) -> Result<(), String> {
 }
 
 /// Whether `cmd` runs and exits 0, its output discarded.
-fn quiet_ok(cmd: &mut Command) -> bool {
+pub(crate) fn quiet_ok(cmd: &mut Command) -> bool {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -68,12 +73,12 @@ fn is_root() -> bool {
 }
 
 /// Installs Debian packages; `apt-get update` runs once per xtask run.
-struct Apt {
+pub(crate) struct Apt {
     updated: bool,
 }
 
 impl Apt {
-    fn install(&mut self, packages: &[&str], why: &str) -> Result<(), String> {
+    pub(crate) fn install(&mut self, packages: &[&str], why: &str) -> Result<(), String> {
         let list = packages.join(" ");
         if !is_root() || !quiet_ok(Command::new("apt-get").arg("--version")) {
             return Err(format!(
@@ -194,15 +199,29 @@ pub fn test(root: &Path, args: &[String]) -> bool {
             return false;
         }
     };
+    // Stopped (by PID) when `ceph` is dropped, at the end of this function.
+    let ceph = match crate::ceph::start(root, &mut apt, in_ci()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cargo xtask test: {e}");
+            return false;
+        }
+    };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["test", "--workspace", "--release"])
-        .args(args)
+    cmd.args(["test", "--workspace", "--release"]);
+    if let Some(ceph) = &ceph {
+        cmd.args(["--features", "vconvert-import/rbd"])
+            .env("VIMPORT_TEST_CEPH_CONF", &ceph.conf)
+            .env("CEPH_CONF", &ceph.conf);
+    }
+    cmd.args(args)
         .current_dir(root)
         .env("VIMPORT_TEST_VENV", &venv)
         .env("VCONVERT_REQUIRE_QEMU", "1");
     if in_ci() {
-        cmd.env("VIMPORT_REQUIRE_CLIENTS", "1");
+        cmd.env("VIMPORT_REQUIRE_CLIENTS", "1")
+            .env("VIMPORT_REQUIRE_CEPH", "1");
     }
     // PostgreSQL is required like qemu-img: installed (as root) when missing, and its
     // tests fail rather than skip without it.

@@ -50,7 +50,7 @@ impl CancelToken {
         self.0.load(Ordering::Relaxed)
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.is_cancelled() {
             Err(Error::Cancelled)
         } else {

@@ -1,7 +1,8 @@
 //! The vconvert engine: everything between "a path and a format" and "converted file".
 //!
 //! It owns the format registry ([`open`], [`probe`]), the parallel sparse copy
-//! ([`convert`]) that streams only data extents from any reader to any writer, and
+//! ([`convert`]) that streams only data extents from any reader to any writer (or, as
+//! raw, into a target that is not a local file: [`convert_to_block`]), and
 //! image creation ([`create`], over a backing file: [`overlay_size`]), comparison
 //! ([`compare`]), `qemu-img map` ([`map`]), the in-place image commands ([`resize`],
 //! [`snapshot`], [`amend`], [`rebase`], [`commit`]) and [`dd`], and the safety
@@ -9,6 +10,7 @@
 
 mod amend;
 mod backing;
+mod block;
 mod commit;
 mod compare;
 mod convert;
@@ -22,6 +24,7 @@ mod snapshot;
 
 pub use amend::{amend, rebase};
 pub use backing::{backing_of, backing_supported, overlay_size};
+pub use block::{convert_to_block, BlockTarget, Observer};
 pub use commit::commit;
 pub use compare::{compare, CompareOptions, Comparison};
 pub use convert::{

@@ -18,6 +18,12 @@ pub const KEYS: &[&str] = &[
     "workspace_dir",
     "workspace_bytes",
     "store_dir",
+    "store",
+    "rbd_pool",
+    "rbd_user",
+    "ceph_conf",
+    "rbd_chunk_size",
+    "rbd_snapshot",
     "database",
     "host_id",
     "task_lease",
@@ -84,8 +90,12 @@ pub struct Config {
     pub workspace_dir: PathBuf,
     /// Bytes the workspace may hold (staged uploads plus reserved conversion outputs).
     pub workspace_bytes: u64,
-    /// Where stored images live.
+    /// Where stored images live (the `fs` store).
     pub store_dir: PathBuf,
+    /// Which store keeps active images (`store`: `fs`, the default, or `rbd`).
+    pub store: StoreKind,
+    /// The `rbd` store's settings.
+    pub rbd: RbdConfig,
     /// The catalogue: a SQLite file (one host), or `postgres://…` shared by hosts.
     pub database: crate::db::Location,
     /// This host's name in the catalogue (tasks it holds, uploads it staged); must
@@ -109,6 +119,42 @@ pub struct Config {
     pub request_timeout: u64,
     /// What `web-download` may fetch.
     pub web_download: UriFilter,
+}
+
+/// Which store keeps active images.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// One file per image in `store_dir` (the default).
+    Fs,
+    /// One RBD image per image in a Ceph pool, as Glance's rbd driver (needs vimport
+    /// built with the cargo feature `rbd`).
+    Rbd,
+}
+
+/// The `rbd` store's settings (Glance's `rbd_store_*` options).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RbdConfig {
+    /// The pool (`rbd_pool`, default `images`).
+    pub pool: String,
+    /// The Ceph user, without `client.` (`rbd_user`; default: librados' `admin`).
+    pub user: Option<String>,
+    /// The Ceph configuration file, which names the monitors and the keyring
+    /// (`ceph_conf`; default: `$CEPH_CONF`, then `/etc/ceph/ceph.conf`).
+    pub ceph_conf: Option<PathBuf>,
+    /// The RBD object size of new images and the unit of their writes
+    /// (`rbd_chunk_size`, a power of two from 4 KiB to 32 MiB; default 8 MiB, as
+    /// Glance's `rbd_store_chunk_size`).
+    pub chunk_size: u64,
+    /// Whether each image gets the protected snapshot `snap` that Nova and Cinder
+    /// clone (`rbd_snapshot`, default true).
+    pub snapshot: bool,
+}
+
+impl RbdConfig {
+    /// The RBD object order (log2 of [`RbdConfig::chunk_size`]).
+    pub fn order(&self) -> u8 {
+        self.chunk_size.trailing_zeros() as u8
+    }
 }
 
 /// A configuration error: names the key (and where it came from) and what is wrong.
@@ -275,7 +321,54 @@ impl Config {
             allowed_ports: ports("web_download_allowed_ports", &["80", "443"])?,
             disallowed_ports: ports("web_download_disallowed_ports", &[])?,
         };
+        let store = match get("store") {
+            None => StoreKind::Fs,
+            Some((v, src)) => match v.to_ascii_lowercase().as_str() {
+                "fs" | "file" => StoreKind::Fs,
+                "rbd" => StoreKind::Rbd,
+                _ => return Err(bad("store", &src, format!("'{v}' is not fs or rbd"))),
+            },
+        };
+        let rbd_chunk_size = size("rbd_chunk_size", 8 << 20)?;
+        if !rbd_chunk_size.is_power_of_two() || !(4096..=32 << 20).contains(&rbd_chunk_size) {
+            let src = get("rbd_chunk_size").map_or_else(String::new, |v| v.1);
+            return Err(bad(
+                "rbd_chunk_size",
+                &src,
+                format!("{rbd_chunk_size} is not a power of two from 4K to 32M"),
+            ));
+        }
+        let rbd = RbdConfig {
+            pool: get("rbd_pool")
+                .map(|v| v.0)
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "images".into()),
+            user: get("rbd_user")
+                .map(|v| v.0)
+                .filter(|u| !u.is_empty())
+                .map(|u| u.strip_prefix("client.").unwrap_or(&u).to_string()),
+            ceph_conf: get("ceph_conf")
+                .filter(|v| !v.0.is_empty())
+                .map(|v| PathBuf::from(v.0)),
+            chunk_size: rbd_chunk_size,
+            snapshot: match get("rbd_snapshot") {
+                None => true,
+                Some((v, src)) => match v.to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => true,
+                    "false" | "0" | "no" | "off" => false,
+                    _ => {
+                        return Err(bad(
+                            "rbd_snapshot",
+                            &src,
+                            format!("'{v}' is not true or false"),
+                        ))
+                    }
+                },
+            },
+        };
         Ok(Config {
+            store,
+            rbd,
             tokens,
             shutdown_grace: seconds("shutdown_grace", 30)?,
             request_timeout: seconds("request_timeout", 60)?.max(1),
@@ -537,5 +630,43 @@ mod tests {
         assert!(e.0.contains("tokens") && e.0.contains("admin"), "{e}");
         let e = Config::load(None, &env(&[("VIMPORT_WORKERS", "1")])).unwrap_err();
         assert!(e.0.contains("unknown configuration key 'workers'"), "{e}");
+    }
+
+    #[test]
+    fn rbd_settings_have_glance_defaults_and_are_checked() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c.store, StoreKind::Fs);
+        assert_eq!(c.rbd.pool, "images");
+        assert_eq!(c.rbd.user, None);
+        assert_eq!(c.rbd.chunk_size, 8 << 20);
+        assert_eq!(c.rbd.order(), 23);
+        assert!(c.rbd.snapshot);
+        let c = Config::load(
+            None,
+            &env(&[
+                ("VIMPORT_STORE", "rbd"),
+                ("VIMPORT_RBD_POOL", "glance"),
+                ("VIMPORT_RBD_USER", "client.glance"),
+                ("VIMPORT_CEPH_CONF", "/etc/ceph/x.conf"),
+                ("VIMPORT_RBD_CHUNK_SIZE", "4M"),
+                ("VIMPORT_RBD_SNAPSHOT", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.store, StoreKind::Rbd);
+        assert_eq!(c.rbd.pool, "glance");
+        assert_eq!(c.rbd.user.as_deref(), Some("glance"));
+        assert_eq!(c.rbd.ceph_conf, Some(PathBuf::from("/etc/ceph/x.conf")));
+        assert_eq!(c.rbd.order(), 22);
+        assert!(!c.rbd.snapshot);
+        for (k, v, says) in [
+            ("VIMPORT_STORE", "swift", "not fs or rbd"),
+            ("VIMPORT_RBD_CHUNK_SIZE", "3M", "power of two"),
+            ("VIMPORT_RBD_CHUNK_SIZE", "64M", "power of two"),
+            ("VIMPORT_RBD_SNAPSHOT", "maybe", "true or false"),
+        ] {
+            let e = Config::load(None, &env(&[(k, v)])).unwrap_err();
+            assert!(e.0.contains(says) && e.0.contains(k), "{k}={v}: {e}");
+        }
     }
 }

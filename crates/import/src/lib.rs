@@ -8,8 +8,8 @@
 //! [`http`] (axum routers, one per resource), [`service`] (images, tasks, tenancy,
 //! workers, shutdown), [`workflow`] (inspect → convert → hash → store, behind
 //! [`store::Store`]; [`digest`] hashes as the conversion writes), [`web_download`],
-//! [`db`] (SQLite, `migrations/`),
-//! [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
+//! [`db`] (SQLite or PostgreSQL, `migrations/`), `rbd_store` (Ceph RBD, cargo feature
+//! `rbd`), [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
 //! [`error`].
 
 #![warn(missing_docs)]
@@ -20,6 +20,8 @@ pub mod digest;
 pub mod error;
 pub mod failpoint;
 pub mod http;
+#[cfg(feature = "rbd")]
+pub mod rbd_store;
 pub mod service;
 pub mod store;
 pub mod web_download;

@@ -29,7 +29,7 @@ use crate::config::{
 };
 use crate::db::{now, rfc3339, Backend, Db, Image, Location, Stored, Task};
 use crate::error::{Error, Result};
-use crate::store::{FsStore, Store};
+use crate::store::{FsStore, Store, StoredData};
 use crate::workspace::Workspace;
 use crate::{failpoint, web_download, workflow};
 
@@ -138,6 +138,10 @@ pub struct Page<T> {
 /// `task_time_to_live` default, 48 hours).
 const TASK_TTL: Duration = Duration::from_secs(48 * 3600);
 
+/// How often the removal of a busy orphan store object is retried after start.
+const ORPHAN_RETRY: Duration = Duration::from_secs(5);
+/// For how long (Ceph's default watch timeout of a dead client is 30 s).
+const ORPHAN_RETRY_FOR: Duration = Duration::from_secs(120);
 /// How often an idle worker looks for tasks queued through other hosts (a task
 /// queued through this host wakes one at once).
 const CLAIM_POLL: Duration = Duration::from_millis(250);
@@ -162,6 +166,29 @@ fn is_uuid(s: &str) -> bool {
     uuid::Uuid::parse_str(s).is_ok_and(|u| u.hyphenated().to_string() == s.to_ascii_lowercase())
         && s.len() == 36
 }
+
+/// The store `config` names: `store_dir`, or (cargo feature `rbd`) a Ceph pool.
+fn open_store(config: &Config) -> std::result::Result<Arc<dyn Store>, String> {
+    match config.store {
+        crate::config::StoreKind::Fs => {
+            let store = FsStore::new(&config.store_dir)
+                .map_err(|e| format!("cannot create {}: {e}", config.store_dir.display()))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(feature = "rbd")]
+        crate::config::StoreKind::Rbd => {
+            Ok(Arc::new(crate::rbd_store::RbdStore::connect(&config.rbd)?))
+        }
+        #[cfg(not(feature = "rbd"))]
+        crate::config::StoreKind::Rbd => Err("store = \"rbd\": this vimport was built \
+            without RBD support; build it with the cargo feature `rbd` (`cargo build --release \
+            -p vconvert-import --features rbd`, which needs librbd-dev and librados-dev)"
+            .into()),
+    }
+}
+
+/// An image's stored data (read from any offset), its length and its MD5.
+pub type ImageData = (Box<dyn StoredData>, u64, Option<String>);
 
 /// How an import waiting in a `PUT /file` learns its end.
 type Waiter = mpsc::Sender<std::result::Result<(), String>>;
@@ -229,13 +256,12 @@ impl Service {
                     config.workspace_dir.display()
                 )
             })?;
-        let store = FsStore::new(&config.store_dir)
-            .map_err(|e| format!("cannot create {}: {e}", config.store_dir.display()))?;
+        let store = open_store(&config)?;
         let service = Arc::new(Service {
             tokens,
             db,
             workspace,
-            store: Arc::new(store),
+            store,
             wake: Mutex::new(()),
             queued: Condvar::new(),
             cancels: Mutex::new(HashMap::new()),
@@ -246,6 +272,7 @@ impl Service {
             config,
         });
         service.recover(true)?;
+        service.remove_orphans_later();
         let s = service.clone();
         std::thread::Builder::new()
             .name("vimport-heartbeat".into())
@@ -392,35 +419,56 @@ impl Service {
         Ok(done)
     }
 
-    /// Removes every store object that belongs to no active image, naming it.
-    fn reconcile_store(&self) -> std::result::Result<(), String> {
-        // Glance keeps the data of a deactivated image too; an image being imported
-        // (by another host over a shared store) may be storing its object now.
-        let active: std::collections::HashSet<String> = self
+    /// The store objects that belong to no image with data (active or deactivated:
+    /// Glance keeps the data of a deactivated image too) nor to an import in progress
+    /// (at start, this host's interrupted imports were already returned to `queued`;
+    /// with a shared store, another host's import is `importing` or `saving` and may
+    /// be storing its object now).
+    fn orphans(&self) -> std::result::Result<Vec<String>, String> {
+        let status: HashMap<String, String> = self
             .db
             .images()?
             .into_iter()
-            .filter(|i| {
-                ["active", "deactivated", "importing", "saving"].contains(&i.status.as_str())
-            })
-            .map(|i| i.id)
+            .map(|i| (i.id, i.status))
             .collect();
         let names = self
             .store
             .ids()
             .map_err(|e| format!("cannot list the store: {e}"))?;
-        let image_of = |n: &str| -> String {
-            // A partial copy is `.<id>.partial`.
-            n.strip_prefix('.')
-                .and_then(|n| n.strip_suffix(".partial"))
-                .unwrap_or(n)
-                .to_string()
+        // A partial copy (`.ID.partial` in a directory, `ID.partial` in a pool) is kept
+        // only while its import runs; complete data while its image has data too.
+        let keep = |n: &String| {
+            let bare = n.strip_prefix('.').unwrap_or(n);
+            let (id, partial) = match bare.strip_suffix(".partial") {
+                Some(id) => (id, true),
+                None => (bare, false),
+            };
+            let kept: &[&str] = if partial {
+                &["importing", "saving"]
+            } else {
+                &["active", "deactivated", "importing", "saving"]
+            };
+            status.get(id).is_some_and(|s| kept.contains(&s.as_str()))
         };
-        for name in names.into_iter().filter(|n| !active.contains(&image_of(n))) {
+        Ok(names.into_iter().filter(|n| !keep(n)).collect())
+    }
+
+    /// Removes every store object that belongs to no active image, naming it. An
+    /// object that is busy (an RBD image still watched by the client of a vimport that
+    /// was killed: Ceph drops the watch after `osd_client_watch_timeout`, 30 s) is
+    /// removed later by [`Service::remove_orphans_later`].
+    fn reconcile_store(&self) -> std::result::Result<(), String> {
+        for name in self.orphans()? {
             match self.store.delete(&name) {
                 Ok(()) => tracing::warn!(
                     object = %name,
                     "recovery: removed store object {name}: it belongs to no active image"
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => tracing::warn!(
+                    object = %name,
+                    error = %e,
+                    "recovery: store object {name} belongs to no active image but is busy; \
+                     retrying in the background"
                 ),
                 Err(e) => tracing::error!(
                     object = %name,
@@ -430,6 +478,52 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// After the start's reconciliation: if orphan store objects are left (busy), a
+    /// thread retries their removal every [`ORPHAN_RETRY`] for [`ORPHAN_RETRY_FOR`],
+    /// listing them again each time (an image imported meanwhile is no orphan).
+    fn remove_orphans_later(self: &Arc<Self>) {
+        if self.orphans().map_or(true, |o| o.is_empty()) {
+            return;
+        }
+        let s = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vimport-orphans".into())
+            .spawn(move || {
+                let until = Instant::now() + ORPHAN_RETRY_FOR;
+                while !s.stopping.load(Ordering::SeqCst) {
+                    std::thread::sleep(ORPHAN_RETRY);
+                    let Ok(orphans) = s.orphans() else { continue };
+                    let mut left = Vec::new();
+                    for name in orphans {
+                        match s.store.delete(&name) {
+                            Ok(()) => tracing::warn!(
+                                object = %name,
+                                "recovery: removed store object {name}: it belongs to no active image"
+                            ),
+                            Err(e) => left.push((name, e)),
+                        }
+                    }
+                    if left.is_empty() {
+                        return;
+                    }
+                    if Instant::now() >= until {
+                        for (name, e) in left {
+                            tracing::error!(
+                                object = %name,
+                                error = %e,
+                                "recovery: cannot remove store object {name}, which belongs \
+                                 to no active image; remove it by hand"
+                            );
+                        }
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "recovery: cannot start the orphan removal thread");
+        }
     }
 
     /// The caller a token stands for, compared in constant time with every token.
@@ -867,6 +961,14 @@ impl Service {
             }
             None => false,
         };
+        // Data that cannot go now (an RBD snapshot with clones) keeps the image.
+        self.store.check_deletable(id).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ResourceBusy {
+                Error::Conflict(e.to_string())
+            } else {
+                Error::Internal(format!("stored data of image {id}: {e}"))
+            }
+        })?;
         // The catalogue first (the image, its tags, properties and tasks, in one
         // statement): once it is gone, any file of it is an orphan that the import
         // (when it ends), the heartbeat's sweep or the startup recovery removes.
@@ -877,17 +979,17 @@ impl Service {
             self.workspace.release(&format!("stage:{id}"));
         }
         failpoint::hit("delete.files");
-        self.store.delete(id).map_err(Error::internal)?;
+        // An import in progress removes what it stored itself when it finds the image
+        // gone (its RBD image is open until then, and cannot be removed under it).
+        if img.status != "importing" {
+            self.store.delete(id).map_err(Error::internal)?;
+        }
         Ok(())
     }
 
     /// The stored data of an image `caller` may see: the file, its length and MD5.
     /// `Ok(None)`: the image has no data (204).
-    pub fn image_data(
-        &self,
-        caller: &Caller,
-        id: &str,
-    ) -> Result<Option<(std::fs::File, u64, Option<String>)>> {
+    pub fn image_data(&self, caller: &Caller, id: &str) -> Result<Option<ImageData>> {
         let img = self.image_for(caller, id)?;
         if img.status != "active" {
             return Ok(None);
@@ -1298,8 +1400,17 @@ impl Service {
                     for a in gone {
                         tracing::warn!(task = %a.task_id, image = %a.image_id, host = %a.host,
                             "host {} went silent holding this import: failed it, image queued again", a.host);
-                        if let Err(e) = self.store.delete(&a.image_id) {
-                            tracing::error!(image = %a.image_id, error = %e, "cannot remove the abandoned import's store object");
+                        match self.store.delete(&a.image_id) {
+                            Ok(()) => {}
+                            // An RBD image the silent host may still watch (Ceph
+                            // drops a dead client's watch after 30 s): retried.
+                            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
+                                tracing::warn!(image = %a.image_id, error = %e, "the abandoned import's store object is busy; retrying in the background");
+                                self.remove_orphans_later();
+                            }
+                            Err(e) => {
+                                tracing::error!(image = %a.image_id, error = %e, "cannot remove the abandoned import's store object")
+                            }
                         }
                     }
                 }

@@ -1,18 +1,55 @@
 //! Where active images' bytes live, behind [`Store`] so the import workflow does not
-//! know the backend; [`FsStore`] keeps one file per image in `store_dir`.
+//! know the backend; [`FsStore`] keeps one file per image in `store_dir`, and (with
+//! the cargo feature `rbd`) [`crate::rbd_store::RbdStore`] one RBD image per image in
+//! a Ceph pool.
 
 use std::fmt::Debug;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
+
+use vconvert_core::ImageReader;
+use vconvert_engine::{ConvertOptions, Observer};
+
+/// The stored bytes of an image, read from any offset (downloads honour `Range`).
+pub trait StoredData: Read + Seek + Send {}
+
+impl<T: Read + Seek + Send> StoredData for T {}
 
 /// An image store. Calls block.
 pub trait Store: Send + Sync + Debug {
     /// Takes the complete, synced file `from` as the data of image `id`, atomically
     /// (a reader sees the old data, none, or all of the new).
     fn put(&self, id: &str, from: &Path) -> io::Result<()>;
+    /// Whether the store takes a raw image straight from the engine
+    /// ([`Store::put_raw`]), with no local file in between.
+    fn writes_raw_directly(&self) -> bool {
+        false
+    }
+    /// Converts `src` as a raw image straight into the store as the data of image
+    /// `id` (only its data is written), feeding `observe` the whole image in guest
+    /// order (to hash it). On error or cancellation nothing of it is left in the
+    /// store. Only for a store whose [`Store::writes_raw_directly`] is true.
+    fn put_raw(
+        &self,
+        id: &str,
+        src: &dyn ImageReader,
+        opts: &ConvertOptions<'_>,
+        observe: Observer<'_>,
+    ) -> vconvert_core::Result<()> {
+        let _ = (src, opts, observe);
+        Err(vconvert_core::Error::invalid(format!(
+            "this store cannot take image {id} straight from the engine"
+        )))
+    }
     /// The data of image `id` and its length.
-    fn open(&self, id: &str) -> io::Result<(File, u64)>;
+    fn open(&self, id: &str) -> io::Result<(Box<dyn StoredData>, u64)>;
+    /// Whether the data of image `id` may be deleted now: an error of kind
+    /// [`io::ErrorKind::ResourceBusy`] says why not (an RBD snapshot with clones).
+    fn check_deletable(&self, id: &str) -> io::Result<()> {
+        let _ = id;
+        Ok(())
+    }
     /// Removes the data of image `id`, complete or half-made by a `put` that did not
     /// finish (a host that died copying it), or the object `id` that [`Store::ids`]
     /// named (no error when there is none).
@@ -75,10 +112,10 @@ impl Store for FsStore {
         std::fs::remove_file(from)
     }
 
-    fn open(&self, id: &str) -> io::Result<(File, u64)> {
+    fn open(&self, id: &str) -> io::Result<(Box<dyn StoredData>, u64)> {
         let f = File::open(self.path(id))?;
         let len = f.metadata()?.len();
-        Ok((f, len))
+        Ok((Box::new(f), len))
     }
 
     fn delete(&self, id: &str) -> io::Result<()> {

@@ -13,6 +13,7 @@ use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy, RawBytes
 
 use crate::config::{disk_format_name, DiskFormat};
 use crate::db::Stored;
+pub use crate::digest::hex;
 use crate::digest::Digests;
 use crate::failpoint;
 use crate::store::Store;
@@ -61,8 +62,6 @@ fn glance_names(msg: &str) -> String {
     msg.replace("declared format vpc", "declared format vhd")
         .replace("which is vpc", "which is vhd")
 }
-
-pub use crate::digest::hex;
 
 /// Runs the workflow; the stored file is in `store` under the image id when it
 /// returns `Ok`. On error nothing of it is left in the workspace or the store (the
@@ -118,6 +117,10 @@ fn run_inner(
             })?;
             let virtual_size = src.virtual_size();
             let target = job.target;
+            if target == Format::Raw && store.writes_raw_directly() {
+                // Straight from the engine into the store: no workspace file.
+                return store_raw_directly(job, store, src.as_ref(), declared, virtual_size);
+            }
             if declared == target {
                 (
                     job.staging.to_path_buf(),
@@ -187,26 +190,6 @@ fn convert(
             ))
         },
     )?;
-    let label = format!(
-        "converting {} to {}",
-        disk_format_name(declared),
-        disk_format_name(target)
-    );
-    let last = Mutex::new(Instant::now() - Duration::from_secs(1));
-    let progress = |done: u64, total: u64| {
-        failpoint::hit("convert.progress");
-        if let Ok(mut l) = last.lock() {
-            if l.elapsed() >= Duration::from_millis(250) || done == total {
-                *l = Instant::now();
-                let pct = if total == 0 {
-                    100.0
-                } else {
-                    done as f64 * 100.0 / total as f64
-                };
-                (job.progress)(&format!("{label}: {pct:.1}% ({done} of {total} bytes)"));
-            }
-        }
-    };
     let digests = match target {
         Format::Raw => Some(Mutex::new(
             Digests::new().map_err(|e| format!("cannot start hashing: {e}"))?,
@@ -221,19 +204,9 @@ fn convert(
             }
         }
     };
-    let opts = ConvertOptions {
-        cancel: job.cancel.clone(),
-        progress: Some(&progress),
-        rate_limit: job.rate_limit,
-        observe_raw: digests.as_ref().map(|_| &observe as RawObserver<'_>),
-        ..ConvertOptions::default()
-    };
-    vconvert_engine::convert(src, output, target, Options::new(), &opts).map_err(|e| match e {
-        vconvert_core::Error::Cancelled => "cancelled".to_string(),
-        e => format!(
-            "conversion of the {} upload failed: {e}",
-            disk_format_name(declared)
-        ),
+    let observe_raw = digests.as_ref().map(|_| &observe as RawObserver<'_>);
+    with_convert_options(job, declared, observe_raw, |opts| {
+        vconvert_engine::convert(src, output, target, Options::new(), opts)
     })?;
     failpoint::hit("convert.done");
     let check =
@@ -264,8 +237,129 @@ fn convert(
     Ok(Some(hashed))
 }
 
+/// Runs `f` with the job's conversion options (cancel, rate limit, progress reported
+/// as the task's message, the raw output's observer); its error becomes the task's
+/// message.
+fn with_convert_options(
+    job: &Job<'_>,
+    declared: Format,
+    observe_raw: Option<RawObserver<'_>>,
+    f: impl FnOnce(&ConvertOptions<'_>) -> vconvert_core::Result<()>,
+) -> Result<(), String> {
+    let label = format!(
+        "converting {} to {}",
+        disk_format_name(declared),
+        disk_format_name(job.target)
+    );
+    let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+    let progress = |done: u64, total: u64| {
+        failpoint::hit("convert.progress");
+        if let Ok(mut l) = last.lock() {
+            if l.elapsed() >= Duration::from_millis(250) || done == total {
+                *l = Instant::now();
+                let pct = if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                };
+                (job.progress)(&format!("{label}: {pct:.1}% ({done} of {total} bytes)"));
+            }
+        }
+    };
+    let opts = ConvertOptions {
+        cancel: job.cancel.clone(),
+        progress: Some(&progress),
+        rate_limit: job.rate_limit,
+        observe_raw,
+        ..ConvertOptions::default()
+    };
+    f(&opts).map_err(|e| match e {
+        vconvert_core::Error::Cancelled => "cancelled".to_string(),
+        e => format!(
+            "conversion of the {} upload failed: {e}",
+            disk_format_name(declared)
+        ),
+    })
+}
+
+/// A raw target in a store that takes it straight from the engine (RBD): the
+/// conversion writes the data into the store and hashes the image as it goes (no
+/// read-back), then the stored image is recorded. Nothing of it stays in the store on
+/// error. The workspace holds only the staged upload.
+fn store_raw_directly(
+    job: &Job<'_>,
+    store: &dyn Store,
+    src: &dyn vconvert_core::ImageReader,
+    declared: Format,
+    virtual_size: u64,
+) -> Result<Stored, String> {
+    let mut digests = Digests::new().map_err(|e| format!("cannot start hashing: {e}"))?;
+    let mut observe = |b: &[u8]| digests.data(b);
+    with_convert_options(job, declared, None, |opts| {
+        store.put_raw(job.image_id, src, opts, &mut observe)
+    })?;
+    failpoint::hit("convert.done");
+    let result = (|| {
+        let (checksum, sha512, size) = digests
+            .finish()
+            .map_err(|e| format!("cannot hash the converted image: {e}"))?;
+        if size != virtual_size {
+            return Err(format!(
+                "the conversion produced {size} bytes for a virtual size of {virtual_size}"
+            ));
+        }
+        failpoint::hit("hash.done");
+        if job.cancel.is_cancelled() {
+            return Err("cancelled".to_string());
+        }
+        let stored = Stored {
+            disk_format: disk_format_name(Format::Raw).to_string(),
+            size,
+            virtual_size,
+            checksum,
+            sha512,
+        };
+        (job.record)(&stored)?;
+        failpoint::hit("store.intent");
+        failpoint::hit("store.moved");
+        Ok(stored)
+    })();
+    if result.is_err() {
+        let _ = store.delete(job.image_id);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
+    use md5::Md5;
+    use sha2::{Digest, Sha512};
+
+    /// Reads at most 7777 bytes at a time (odd sizes, many calls).
+    struct Dribble<'a>(&'a [u8]);
+
+    impl std::io::Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.len().min(buf.len()).min(7777);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn hashes_of_equals_one_shot_digests() {
+        let data: Vec<u8> = (0..(5u32 << 20) / 2 + 5)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let (md5, sha, n) = super::hashes_of(&mut Dribble(&data)).unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(md5, super::hex(&Md5::digest(&data)));
+        assert_eq!(sha, super::hex(&Sha512::digest(&data)));
+        let (md5, _, n) = super::hashes_of(&mut Dribble(&[])).unwrap();
+        assert_eq!((md5.as_str(), n), ("d41d8cd98f00b204e9800998ecf8427e", 0));
+    }
+
     #[test]
     fn engine_names_become_glance_names() {
         assert_eq!(

@@ -20,7 +20,14 @@ VIMPORT_<KEY> environment variables, which win. Keys and defaults:
   max_workers         2
   workspace_dir       <data_dir>/workspace
   workspace_bytes     64G
+  store               fs             (fs: files in store_dir; rbd: a Ceph pool,
+                                      needs vimport built with --features rbd)
   store_dir           <data_dir>/store
+  rbd_pool            images         (rbd store: the pool; must exist)
+  rbd_user            admin          (rbd store: the Ceph user, without 'client.')
+  ceph_conf           $CEPH_CONF or /etc/ceph/ceph.conf (monitors, keyring)
+  rbd_chunk_size      8M             (rbd store: object size, 4K..32M, power of 2)
+  rbd_snapshot        true           (rbd store: protected snapshot 'snap' to clone)
   database            <data_dir>/vimport.db  (a SQLite file: one host), or
                       postgres://user:password@host:port/db  (several hosts)
   host_id             <hostname>:<workspace_dir>  (unique per host, stable)

@@ -6,18 +6,19 @@ use std::io::{Read, Seek, SeekFrom};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::Router;
 use futures_util::TryStreamExt;
-use tokio_util::io::{ReaderStream, StreamReader, SyncIoBridge};
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::auth::Auth;
 use super::{blocking, empty, AppState};
 use crate::error::{Error, Result};
+use crate::store::StoredData;
 
 /// Counts the bytes read through it (for the request log of chunked uploads).
 struct Counting<R> {
@@ -179,7 +180,7 @@ async fn download(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let found = blocking(move || svc.image_data(&caller, &id)).await?;
-    let Some((mut file, size, checksum)) = found else {
+    let Some((mut data, size, checksum)) = found else {
         return Ok(empty(StatusCode::NO_CONTENT));
     };
     let range = match &range_header {
@@ -190,17 +191,12 @@ async fn download(
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, size),
     };
-    let file = blocking(move || {
-        file.seek(SeekFrom::Start(start)).map_err(Error::internal)?;
-        Ok(file)
+    let data = blocking(move || {
+        data.seek(SeekFrom::Start(start)).map_err(Error::internal)?;
+        Ok(data)
     })
     .await?;
-    let reader = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(file), len);
-    let mut res = (
-        status,
-        Body::from_stream(ReaderStream::with_capacity(reader, 1 << 16)),
-    )
-        .into_response();
+    let mut res = (status, Body::from_stream(read_stream(data, len))).into_response();
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -217,6 +213,48 @@ async fn download(
         h.insert("content-md5", md5);
     }
     Ok(res)
+}
+
+/// Bytes read per blocking read of a download.
+const DOWNLOAD_PIECE: u64 = 1 << 20;
+
+/// The next `len` bytes of `data` (a file, an RBD image: blocking reads, each on the
+/// blocking pool) as a body stream; data that ends early is an error (the client sees
+/// a truncated body, never a short one that looks complete).
+fn read_stream(
+    data: Box<dyn StoredData>,
+    len: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
+    futures_util::stream::unfold((Some(data), len), |(data, left)| async move {
+        let mut data = data?;
+        if left == 0 {
+            return None;
+        }
+        let want = left.min(DOWNLOAD_PIECE) as usize;
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; want];
+            let n = data.read(&mut buf)?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((data, buf))
+        })
+        .await;
+        let end = (None, 0);
+        Some(match read {
+            Ok(Ok((_, buf))) if buf.is_empty() => (
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the stored data ended early",
+                )),
+                end,
+            ),
+            Ok(Ok((data, buf))) => {
+                let n = buf.len() as u64;
+                (Ok(Bytes::from(buf)), (Some(data), left - n))
+            }
+            Ok(Err(e)) => (Err(e), end),
+            Err(e) => (Err(std::io::Error::other(e)), end),
+        })
+    })
 }
 
 /// The routes (no request timeout, no JSON body limit).
