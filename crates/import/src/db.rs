@@ -51,6 +51,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/0004_hosts.sql"),
         postgres: include_str!("../migrations/0004_hosts.sql"),
     },
+    Migration {
+        name: "0005_image_members",
+        sqlite: include_str!("../migrations/0005_image_members.sql"),
+        postgres: include_str!("../migrations/0005_image_members.sql"),
+    },
 ];
 
 /// The key of the PostgreSQL advisory lock held while migrating ("vimport" in ASCII).
@@ -247,6 +252,46 @@ pub struct Stored {
     pub checksum: String,
     /// SHA-512 (hex).
     pub sha512: String,
+}
+
+/// A project an image is shared with (Glance's image member).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The shared image.
+    pub image_id: String,
+    /// The member project.
+    pub member: String,
+    /// pending, accepted or rejected: the member's answer.
+    pub status: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Last change (RFC 3339).
+    pub updated_at: String,
+}
+
+/// What [`Db::add_member`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberAdded {
+    /// The member was added.
+    Added,
+    /// The image has this member already.
+    Duplicate,
+    /// The image has as many members as allowed.
+    Limit,
+    /// No such image.
+    NoImage,
+}
+
+const MEMBER_COLS: &str = "image_id, member, status, created_at, updated_at";
+
+fn member_from(r: &Row) -> Member {
+    Member {
+        image_id: r.text(0),
+        member: r.text(1),
+        status: r.text(2),
+        created_at: r.text(3),
+        updated_at: r.text(4),
+    }
 }
 
 /// A task given up because the host holding it went silent.
@@ -1356,6 +1401,99 @@ impl Db {
     /// Deletes the image `id` (its tags, properties and tasks go with it).
     pub fn delete_image(&self, id: &str) -> DbResult<bool> {
         self.tx(|c| Ok(c.exec("DELETE FROM images WHERE id=$1", &vals![id])? == 1))
+    }
+
+    /// Adds `m` to its image's members, unless the image is gone, has it already or
+    /// has `limit` members.
+    pub fn add_member(&self, m: &Member, limit: u64) -> DbResult<MemberAdded> {
+        self.run(
+            |c| {
+                let sql = format!(
+                    "SELECT id FROM images WHERE id=$1{}",
+                    c.backend().for_update()
+                );
+                if c.row(&sql, &vals![&m.image_id])?.is_none() {
+                    return Ok(MemberAdded::NoImage);
+                }
+                let n = c
+                    .row(
+                        "SELECT COUNT(*) FROM image_members WHERE image_id=$1",
+                        &vals![&m.image_id],
+                    )?
+                    .and_then(|r| r.u64(0))
+                    .unwrap_or(0);
+                if n >= limit {
+                    return Ok(MemberAdded::Limit);
+                }
+                let added = c.exec(
+                    &format!("INSERT INTO image_members ({MEMBER_COLS}) VALUES ($1,$2,$3,$4,$5) ON CONFLICT DO NOTHING"),
+                    &vals![&m.image_id, &m.member, &m.status, &m.created_at, &m.updated_at],
+                )? == 1;
+                Ok(if added {
+                    MemberAdded::Added
+                } else {
+                    MemberAdded::Duplicate
+                })
+            },
+            |r| *r == MemberAdded::Added,
+        )
+    }
+
+    /// The members of image `image_id`, oldest first.
+    pub fn members(&self, image_id: &str) -> DbResult<Vec<Member>> {
+        self.tx(|c| {
+            Ok(c.rows(
+                &format!("SELECT {MEMBER_COLS} FROM image_members WHERE image_id=$1 ORDER BY created_at, member"),
+                &vals![image_id],
+            )?
+            .iter()
+            .map(member_from)
+            .collect())
+        })
+    }
+
+    /// The membership of `member` in image `image_id`.
+    pub fn member(&self, image_id: &str, member: &str) -> DbResult<Option<Member>> {
+        self.tx(|c| {
+            Ok(c.row(
+                &format!("SELECT {MEMBER_COLS} FROM image_members WHERE image_id=$1 AND member=$2"),
+                &vals![image_id, member],
+            )?
+            .map(|r| member_from(&r)))
+        })
+    }
+
+    /// The images `member` is a member of, with its answer for each.
+    pub fn memberships(&self, member: &str) -> DbResult<BTreeMap<String, String>> {
+        self.tx(|c| {
+            Ok(c.rows(
+                "SELECT image_id, status FROM image_members WHERE member=$1",
+                &vals![member],
+            )?
+            .iter()
+            .map(|r| (r.text(0), r.text(1)))
+            .collect())
+        })
+    }
+
+    /// Sets the answer of `member` for image `image_id`; `Ok(false)`: no such member.
+    pub fn set_member_status(&self, image_id: &str, member: &str, status: &str) -> DbResult<bool> {
+        self.guarded(|c| {
+            Ok(c.exec(
+                "UPDATE image_members SET status=$3, updated_at=$4 WHERE image_id=$1 AND member=$2",
+                &vals![image_id, member, status, now()],
+            )? == 1)
+        })
+    }
+
+    /// Removes `member` from image `image_id`; `Ok(false)`: no such member.
+    pub fn remove_member(&self, image_id: &str, member: &str) -> DbResult<bool> {
+        self.guarded(|c| {
+            Ok(c.exec(
+                "DELETE FROM image_members WHERE image_id=$1 AND member=$2",
+                &vals![image_id, member],
+            )? == 1)
+        })
     }
 
     /// The task `id`.

@@ -33,6 +33,9 @@ use crate::store::{FsStore, Store, StoredData};
 use crate::workspace::Workspace;
 use crate::{failpoint, web_download, workflow};
 
+mod members;
+pub use members::{MEMBER_QUOTA, MEMBER_STATUSES};
+
 /// Who is calling: the project and rights of the token, and the request's id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
@@ -547,19 +550,37 @@ impl Service {
         }
     }
 
-    /// Whether `caller` may see `img`.
-    fn visible(caller: &Caller, img: &Image) -> bool {
+    /// Whether `caller` may see `img`; `member` is the caller's answer when `img`
+    /// was shared with its project. A shared image is visible to its members
+    /// whatever their answer, as Glance's `is_image_visible`.
+    fn visible(caller: &Caller, img: &Image, member: Option<&str>) -> bool {
         caller.admin
             || img.owner.as_deref() == Some(caller.project_id.as_str())
             || img.visibility == "public"
             || img.visibility == "community"
+            || (img.visibility == "shared" && member.is_some())
     }
 
     /// The image `id` if `caller` may see it (404 otherwise, as for a missing one).
     fn image_for(&self, caller: &Caller, id: &str) -> Result<Image> {
-        match self.db.image(id).map_err(Error::Internal)? {
-            Some(img) if Self::visible(caller, &img) => Ok(img),
-            _ => Err(Error::NotFound(format!("No image found with ID {id}"))),
+        let not_found = || Error::NotFound(format!("No image found with ID {id}"));
+        let img = self
+            .db
+            .image(id)
+            .map_err(Error::Internal)?
+            .ok_or_else(not_found)?;
+        let member = if img.visibility == "shared" && !Self::visible(caller, &img, None) {
+            self.db
+                .member(id, &caller.project_id)
+                .map_err(Error::Internal)?
+                .map(|m| m.status)
+        } else {
+            None
+        };
+        if Self::visible(caller, &img, member.as_deref()) {
+            Ok(img)
+        } else {
+            Err(not_found())
         }
     }
 
@@ -731,6 +752,9 @@ impl Service {
         let mut limit = DEFAULT_LIMIT;
         let mut marker = None;
         let mut filters: Vec<(&str, &str)> = Vec::new();
+        // Shared images of other projects are listed when the caller's answer is
+        // this (Glance's default: accepted).
+        let mut member_status = "accepted";
         for (k, v) in params {
             match k.as_str() {
                 "sort_key" => sort_keys.push(v.clone()),
@@ -754,7 +778,14 @@ impl Service {
                         .min(MAX_LIMIT)
                 }
                 "marker" => marker = Some(v.as_str()),
-                "member_status" => {}
+                "member_status" => {
+                    if v != "all" && !MEMBER_STATUSES.contains(&v.as_str()) {
+                        return Err(Error::BadRequest(format!(
+                            "Invalid member_status value: {v}; one of pending, accepted, rejected, all"
+                        )));
+                    }
+                    member_status = v.as_str();
+                }
                 _ => filters.push((k.as_str(), v.as_str())),
             }
         }
@@ -803,11 +834,25 @@ impl Service {
             .iter()
             .find(|(k, _)| *k == "os_hidden")
             .map(|(_, v)| *v);
+        let memberships = self
+            .db
+            .memberships(&caller.project_id)
+            .map_err(Error::Internal)?;
         for img in self.db.images().map_err(Error::Internal)? {
-            if !Self::visible(caller, &img) {
+            let member = memberships.get(&img.id).map(String::as_str);
+            if !Self::visible(caller, &img, member) {
                 continue;
             }
             let own = img.owner.as_deref() == Some(caller.project_id.as_str());
+            // Another project's shared image: listed as the caller answered.
+            if !own
+                && !caller.admin
+                && img.visibility == "shared"
+                && member_status != "all"
+                && member != Some(member_status)
+            {
+                continue;
+            }
             // Community images of others appear only when asked for.
             if visibility_filter.is_none() && img.visibility == "community" && !own {
                 continue;

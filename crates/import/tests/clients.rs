@@ -1067,6 +1067,88 @@ fn glance_update_tags_delete() {
     assert!(!r.ok, "a deleted image is still shown:\n{r}");
 }
 
+/// Image members through the glance CLI: Alice shares a `shared` image with Bob's
+/// project (`member-create`), Bob sees it listed only after `member-update …
+/// accepted` (and with `--member-status pending` before), cannot share it on, and
+/// `member-delete` withdraws it.
+#[test]
+fn glance_members() {
+    let Some(env) = env() else { return };
+    let srv = Server::start(env.dir.path(), None);
+    let g = Glance::new(&env, &srv);
+    let id = props(&g.ok(
+        ALICE,
+        &[
+            "image-create",
+            "--name",
+            "golden",
+            "--disk-format",
+            "raw",
+            "--container-format",
+            "bare",
+            "--visibility",
+            "shared",
+        ],
+    ))["id"]
+        .clone();
+    let bob_list = |extra: &[&str]| {
+        let mut args = vec!["image-list"];
+        args.extend_from_slice(extra);
+        list_ids(&g.ok(BOB, &args))
+    };
+    assert!(bob_list(&[]).is_empty());
+
+    let created = table(&g.ok(ALICE, &["member-create", &id, BOB_PROJECT]));
+    assert_eq!(
+        created[0],
+        ["Image ID", "Member ID", "Status"],
+        "{created:?}"
+    );
+    assert_eq!(
+        created[1],
+        [id.as_str(), BOB_PROJECT, "pending"],
+        "{created:?}"
+    );
+    let r = g.run(ALICE, &["member-create", &id, BOB_PROJECT]);
+    assert!(
+        !r.ok && r.stderr.contains("409"),
+        "a member added twice:\n{r}"
+    );
+
+    assert!(bob_list(&[]).is_empty(), "listed before Bob accepted");
+    assert_eq!(
+        bob_list(&["--visibility", "shared", "--member-status", "pending"]),
+        [id.as_str()]
+    );
+    // Bob may not share it on, nor answer for another project.
+    let r = g.run(BOB, &["member-create", &id, "p-carol"]);
+    assert!(
+        !r.ok && r.stderr.contains("403"),
+        "a member shared it on:\n{r}"
+    );
+    let r = g.run(ALICE, &["member-update", &id, BOB_PROJECT, "accepted"]);
+    assert!(
+        !r.ok && r.stderr.contains("403"),
+        "the owner answered:\n{r}"
+    );
+
+    let upd = table(&g.ok(BOB, &["member-update", &id, BOB_PROJECT, "accepted"]));
+    assert_eq!(upd[1], [id.as_str(), BOB_PROJECT, "accepted"], "{upd:?}");
+    assert_eq!(bob_list(&[]), [id.as_str()]);
+    assert_eq!(g.show(BOB, &id)["visibility"], "shared");
+    let members = table(&g.ok(ALICE, &["member-list", "--image-id", &id]));
+    assert_eq!(members.len(), 2, "{members:?}");
+    assert_eq!(members[1], [id.as_str(), BOB_PROJECT, "accepted"]);
+
+    g.ok(BOB, &["member-update", &id, BOB_PROJECT, "rejected"]);
+    assert!(bob_list(&[]).is_empty(), "listed after Bob rejected");
+    g.ok(ALICE, &["member-delete", &id, BOB_PROJECT]);
+    let members = table(&g.ok(ALICE, &["member-list", "--image-id", &id]));
+    assert_eq!(members.len(), 1, "{members:?}");
+    let r = g.run(BOB, &["image-show", &id]);
+    assert!(!r.ok, "Bob still sees the image after member-delete:\n{r}");
+}
+
 /// Delete of an active image removes its stored file.
 #[test]
 fn glance_delete_active() {
@@ -1331,6 +1413,47 @@ fn sdk_create_via_import() {
     let got = env.dir.path().join("got");
     sdk.ok("download_image", json!({"image": id, "output": s(&got)}));
     assert_stored(&env, &src, &img, &got);
+}
+
+/// Image members through openstacksdk: `add_member`, `members`, `update_member`
+/// (Bob accepts: the image appears in his `images()`), `get_member`,
+/// `remove_member`.
+#[test]
+fn sdk_members() {
+    let Some(env) = env() else { return };
+    let srv = Server::start(env.dir.path(), None);
+    let mut alice = Sdk::new(&env, &srv, ALICE);
+    let mut bob = Sdk::new(&env, &srv, BOB);
+    let rec = alice.ok(
+        "create_image",
+        json!({"name": "sdk-shared", "disk_format": "raw", "container_format": "bare",
+               "visibility": "shared"}),
+    );
+    let id = sdk_id(&rec);
+    let ids = |v: Value| -> Vec<String> { v.as_array().unwrap().iter().map(sdk_id).collect() };
+    let m = alice.ok("add_member", json!({"image": id, "member": BOB_PROJECT}));
+    assert_eq!(m["status"], "pending", "{m}");
+    let all = alice.ok("members", json!({"image": id}));
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+    assert_eq!(all[0]["status"], "pending", "{all}");
+    assert!(ids(bob.ok("images", json!({}))).is_empty());
+    let err = bob
+        .call("add_member", json!({"image": id, "member": "p-carol"}))
+        .expect_err("a member shared the image on");
+    assert!(err.to_string().contains("403"), "{err}");
+
+    let m = bob.ok(
+        "update_member",
+        json!({"image": id, "member": BOB_PROJECT, "status": "accepted"}),
+    );
+    assert_eq!(m["status"], "accepted", "{m}");
+    assert_eq!(ids(bob.ok("images", json!({}))), [id.as_str()]);
+    let m = bob.ok("get_member", json!({"image": id, "member": BOB_PROJECT}));
+    assert_eq!(m["status"], "accepted", "{m}");
+
+    alice.ok("remove_member", json!({"image": id, "member": BOB_PROJECT}));
+    assert!(ids(bob.ok("images", json!({}))).is_empty());
+    assert_eq!(alice.ok("members", json!({"image": id})), json!([]));
 }
 
 /// `create_image(filename=…)`: the SDK's default upload, `PUT /file`, of a qcow2.

@@ -1,7 +1,7 @@
 //! The HTTP API: Glance's Image API v2 on axum (tokio, hyper).
 //!
-//! One router per resource ([`versions`], [`schemas`], [`images`], [`image_data`],
-//! [`import`], [`tasks`]) merged in [`router`] over one [`AppState`]. Every response
+//! One router per resource ([`versions`], [`schemas`], [`images`], [`members`],
+//! [`image_data`], [`import`], [`tasks`]) merged in [`router`] over one [`AppState`]. Every response
 //! carries `x-openstack-request-id: req-<uuid>` and is logged on one line to stderr
 //! ([`request_id`]). Handlers parse the request, call the [`Service`] off the async
 //! runtime ([`blocking`]) and shape its answer; errors are [`crate::error::Error`]s,
@@ -12,6 +12,7 @@ pub mod error;
 pub mod image_data;
 pub mod images;
 pub mod import;
+pub mod members;
 pub mod schemas;
 pub mod tasks;
 pub mod versions;
@@ -148,6 +149,7 @@ pub fn router(service: Arc<Service>) -> Router {
         .merge(versions::router())
         .merge(schemas::router())
         .merge(images::router())
+        .merge(members::router())
         .merge(import::router())
         .merge(tasks::router())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))

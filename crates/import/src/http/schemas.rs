@@ -1,6 +1,6 @@
-//! `GET /v2/schemas/{image,images,task,tasks}`: the JSON schemas glanceclient builds
+//! `GET /v2/schemas/{image,images,member,members,task,tasks}`: the JSON schemas glanceclient builds
 //! its commands from and validates responses against (Glance's
-//! `images.get_schema`, `tasks.get_task_schema` and their collections). Extra image
+//! `images.get_schema`, `image_members.get_schema`, `tasks.get_task_schema` and their collections). Extra image
 //! properties are allowed as strings.
 
 use axum::routing::get;
@@ -65,6 +65,22 @@ pub fn image_schema() -> Value {
     })
 }
 
+/// The member schema (Glance's `image_members.get_schema`).
+pub fn member_schema() -> Value {
+    json!({
+        "name": "member",
+        "properties": {
+            "member_id": {"type": "string", "description": "An identifier for the image member (tenantId)"},
+            "image_id": {"type": "string", "description": "An identifier for the image", "pattern": UUID_PATTERN},
+            "created_at": {"type": "string", "description": "Date and time of image member creation"},
+            "updated_at": {"type": "string", "description": "Date and time of last modification of image member"},
+            "status": {"type": "string", "description": "The status of this image member",
+                "enum": crate::service::MEMBER_STATUSES},
+            "schema": {"type": "string", "readOnly": true}
+        }
+    })
+}
+
 fn task_properties(full: bool) -> Value {
     let mut p = json!({
         "id": {"description": "An identifier for the task", "pattern": UUID_PATTERN, "type": "string"},
@@ -120,6 +136,14 @@ async fn images(_: Auth) -> Json<Value> {
     Json(collection("images", image_schema()))
 }
 
+async fn member(_: Auth) -> Json<Value> {
+    Json(member_schema())
+}
+
+async fn members(_: Auth) -> Json<Value> {
+    Json(collection("members", member_schema()))
+}
+
 async fn task(_: Auth) -> Json<Value> {
     Json(task_schema())
 }
@@ -136,6 +160,8 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v2/schemas/image", get(image))
         .route("/v2/schemas/images", get(images))
+        .route("/v2/schemas/member", get(member))
+        .route("/v2/schemas/members", get(members))
         .route("/v2/schemas/task", get(task))
         .route("/v2/schemas/tasks", get(tasks))
 }

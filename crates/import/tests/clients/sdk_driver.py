@@ -87,6 +87,16 @@ def run(conn, op, a):
         return None
     if op == "delete_image":
         return img.delete_image(a["image"], ignore_missing=False)
+    if op == "add_member":
+        return img.add_member(a["image"], member_id=a["member"])
+    if op == "update_member":
+        return img.update_member(a["member"], a["image"], status=a["status"])
+    if op == "members":
+        return list(img.members(a["image"]))
+    if op == "get_member":
+        return img.get_member(a["member"], a["image"])
+    if op == "remove_member":
+        return img.remove_member(a["member"], a["image"], ignore_missing=False)
     if op == "get_import_info":
         return img.get_import_info()
     raise ValueError(f"unknown op {op!r}")
