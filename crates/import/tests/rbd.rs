@@ -12,7 +12,8 @@
 //! and our own download with `Range`) equal to the upload under `qemu-img compare`,
 //! with the protected snapshot `snap` whose clone reads the same; a protected image
 //! with a clone refuses deletion with 409; only data reaches the pool (`rbd du`); an
-//! import that fails, is cancelled, or is killed leaves no RBD image.
+//! import that fails, is cancelled, or is killed leaves no RBD image; two hosts over one
+//! PostgreSQL catalogue (`VIMPORT_TEST_POSTGRES_URL`) share one pool.
 
 mod common;
 
