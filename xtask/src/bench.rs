@@ -356,7 +356,13 @@ fn machine() -> String {
 }
 
 /// Runs the benchmark; `quick` uses a small corpus to check the harness itself.
-pub fn bench(root: &Path, quick: bool, rounds: usize, only: &[String]) -> bool {
+pub fn bench(
+    root: &Path,
+    quick: bool,
+    rounds: usize,
+    only: &[String],
+    ceph_conf: Option<&Path>,
+) -> bool {
     let corpus = if quick {
         Corpus {
             dir: root.join("benches/corpus-quick"),
@@ -380,6 +386,12 @@ pub fn bench(root: &Path, quick: bool, rounds: usize, only: &[String]) -> bool {
                 "--bin",
                 "vimport",
             ])
+            .args(
+                ceph_conf
+                    .map(|_| ["--features", "vconvert-import/rbd"])
+                    .into_iter()
+                    .flatten(),
+            )
             .current_dir(root),
     ) {
         return false;
@@ -603,6 +615,19 @@ pub fn bench(root: &Path, quick: bool, rounds: usize, only: &[String]) -> bool {
     } else {
         "not run (`--only` left them out)\n".into()
     };
+    let rbd = match ceph_conf {
+        Some(conf) if selected(only, "rbd") => {
+            match crate::bench_import::bench_rbd(root, &corpus.dir, &out_dir, conf, rounds) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("RBD cases: {e}");
+                    format!("not run: {e}\n")
+                }
+            }
+        }
+        Some(_) => "not run (`--only` left them out)\n".into(),
+        None => "not run (no `--ceph-conf`)\n".into(),
+    };
     let _ = std::fs::remove_dir_all(&out_dir);
     let only_note = if only.is_empty() {
         String::new()
@@ -618,7 +643,7 @@ Load = the 1-minute load average before and after the case: **this machine is sh
 Conversions whose output is uncompressed are compared **at equal durability**, both ways: \
 *flushed*, vconvert's default (data written with O_DIRECT, synced before the rename into place) against `qemu-img convert -t none -W -m 16` (O_DIRECT, flushed at the end); \
 *unflushed*, `vconvert -t unsafe` against qemu-img's default cache mode (`unsafe`: never flushes) with `-W -m 16`. \
-Compressed writes (`-c`, streamOptimized) are compared with qemu-img's fastest flags and its defaults, default cache mode.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms made by qemu-img.\n\n## Conversions with uncompressed output, at equal durability\n\n{flushed}\n## Compressed writes\n\n{compressed}\n## Scaling of compressed work\n\n{scaling}\n## vimport: upload and import end to end\n\n{imports}",
+Compressed writes (`-c`, streamOptimized) are compared with qemu-img's fastest flags and its defaults, default cache mode.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms made by qemu-img.\n\n## Conversions with uncompressed output, at equal durability\n\n{flushed}\n## Compressed writes\n\n{compressed}\n## Scaling of compressed work\n\n{scaling}\n## vimport: upload and import end to end\n\n{imports}\n## vimport into Ceph RBD\n\n{rbd}",
         if quick { " --quick" } else { "" },
         machine()
     );

@@ -118,11 +118,12 @@ struct Service {
 }
 
 impl Service {
-    fn start(bin: &Path, data: &Path) -> Result<Service, String> {
+    fn start(bin: &Path, data: &Path, env: &[(&str, &str)]) -> Result<Service, String> {
         let _ = std::fs::remove_dir_all(data);
         std::fs::create_dir_all(data).map_err(|e| e.to_string())?;
         let out = data.with_extension("stdout");
         let mut child = Command::new(bin)
+            .envs(env.iter().copied())
             .env("VIMPORT_DATA_DIR", data)
             .env("VIMPORT_LISTEN", "127.0.0.1:0")
             .env("VIMPORT_TOKEN", TOKEN)
@@ -322,9 +323,9 @@ pub fn bench_imports(
     if !run_ok(Command::new("python3").args(["-c", "import hashlib"])) {
         return Err("python3 is needed for Glance's store copy".into());
     }
-    let svc = Service::start(&bin, &data)?;
+    let svc = Service::start(&bin, &data, &[])?;
     let mut table = String::from(
-        "| upload | MiB | stage s | stage MB/s | disk (dd conv=fsync) MB/s | stage / disk | inspect s | convert (hashing overlapped) s | check, hash tail, store s | vimport import → active s | Glance: qemu-img convert s | Glance: store copy + MD5 + SHA-512 s | Glance path s | vimport / Glance median | worst round | MD5 equal | load (1 min) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| upload | MiB | stage s | stage MB/s | disk (dd conv=fsync) MB/s | stage / disk | inspect s | convert (hashing overlapped) s | check, hash tail, store s | vimport import → active s | Glance: qemu-img convert s | Glance: store copy + MD5 + SHA-512 s | Glance path s | vimport / Glance median | worst round | MD5 equal | load (1 min) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (name, disk_format, qemu_fmt) in UPLOADS {
         let file = corpus.join(name);
@@ -390,5 +391,272 @@ vimport's conversion is durable (O_DIRECT, synced before it is stored). \
 The Glance path is what Glance's import does after staging: its conversion plugin's `qemu-img convert -f FMT -O raw` (default cache mode, never flushed), then glance_store's filesystem copy of the result with MD5 and SHA-512 (Python hashlib) in 64 KiB chunks (not flushed either). \
 \"vimport / Glance\" = import → active over that path (goal ≤ 0.5×; the worst round is the largest ratio); \"MD5 equal\": vimport's `checksum` is the MD5 Glance's path computed. \
 The disk column is `dd conv=fsync` of the upload into the same filesystem (staging writes and syncs the upload too; loopback is faster than the disk).\n\n{table}"
+    ))
+}
+
+/// Allocated bytes of the files under `dir` (recursively).
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// `rbd ARGS` (or `ceph ARGS`) against the cluster of `conf`; its stdout.
+fn ceph_tool(tool: &str, conf: &Path, args: &[&str]) -> Result<String, String> {
+    let o = Command::new(tool)
+        .arg("--conf")
+        .arg(conf)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {tool}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Bytes RBD image `spec` (pool/name) holds in the pool: the sum of `rbd du`'s used
+/// sizes of the image and its snapshots (vimport's data is in its snapshot `snap`).
+fn rbd_used(conf: &Path, spec: &str) -> Result<u64, String> {
+    let out = ceph_tool("rbd", conf, &["du", spec, "--format", "json"])?;
+    let key = "\"used_size\"";
+    let mut sum = None;
+    for part in out.split(key).skip(1) {
+        let n: u64 = part
+            .trim_start_matches([':', ' '])
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("rbd du {spec}: {out}"))?;
+        sum = Some(sum.unwrap_or(0) + n);
+    }
+    sum.ok_or_else(|| format!("rbd du {spec}: {out}"))
+}
+
+/// One import into RBD: seconds from import start to `active`, the peak allocated
+/// bytes of vimport's workspace (the staged upload included), the bytes the image
+/// holds in the pool, and its MD5.
+fn rbd_import_once(
+    svc: &Service,
+    file: &Path,
+    workspace: &Path,
+    conf: &Path,
+    pool: &str,
+) -> Result<(f64, u64, u64, String), String> {
+    let a = svc.addr.as_str();
+    let body = r#"{"name":"bench","disk_format":"qcow2","container_format":"bare"}"#;
+    let (s, b) = http(a, "POST", "/v2/images", Body::Json(body))?;
+    let id = field(&b, "id")
+        .filter(|_| s == 201)
+        .ok_or(format!("create: {s} {b}"))?;
+    let (s, b) = http(
+        a,
+        "PUT",
+        &format!("/v2/images/{id}/stage"),
+        Body::File(file),
+    )?;
+    if !(200..300).contains(&s) {
+        return Err(format!("stage: {s} {b}"));
+    }
+    let _ = Command::new("sync").status();
+    let t = Instant::now();
+    let (s, b) = http(
+        a,
+        "POST",
+        &format!("/v2/images/{id}/import"),
+        Body::Json(r#"{"method":{"name":"glance-direct"}}"#),
+    )?;
+    if s != 202 {
+        return Err(format!("import: {s} {b}"));
+    }
+    let mut peak = allocated(workspace);
+    let total = loop {
+        peak = peak.max(allocated(workspace));
+        let (_, b) = http(a, "GET", &format!("/v2/images/{id}/tasks"), Body::None)?;
+        let now = t.elapsed().as_secs_f64();
+        match field(&b, "status").as_deref() {
+            Some("success") => break now,
+            Some("failure") => {
+                return Err(format!(
+                    "import failed: {}",
+                    field(&b, "message").unwrap_or_default()
+                ))
+            }
+            _ => {}
+        }
+        if now > 1200.0 {
+            return Err("import not done in 20 minutes".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (_, img) = http(a, "GET", &format!("/v2/images/{id}"), Body::None)?;
+    if field(&img, "status").as_deref() != Some("active") {
+        return Err(format!("image not active after its task succeeded: {img}"));
+    }
+    let used = rbd_used(conf, &format!("{pool}/{id}"))?;
+    let checksum = field(&img, "checksum").unwrap_or_default();
+    let _ = http(a, "DELETE", &format!("/v2/images/{id}"), Body::None);
+    Ok((total, peak, used, checksum))
+}
+
+/// Glance's path into RBD for `file`: `qemu-img convert -O raw` to a local file, then
+/// `rbd import` of it. Seconds of each, the converted file's allocated bytes (its
+/// workspace, beside the staged upload), the bytes in the pool, and the MD5 of the
+/// converted file.
+fn glance_rbd_once(
+    file: &Path,
+    dir: &Path,
+    conf: &Path,
+    pool: &str,
+) -> Result<(f64, f64, u64, u64, String), String> {
+    use std::os::unix::fs::MetadataExt;
+    let converted = dir.join("glance-rbd.converted");
+    let _ = std::fs::remove_file(&converted);
+    let cmd: Vec<String> = ["qemu-img", "convert", "-f", "qcow2", "-O", "raw"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([file.display().to_string(), converted.display().to_string()])
+        .collect();
+    let (convert, _) = timed(file, &cmd).ok_or("qemu-img convert failed")?;
+    let workspace = std::fs::metadata(&converted)
+        .map_err(|e| e.to_string())?
+        .blocks()
+        * 512;
+    let spec = format!("{pool}/glance-bench");
+    let _ = ceph_tool("rbd", conf, &["rm", "--no-progress", &spec]);
+    let t = Instant::now();
+    ceph_tool(
+        "rbd",
+        conf,
+        &[
+            "import",
+            "--no-progress",
+            converted.to_str().ok_or("path")?,
+            &spec,
+        ],
+    )?;
+    let import = t.elapsed().as_secs_f64();
+    let used = rbd_used(conf, &spec)?;
+    let _ = ceph_tool("rbd", conf, &["rm", "--no-progress", &spec]);
+    let md5 = Command::new("md5sum")
+        .arg(&converted)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&converted);
+    Ok((convert, import, workspace, used, md5))
+}
+
+/// The RBD cases: the corpus qcow2 (plain and compressed) imported by vimport (store
+/// `rbd`, built with the `rbd` feature) into a pool of its own on the cluster of
+/// `conf`, against Glance's path (`qemu-img convert` to a local raw file, then `rbd
+/// import`). Returns their Markdown section.
+pub fn bench_rbd(
+    root: &Path,
+    corpus: &Path,
+    out_dir: &Path,
+    conf: &Path,
+    rounds: usize,
+) -> Result<String, String> {
+    let bin = root.join("target/release/vimport");
+    let data: PathBuf = out_dir.join("vimport-rbd");
+    let pool = "vimport-bench";
+    let rm_pool = || {
+        let _ = ceph_tool(
+            "ceph",
+            conf,
+            &[
+                "osd",
+                "pool",
+                "rm",
+                pool,
+                pool,
+                "--yes-i-really-really-mean-it",
+            ],
+        );
+    };
+    rm_pool();
+    ceph_tool("ceph", conf, &["osd", "pool", "create", pool, "8", "8"])?;
+    ceph_tool("rbd", conf, &["pool", "init", pool])?;
+    let conf_s = conf.display().to_string();
+    let result = (|| {
+        let svc = Service::start(
+            &bin,
+            &data,
+            &[
+                ("VIMPORT_STORE", "rbd"),
+                ("VIMPORT_RBD_POOL", pool),
+                ("VIMPORT_CEPH_CONF", &conf_s),
+            ],
+        )?;
+        let mut table = String::from(
+            "| upload | MiB | vimport import → active s | vimport peak workspace MiB | vimport bytes in pool MiB | Glance: qemu-img convert s | Glance: rbd import s | Glance path s | Glance peak workspace MiB | Glance bytes in pool MiB | vimport / Glance time | MD5 equal |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        for name in ["disk.qcow2", "disk-c.qcow2"] {
+            let file = corpus.join(name);
+            if !file.exists() {
+                continue;
+            }
+            let size = std::fs::metadata(&file).map_or(0, |m| m.len());
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            let mut same = true;
+            for _ in 0..rounds {
+                let r = rbd_import_once(&svc, &file, &data.join("workspace"), conf, pool)?;
+                let g = glance_rbd_once(&file, out_dir, conf, pool)?;
+                same &= r.3 == g.4;
+                ours.push(r);
+                theirs.push(g);
+            }
+            // The upload itself is in both workspaces: vimport's staged upload is in
+            // its peak; Glance's staging area holds it too.
+            let total: Vec<f64> = theirs.iter().map(|g| g.0 + g.1).collect();
+            let ratio = median(&mut ours.iter().map(|r| r.0).collect::<Vec<_>>())
+                / median(&mut total.clone());
+            let row = format!(
+                "| {name} | {:.0} | {} | {:.0} | {:.0} | {} | {} | {} | {:.0} (+ {:.0} staged) | {:.0} | {ratio:.2}× | {} |\n",
+                mib(size),
+                spread(&ours.iter().map(|r| r.0).collect::<Vec<_>>()),
+                mib(ours.iter().map(|r| r.1).max().unwrap_or(0)),
+                mib(ours[0].2),
+                spread(&theirs.iter().map(|g| g.0).collect::<Vec<_>>()),
+                spread(&theirs.iter().map(|g| g.1).collect::<Vec<_>>()),
+                spread(&total),
+                mib(theirs.iter().map(|g| g.2).max().unwrap_or(0)),
+                mib(size),
+                mib(theirs[0].3),
+                if same { "yes" } else { "NO" },
+            );
+            eprint!("{row}");
+            table.push_str(&row);
+        }
+        drop(svc);
+        Ok::<String, String>(table)
+    })();
+    rm_pool();
+    let _ = std::fs::remove_dir_all(&data);
+    let table = result?;
+    Ok(format!(
+        "Each qcow2 upload, {rounds} rounds, into a pool of its own (`{pool}`) on the Ceph cluster of `--ceph-conf`: vimport (store `rbd`, built with the `rbd` feature) stages it and imports it (`glance-direct`), timed from the import request to the task's success; its peak workspace is the allocated bytes under its workspace (the staged upload included), sampled every 10 ms. \
+The Glance path is its conversion plugin's `qemu-img convert -f qcow2 -O raw` to a local file, then the RBD driver's copy of it (`rbd import`, which skips zeroed blocks); its workspace is the converted file's allocated bytes beside the staged upload. \
+Bytes in pool = `rbd du` used size of the image. \"MD5 equal\": vimport's `checksum` is the MD5 of Glance's converted file.\n\n{table}"
     ))
 }

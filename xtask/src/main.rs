@@ -26,12 +26,14 @@ Tasks:
   fuzz [--seconds N] [TARGET]  run cargo-fuzz targets (all when none is named) for N
                                seconds each (default 60), seeded from testdata/, and
                                record each campaign in fuzz/README.md
-  bench [--quick] [--rounds N] [--only WORD,...]
+  bench [--quick] [--rounds N] [--only WORD,...] [--ceph-conf PATH]
                                vconvert vs qemu-img side by side on a realistic corpus
                                (built once in benches/corpus/), and vimport's upload and
                                import end to end; writes benches/RESULTS.md (--quick: a
                                small corpus, benches/RESULTS-quick.md; --only: the cases
-                               whose name holds a WORD; scaling, vimport)
+                               whose name holds a WORD; scaling, vimport, rbd);
+                               --ceph-conf: also vimport into RBD on that cluster
+                               (e.g. scripts/ceph-dev.sh's) against qemu-img + rbd import
 ";
 
 const FUZZ_TARGETS: [&str; 7] = [
@@ -210,7 +212,12 @@ fn main() {
                 .and_then(|i| args.get(i + 1))
                 .map(|o| o.split(',').map(str::to_string).collect())
                 .unwrap_or_default();
-            bench::bench(&root(), quick, rounds, &only)
+            let ceph_conf = args
+                .iter()
+                .position(|a| a == "--ceph-conf")
+                .and_then(|i| args.get(i + 1))
+                .map(std::path::PathBuf::from);
+            bench::bench(&root(), quick, rounds, &only, ceph_conf.as_deref())
         }
         "" | "help" | "--help" | "-h" => {
             print!("{HELP}");

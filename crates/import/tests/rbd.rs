@@ -12,7 +12,8 @@
 //! and our own download with `Range`) equal to the upload under `qemu-img compare`,
 //! with the protected snapshot `snap` whose clone reads the same; a protected image
 //! with a clone refuses deletion with 409; only data reaches the pool (`rbd du`); an
-//! import that fails, is cancelled, or is killed leaves no RBD image.
+//! import that fails, is cancelled, or is killed leaves no RBD image; two hosts over one
+//! PostgreSQL catalogue (`VIMPORT_TEST_POSTGRES_URL`) share one pool.
 
 mod common;
 
@@ -661,4 +662,136 @@ fn a_raw_import_into_rbd_reserves_only_the_staged_upload() {
     q.assert_same("qcow2", &qcow, "raw", &exported);
     let (ws, _) = v.files();
     assert!(ws.is_empty(), "workspace not empty: {ws:?}");
+}
+
+/// Waits (bounded) until the pool holds exactly `want` (sorted).
+fn wait_pool(pool: &TestPool, want: &[String], limit: Duration) {
+    let start = Instant::now();
+    while pool.images() != want {
+        assert!(
+            start.elapsed() < limit,
+            "the pool holds {:?} after {limit:?}, not {want:?}",
+            pool.images()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 20 on RBD: two vimport processes on different ports over one PostgreSQL
+/// catalogue and one pool. An image created on one is listed and imported through
+/// the other and downloaded through the first equal to the guest data; a host killed
+/// (SIGKILL) mid-conversion has its task failed by the other after the lease, and the
+/// killed import's RBD image is removed, leaving only the active image in the pool.
+#[test]
+fn two_hosts_over_one_catalogue_share_one_pool() {
+    let Some(conf) = ceph() else { return };
+    let Some(url) = common::postgres_database() else {
+        return;
+    };
+    let Some(q) = qemu() else { return };
+    let pool = TestPool::new(&conf, "hosts");
+    let dir = tempdir();
+    let qcow2 = |len: usize, seed: u64| -> (Vec<u8>, Vec<u8>) {
+        let mut guest = vec![0u8; len];
+        vconvert_testkit::Rng::new(seed).fill(&mut guest[..len / 2]);
+        let raw = dir.path().join(format!("guest-{seed}.raw"));
+        std::fs::write(&raw, &guest).unwrap();
+        let out = dir.path().join(format!("upload-{seed}.qcow2"));
+        q.img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        (std::fs::read(&out).unwrap(), guest)
+    };
+    let common = [
+        ("VIMPORT_DATABASE", url.as_str()),
+        // Short, so the dead host is noticed soon (renewed every third of it).
+        ("VIMPORT_TASK_LEASE", "6"),
+    ];
+    // A converts at 1 MiB/s, so its 16 MiB conversion is still running when it is
+    // killed (the test waits for the conversion to start, not for a time).
+    let mut a_env = common.to_vec();
+    a_env.extend([
+        ("VIMPORT_HOST_ID", "host-a"),
+        ("VIMPORT_CONVERT_RATE_LIMIT", "1M"),
+    ]);
+    let mut b_env = common.to_vec();
+    b_env.push(("VIMPORT_HOST_ID", "host-b"));
+    let mut a = start(&dir.path().join("host-a"), &pool, &a_env);
+    let b = start(&dir.path().join("host-b"), &pool, &b_env);
+    assert_ne!(a.base, b.base, "two hosts on two ports");
+
+    // Created on A, listed by B, staged on B and imported through A: it runs on B
+    // (which holds the upload); downloaded through A, it is the guest data.
+    let (upload, guest) = qcow2(8 << 20, 21);
+    let id = a.create("made-on-a", "qcow2");
+    let (s, list) = b.json("GET", "/v2/images", None);
+    assert_eq!(s, 200, "{list}");
+    assert!(
+        list["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == id.as_str()),
+        "B lists what A created: {list}"
+    );
+    assert_eq!(b.stage(&id, &upload), 204);
+    let (s, v) = a.import(&id);
+    assert_eq!(s, 202, "{v}");
+    let task = a.wait_import(&id, Duration::from_secs(120));
+    assert_eq!(task["status"], "success", "{task}");
+    assert_eq!(b.image(&id)["status"], "active");
+    let (s, file) = a.call("GET", &format!("/v2/images/{id}/file"), None);
+    assert_eq!(s, 200);
+    assert!(file == guest, "A serves from the pool what B imported");
+    assert_eq!(pool.images(), vec![id.clone()]);
+
+    // Staged on A, import requested through B: A runs it and is killed mid-conversion
+    // once its RBD image is being written.
+    let (upload2, _) = qcow2(16 << 20, 22);
+    let id2 = b.create("dies-on-a", "qcow2");
+    assert_eq!(a.stage(&id2, &upload2), 204);
+    assert_eq!(b.import(&id2).0, 202);
+    wait_converting(&b, &id2);
+    let task_id = b.last_task(&id2)["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    while !pool.images().contains(&partial(&id2)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no RBD image made: {:?}",
+            pool.images()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill();
+    assert!(pool.images().contains(&partial(&id2)));
+
+    // B fails the task once A's lease is over, naming A; the image is queued again,
+    // and the abandoned RBD image is removed (at once, or, while Ceph still holds the
+    // killed client's watch on it, by the background retry).
+    let started = Instant::now();
+    while b.image(&id2)["status"] != "queued" {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "B did not give up the dead host's import: {}",
+            b.image(&id2)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let task = b.task(&task_id);
+    assert_eq!(task["status"], "failure", "{task}");
+    assert!(
+        task["message"].as_str().unwrap().contains("host host-a"),
+        "{task}"
+    );
+    wait_pool(&pool, std::slice::from_ref(&id), Duration::from_secs(110));
+    assert_eq!(b.image(&id)["status"], "active");
+    let (s, file) = b.call("GET", &format!("/v2/images/{id}/file"), None);
+    assert_eq!(s, 200);
+    assert!(file == guest, "the active image is intact");
 }
