@@ -4,16 +4,17 @@
 //! When Ceph's programs or librbd/librados are missing they are installed from Debian's
 //! packages ([`PACKAGES`], as root); then `scripts/ceph-dev.sh start` brings up one
 //! monitor and one OSD on a file-backed bluestore in `target/test-ceph`, on 127.0.0.1
-//! and on two free ports (so it never meets another cluster of the machine), without a
-//! manager (RBD does not need one). [`Ceph`]'s drop runs `scripts/ceph-dev.sh stop`,
-//! which ends the daemons by the PIDs in their pid files, and removes the directory.
-//! A cluster left by an interrupted run (Ctrl-C) is stopped by the next `start` in the
-//! same directory.
+//! and on two free ports (so it never meets another cluster of the machine), with one
+//! manager. [`Ceph`]'s drop runs `scripts/ceph-dev.sh stop`, which ends the daemons by
+//! the PIDs in their pid files, and removes the directory. When `xtask` is killed
+//! (Ctrl-C, SIGTERM, SIGKILL) a [`Guard`]'s trap runs the same `stop`; a cluster left
+//! anyway is stopped by the next `start` in the same directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use crate::guard::Guard;
 use crate::test::{run, Apt};
 
 /// Debian's packages for a single-node cluster and for linking vimport's `rbd` store.
@@ -48,6 +49,8 @@ pub struct Ceph {
     pub conf: PathBuf,
     /// Keep the directory (its logs) after stopping: the cluster did not come up.
     keep: bool,
+    /// Stops the cluster if `xtask` is killed before this is dropped.
+    _guard: Guard,
 }
 
 /// Whether every program runs and every library is known to the dynamic linker.
@@ -104,11 +107,15 @@ pub fn start(root: &Path, apt: &mut Apt, required: bool) -> Result<Option<Ceph>,
     let script = root.join("scripts/ceph-dev.sh");
     let dir = root.join("target/test-ceph");
     let (v2, v1) = (free_port()?, free_port()?);
+    // Armed before the start: a run killed while the cluster comes up stops it too.
+    let _guard = Guard::arm(
+        "the test Ceph cluster",
+        &[script.as_os_str(), "stop".as_ref(), dir.as_os_str()],
+    );
     let started = Instant::now();
     let mut cmd = Command::new(&script);
     cmd.arg("start")
         .arg(&dir)
-        .env("CEPH_DEV_MGR", "0")
         .env("CEPH_DEV_PORT", v2.to_string())
         .env("CEPH_DEV_PORT_V1", v1.to_string())
         .stdin(Stdio::null())
@@ -128,6 +135,7 @@ pub fn start(root: &Path, apt: &mut Apt, required: bool) -> Result<Option<Ceph>,
         dir,
         conf,
         keep: false,
+        _guard,
     };
     if !out.status.success() || !ceph.conf.is_file() {
         ceph.keep = true;

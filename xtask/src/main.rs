@@ -3,6 +3,7 @@
 mod bench;
 mod bench_import;
 mod ceph;
+mod guard;
 mod postgres;
 mod test;
 

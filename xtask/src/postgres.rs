@@ -4,7 +4,8 @@
 //! trust authentication for the superuser `vimport`, durability off (fsync,
 //! synchronous_commit: a test database need not survive a power loss). It is stopped
 //! by its PID (from `postmaster.pid`) and its directory removed when the [`Postgres`]
-//! is dropped, whatever the suite's outcome.
+//! is dropped, whatever the suite's outcome, and by a [`Guard`]'s trap when `xtask` is
+//! killed before that.
 //!
 //! `initdb` and `postgres` refuse to run as root: as root they run as the `postgres`
 //! user the package creates (through `runuser`), and the directory is given to it.
@@ -13,6 +14,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::guard::Guard;
 
 /// The Debian packages that provide the server.
 pub const PACKAGES: [&str; 1] = ["postgresql"];
@@ -29,6 +32,8 @@ pub struct Postgres {
     pid: Option<u32>,
     /// `postgres://vimport@127.0.0.1:PORT/postgres`.
     pub url: String,
+    /// Stops the server if `xtask` is killed before this is dropped.
+    _guard: Option<Guard>,
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` holding `initdb` (Debian keeps the
@@ -117,6 +122,7 @@ impl Postgres {
             dir: dir.clone(),
             pid: None,
             url: String::new(),
+            _guard: None,
         };
         if root {
             run(
@@ -166,6 +172,10 @@ impl Postgres {
             .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()))
             .ok_or_else(|| format!("PostgreSQL started but {} names no PID", pid_file.display()))?;
         pg.pid = Some(pid);
+        pg._guard = Some(Guard::arm(
+            "the test PostgreSQL",
+            &["kill", "-INT", &pid.to_string()],
+        ));
         pg.url = format!("postgres://vimport@127.0.0.1:{port}/postgres");
         eprintln!(
             "PostgreSQL (pid {pid}) on 127.0.0.1:{port} in {:.1} s, data in {}",
