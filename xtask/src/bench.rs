@@ -647,8 +647,16 @@ Compressed writes (`-c`, streamOptimized) are compared with qemu-img's fastest f
         if quick { " --quick" } else { "" },
         machine()
     );
+    // A partial run (`--only`) never replaces the full run's RESULTS.md.
     let path = if quick {
         root.join("benches/RESULTS-quick.md")
+    } else if !only.is_empty() {
+        let words: String = only
+            .join("-")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        root.join(format!("benches/RESULTS-only-{words}.md"))
     } else {
         root.join("benches/RESULTS.md")
     };

@@ -32,7 +32,8 @@ Tasks:
                                (built once in benches/corpus/), and vimport's upload and
                                import end to end; writes benches/RESULTS.md (--quick: a
                                small corpus, benches/RESULTS-quick.md; --only: the cases
-                               whose name holds a WORD; scaling, vimport, rbd);
+                               whose name holds a WORD (scaling, vimport, rbd), written
+                               to benches/RESULTS-only-WORDS.md);
                                --ceph-conf: also vimport into RBD on that cluster
                                (e.g. scripts/ceph-dev.sh's) against qemu-img + rbd import
 ";
