@@ -173,15 +173,24 @@ struct Import {
     checksum: String,
 }
 
-fn import_once(svc: &Service, file: &Path, disk_format: &str) -> Result<Import, String> {
-    let a = svc.addr.as_str();
+/// Creates an image, stages `file` into it (timed, `warm`: the file read into the page
+/// cache first) and starts its `glance-direct` import. Returns the image id, the
+/// staging seconds and the instant the import was requested.
+fn create_stage_import(
+    a: &str,
+    file: &Path,
+    disk_format: &str,
+    warm: bool,
+) -> Result<(String, f64, Instant), String> {
     let body =
         format!(r#"{{"name":"bench","disk_format":"{disk_format}","container_format":"bare"}}"#);
     let (s, b) = http(a, "POST", "/v2/images", Body::Json(&body))?;
     let id = field(&b, "id")
         .filter(|_| s == 201)
         .ok_or(format!("create: {s} {b}"))?;
-    crate::bench::warm_and_sync(file);
+    if warm {
+        crate::bench::warm_and_sync(file);
+    }
     let t = Instant::now();
     let (s, b) = http(
         a,
@@ -204,6 +213,12 @@ fn import_once(svc: &Service, file: &Path, disk_format: &str) -> Result<Import, 
     if s != 202 {
         return Err(format!("import: {s} {b}"));
     }
+    Ok((id, stage, t))
+}
+
+fn import_once(svc: &Service, file: &Path, disk_format: &str) -> Result<Import, String> {
+    let a = svc.addr.as_str();
+    let (id, stage, t) = create_stage_import(a, file, disk_format, true)?;
     let (mut converting, mut hashing) = (None, None);
     let total = loop {
         let (_, b) = http(a, "GET", &format!("/v2/images/{id}/tasks"), Body::None)?;
@@ -471,31 +486,7 @@ fn rbd_import_once(
     pool: &str,
 ) -> Result<(f64, u64, u64, String), String> {
     let a = svc.addr.as_str();
-    let body = r#"{"name":"bench","disk_format":"qcow2","container_format":"bare"}"#;
-    let (s, b) = http(a, "POST", "/v2/images", Body::Json(body))?;
-    let id = field(&b, "id")
-        .filter(|_| s == 201)
-        .ok_or(format!("create: {s} {b}"))?;
-    let (s, b) = http(
-        a,
-        "PUT",
-        &format!("/v2/images/{id}/stage"),
-        Body::File(file),
-    )?;
-    if !(200..300).contains(&s) {
-        return Err(format!("stage: {s} {b}"));
-    }
-    let _ = Command::new("sync").status();
-    let t = Instant::now();
-    let (s, b) = http(
-        a,
-        "POST",
-        &format!("/v2/images/{id}/import"),
-        Body::Json(r#"{"method":{"name":"glance-direct"}}"#),
-    )?;
-    if s != 202 {
-        return Err(format!("import: {s} {b}"));
-    }
+    let (id, _, t) = create_stage_import(a, file, "qcow2", false)?;
     let mut peak = allocated(workspace);
     let total = loop {
         peak = peak.max(allocated(workspace));
