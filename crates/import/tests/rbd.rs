@@ -89,25 +89,23 @@ impl TestPool {
         self.run("ceph", args).status.success()
     }
 
-    fn ceph(&self, args: &[&str]) -> String {
-        let o = self.run("ceph", args);
+    /// `program ARGS` (`ceph` or `rbd`); panics unless it succeeds; returns stdout.
+    fn checked(&self, program: &str, args: &[&str]) -> String {
+        let o = self.run(program, args);
         assert!(
             o.status.success(),
-            "ceph {args:?}: {}",
+            "{program} {args:?}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
-    /// `rbd ARGS`; panics unless it succeeds; returns stdout.
+    fn ceph(&self, args: &[&str]) -> String {
+        self.checked("ceph", args)
+    }
+
     fn rbd(&self, args: &[&str]) -> String {
-        let o = self.run("rbd", args);
-        assert!(
-            o.status.success(),
-            "rbd {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.checked("rbd", args)
     }
 
     fn rbd_json(&self, args: &[&str]) -> Value {
