@@ -84,6 +84,27 @@ impl Rule {
             Rule::ModifyMember => "modify_member",
         }
     }
+
+    /// Who passes the rule, for the 403's message.
+    pub fn who(self) -> &'static str {
+        match self {
+            Rule::PublicizeImage => "the admin role",
+            Rule::GetImages => "the reader role",
+            Rule::GetImage => "the reader role on the owner or a member project",
+            Rule::DownloadImage => "the member role on the owner or a member project",
+            Rule::AddImage => "the member role on the project that will own the image",
+            Rule::ModifyImage
+            | Rule::DeleteImage
+            | Rule::UploadImage
+            | Rule::CommunitizeImage
+            | Rule::AddMember
+            | Rule::DeleteMember => "the member role on the image's owner project",
+            Rule::GetMember | Rule::GetMembers => {
+                "the reader role on the image's owner project or the member project"
+            }
+            Rule::ModifyMember => "the member role on the member project",
+        }
+    }
 }
 
 /// What a rule is checked against (Glance's `ImageTarget`).
@@ -123,11 +144,18 @@ pub fn allows(caller: &Caller, rule: Rule, t: &Target<'_>) -> bool {
     }
 }
 
-/// Glance's 403 for a failed rule (`exception.Forbidden` of oslo.policy's refusal).
+/// Glance's 403 for a failed rule (`exception.Forbidden` of oslo.policy's refusal),
+/// followed by who passes it.
 pub fn forbidden(rule: Rule) -> Error {
+    let or_admin = if rule == Rule::PublicizeImage {
+        ""
+    } else {
+        " (or admin)"
+    };
     Error::Forbidden(format!(
-        "You are not authorized to complete {} action.",
-        rule.name()
+        "You are not authorized to complete {} action. It needs {}{or_admin}.",
+        rule.name(),
+        rule.who()
     ))
 }
 
@@ -281,7 +309,9 @@ mod tests {
         assert_eq!(
             e,
             Err(Error::Forbidden(
-                "You are not authorized to complete add_image action.".into()
+                "You are not authorized to complete add_image action. It needs the member \
+                 role on the project that will own the image (or admin)."
+                    .into()
             ))
         );
     }
