@@ -404,6 +404,14 @@ impl Keystone {
     }
 }
 
+/// `[keystone]` lines for a service user with a password.
+fn password_login(user: &str, project: &str) -> String {
+    format!(
+        "username = \"{user}\"\npassword = \"{SERVICE_PASSWORD}\"\nproject_name = \"{project}\"\n\
+         user_domain_name = \"Default\"\nproject_domain_name = \"Default\""
+    )
+}
+
 /// A project-scoped token for `user` (password `password`) on `project`.
 fn password_token(keystone: &str, user: &str, password: &str, project: &str) -> String {
     let (s, token, v) = http(
@@ -472,7 +480,8 @@ struct Vimport {
 }
 
 impl Vimport {
-    fn start(dir: &Path, keystone: &str, cache_seconds: u64) -> Vimport {
+    /// `login` is vimport's own credentials, as `[keystone]` lines.
+    fn start(dir: &Path, keystone: &str, cache_seconds: u64, login: &str) -> Vimport {
         let data = dir.join("vimport-data");
         let log = dir.join("vimport.log");
         let conf = dir.join("vimport.toml");
@@ -481,9 +490,7 @@ impl Vimport {
             &conf,
             format!(
                 "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n\n[keystone]\n\
-                 auth_url = \"{keystone}/v3\"\nusername = \"{SERVICE_USER}\"\n\
-                 password = \"{SERVICE_PASSWORD}\"\nproject_name = \"service\"\n\
-                 user_domain_name = \"Default\"\nproject_domain_name = \"Default\"\n\
+                 auth_url = \"{keystone}/v3\"\n{login}\n\
                  cache_seconds = {cache_seconds}\ncache_size = 1000\ntimeout = 5\n",
                 data.display()
             ),
@@ -697,7 +704,12 @@ fn payload(len: usize) -> Vec<u8> {
 fn cloud_users_import_share_and_are_held_to_glances_policy() {
     let Some(ks) = Keystone::get() else { return };
     let dir = vconvert_testkit::tempdir();
-    let v = Vimport::start(dir.path(), &ks.server.url, 300);
+    let v = Vimport::start(
+        dir.path(),
+        &ks.server.url,
+        300,
+        &password_login(SERVICE_USER, "service"),
+    );
     let tenants = Tenants::new(ks, "share");
     let cloud = Cloud {
         ks,
@@ -887,7 +899,35 @@ fn revoked_and_invalid_tokens_are_refused() {
     let Some(ks) = Keystone::get() else { return };
     let dir = vconvert_testkit::tempdir();
     let cache_seconds = 2;
-    let v = Vimport::start(dir.path(), &ks.server.url, cache_seconds);
+    // vimport logs in with an application credential of its service user.
+    let glance_token = password_token(&ks.server.url, SERVICE_USER, SERVICE_PASSWORD, "service");
+    let (s, _, me) = http(
+        "GET",
+        &format!("{}/v3/auth/tokens", ks.server.url),
+        &[
+            ("X-Auth-Token", &glance_token),
+            ("X-Subject-Token", &glance_token),
+        ],
+        None,
+    );
+    assert_eq!(s, 200, "{me}");
+    let (s, _, ac) = http(
+        "POST",
+        &format!(
+            "{}/v3/users/{}/application_credentials",
+            ks.server.url,
+            me["token"]["user"]["id"].as_str().unwrap()
+        ),
+        &[("X-Auth-Token", &glance_token)],
+        Some(json!({"application_credential": {"name": "vimport-revoke"}})),
+    );
+    assert_eq!(s, 201, "{ac}");
+    let login = format!(
+        "application_credential_id = \"{}\"\napplication_credential_secret = \"{}\"",
+        ac["application_credential"]["id"].as_str().unwrap(),
+        ac["application_credential"]["secret"].as_str().unwrap()
+    );
+    let v = Vimport::start(dir.path(), &ks.server.url, cache_seconds, &login);
     let tenants = Tenants::new(ks, "revoke");
     let token = tenants.token(&ks.server.url, "a-member");
     let (s, _, body) = v.call("GET", "/v2/images", &token);
@@ -940,7 +980,12 @@ fn keystone_stopped_answers_503() {
     let dir = vconvert_testkit::tempdir();
     let mut second = Gunicorn::start(&ks.venv, &ks.dir, false);
     // No caching: every request asks Keystone.
-    let v = Vimport::start(dir.path(), &second.url, 0);
+    let v = Vimport::start(
+        dir.path(),
+        &second.url,
+        0,
+        &password_login(SERVICE_USER, "service"),
+    );
     let tenants = Tenants::new(ks, "down");
     let token = tenants.token(&ks.server.url, "a-member");
     let (s, _, body) = v.call("GET", "/v2/images", &token);
@@ -954,5 +999,57 @@ fn keystone_stopped_answers_503() {
             msg.contains("Keystone") && msg.contains(&second.url),
             "{msg}"
         );
+    }
+}
+
+/// Keystone refuses vimport's own token (revoked: its user was disabled and enabled
+/// again): vimport logs in again and answers, rather than failing until its
+/// token would have been renewed.
+#[test]
+fn service_token_is_renewed_when_keystone_refuses_it() {
+    let Some(ks) = Keystone::get() else { return };
+    let dir = vconvert_testkit::tempdir();
+    let tenants = Tenants::new(ks, "renew");
+    // A service user of its own, so that revoking its tokens touches no other test.
+    let project = ks.project("renew-service");
+    ks.user("renew-glance", SERVICE_PASSWORD, &project, "service");
+    let v = Vimport::start(
+        dir.path(),
+        &ks.server.url,
+        0,
+        &password_login("renew-glance", "renew-service"),
+    );
+    let token = tenants.token(&ks.server.url, "a-member");
+    let (s, _, body) = v.call("GET", "/v2/images", &token);
+    assert_eq!(s, 200, "{body}\n{}", v.log());
+    // Disabling a user revokes every token it holds; enabled again, it logs in anew.
+    let (s, _, users) = ks.call("GET", "/v3/users?name=renew-glance", None);
+    assert_eq!(s, 200, "{users}");
+    let user = users["users"][0]["id"].as_str().unwrap().to_string();
+    for enabled in [false, true] {
+        let (s, _, body) = ks.call(
+            "PATCH",
+            &format!("/v3/users/{user}"),
+            Some(json!({"user": {"enabled": enabled}})),
+        );
+        assert_eq!(s, 200, "{body}");
+    }
+    // Keystone's revocation events have a one-second grain: a token issued in the
+    // second of the revocation is refused too, so vimport may answer 503 for that
+    // second, and must then answer again.
+    let limit = Duration::from_secs(60);
+    let start = Instant::now();
+    loop {
+        let (s, _, body) = v.call("GET", "/v2/images", &token);
+        if s == 200 {
+            break;
+        }
+        assert_eq!(s, 503, "{body}");
+        assert!(
+            start.elapsed() < limit,
+            "vimport still refused after {limit:?}: {body}\n{}",
+            v.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
