@@ -125,6 +125,7 @@ impl Cache {
         }
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.entries.len()
     }
@@ -198,17 +199,6 @@ impl Keystone {
              check that Keystone is up and [keystone] auth_url is right)",
             self.config.auth_url
         ))
-    }
-
-    /// The cached answer for `token`, if any (no call to Keystone).
-    pub fn cached(&self, token: &str) -> Option<Validation> {
-        let key = key_of(token);
-        self.cache.lock().ok()?.get(&key, Instant::now())
-    }
-
-    /// Number of cached answers.
-    pub fn cache_len(&self) -> usize {
-        self.cache.lock().map_or(0, |c| c.len())
     }
 
     /// Validates `token` (cached answer, else Keystone). Blocks.

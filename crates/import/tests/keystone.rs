@@ -939,6 +939,25 @@ fn revoked_and_invalid_tokens_are_refused() {
         auth.is_some_and(|a| a.contains("Keystone")),
         "WWW-Authenticate"
     );
+    // A valid token scoped to no project: Glance has no owner for it.
+    let (user, _) = tenants.login("a-member");
+    let (s, unscoped, body) = http(
+        "POST",
+        &format!("{}/v3/auth/tokens", ks.server.url),
+        &[],
+        Some(
+            json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"id": "default"}, "password": USER_PASSWORD}}}}}),
+        ),
+    );
+    assert_eq!(s, 201, "{body}");
+    assert!(body["token"].get("project").is_none(), "{body}");
+    let (s, _, body) = v.call("GET", "/v2/images", &unscoped.unwrap());
+    assert_eq!(s, 403, "{body}");
+    assert!(
+        body.to_string().contains("not scoped to a project"),
+        "{body}"
+    );
 
     // The user revokes its own token.
     let (s, _, body) = http(
