@@ -818,6 +818,38 @@ fn cloud_users_import_share_and_are_held_to_glances_policy() {
         );
     }
     cloud.glance_ok("a-member", &["member-create", &id, &tenants.b]);
+    // A's reader sees the members (get_members), cannot remove one.
+    let members = cloud.glance_ok("a-reader", &["member-list", "--image-id", &id]);
+    assert!(members.contains(&tenants.b), "{members}");
+    let r = cloud.glance("a-reader", &["member-delete", &id, &tenants.b]);
+    assert!(
+        !r.ok && r.stderr.contains("403"),
+        "a reader removed a member:\n{r}"
+    );
+    // communitize_image: a member of the owner may, a reader may not.
+    let community = props(&cloud.glance_ok(
+        "a-member",
+        &[
+            "image-create",
+            "--name",
+            "community",
+            "--disk-format",
+            "raw",
+            "--container-format",
+            "bare",
+            "--visibility",
+            "community",
+        ],
+    ));
+    assert_eq!(community["visibility"], "community");
+    let r = cloud.glance(
+        "a-reader",
+        &["image-update", "--visibility", "private", &community["id"]],
+    );
+    assert!(
+        !r.ok && r.stderr.contains("403"),
+        "a reader changed visibility:\n{r}"
+    );
 
     // B (openstacksdk, endpoint from the catalogue) accepts and downloads it.
     let b_project = cloud.sdk("b-member", "project_id", json!({})).unwrap();
