@@ -39,6 +39,17 @@ pub const KEYS: &[&str] = &[
     "web_download_disallowed_hosts",
     "web_download_allowed_ports",
     "web_download_disallowed_ports",
+    "keystone_auth_url",
+    "keystone_username",
+    "keystone_password",
+    "keystone_user_domain_name",
+    "keystone_project_name",
+    "keystone_project_domain_name",
+    "keystone_application_credential_id",
+    "keystone_application_credential_secret",
+    "keystone_cache_seconds",
+    "keystone_cache_size",
+    "keystone_timeout",
 ];
 
 /// A token clients may send, and who it stands for.
@@ -50,6 +61,81 @@ pub struct TokenEntry {
     pub project_id: String,
     /// Sees and edits every project's images.
     pub admin: bool,
+}
+
+/// `[keystone]`: validate tokens with Keystone instead of the static `token`/`tokens`.
+/// In the file a table (`[keystone]` then `auth_url = …`); in the environment
+/// `VIMPORT_KEYSTONE_AUTH_URL` and so on.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeystoneConfig {
+    /// Keystone's public URL (`http://keystone:5000`, with or without `/v3`).
+    pub auth_url: String,
+    /// vimport's own credentials (it needs the `service` role to validate tokens).
+    pub auth: KeystoneAuth,
+    /// Seconds an answer about a token is reused (keystonemiddleware's
+    /// `token_cache_time`, default 300): a revoked token is refused at the latest this
+    /// long after its revocation.
+    pub cache_seconds: u64,
+    /// Most answers cached (default 10000).
+    pub cache_size: usize,
+    /// Seconds a call to Keystone may take (default 10).
+    pub timeout: u64,
+}
+
+impl std::fmt::Debug for KeystoneConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeystoneConfig")
+            .field("auth_url", &self.auth_url)
+            .field("auth", &self.auth)
+            .field("cache_seconds", &self.cache_seconds)
+            .field("cache_size", &self.cache_size)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// How vimport itself logs in to Keystone.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeystoneAuth {
+    /// A service user, its token scoped to a project.
+    Password {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+        /// The user's domain (default `Default`).
+        user_domain_name: String,
+        /// The project to scope to (usually `service`).
+        project_name: String,
+        /// The project's domain (default `Default`).
+        project_domain_name: String,
+    },
+    /// An application credential (its own scope and roles).
+    ApplicationCredential {
+        /// The credential's id.
+        id: String,
+        /// Its secret.
+        secret: String,
+    },
+}
+
+impl std::fmt::Debug for KeystoneAuth {
+    /// Secrets are not printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeystoneAuth::Password {
+                username,
+                project_name,
+                ..
+            } => write!(
+                f,
+                "Password {{ username: {username:?}, project_name: {project_name:?}, .. }}"
+            ),
+            KeystoneAuth::ApplicationCredential { id, .. } => {
+                write!(f, "ApplicationCredential {{ id: {id:?}, .. }}")
+            }
+        }
+    }
 }
 
 /// The project of the single `token` key (an admin token).
@@ -119,6 +205,8 @@ pub struct Config {
     pub request_timeout: u64,
     /// What `web-download` may fetch.
     pub web_download: UriFilter,
+    /// Keystone validates tokens (`None`: the static `token`/`tokens`).
+    pub keystone: Option<KeystoneConfig>,
 }
 
 /// Which store keeps active images.
@@ -187,7 +275,17 @@ impl Config {
             let table: toml::Table = text
                 .parse()
                 .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            // A table (`[keystone]`) gives keys prefixed with its name.
+            let mut flat = Vec::new();
             for (k, v) in table {
+                match v {
+                    toml::Value::Table(t) => {
+                        flat.extend(t.into_iter().map(|(sub, v)| (format!("{k}_{sub}"), v)))
+                    }
+                    v => flat.push((k, v)),
+                }
+            }
+            for (k, v) in flat {
                 let s = match v {
                     toml::Value::String(s) => s,
                     toml::Value::Integer(i) => i.to_string(),
@@ -366,7 +464,17 @@ impl Config {
                 },
             },
         };
+        let keystone = keystone_config(&get)?;
+        if keystone.is_some() {
+            if let Some((_, src)) = get("token").or_else(|| get("tokens")) {
+                return Err(ConfigError(format!(
+                    "[keystone] is set, and so are static tokens (from {src}): with Keystone \
+                     every token is validated by Keystone; remove token/tokens or [keystone]"
+                )));
+            }
+        }
         Ok(Config {
+            keystone,
             store,
             rbd,
             tokens,
@@ -425,6 +533,89 @@ impl Config {
             data_dir,
         })
     }
+}
+
+/// `[keystone]` from the `keystone_*` keys: `None` without `auth_url`.
+fn keystone_config(
+    get: &dyn Fn(&str) -> Option<(String, String)>,
+) -> Result<Option<KeystoneConfig>, ConfigError> {
+    let val = |k: &str| get(k).map(|v| v.0).filter(|v| !v.trim().is_empty());
+    let Some(auth_url) = val("keystone_auth_url") else {
+        if let Some(k) = KEYS
+            .iter()
+            .find(|k| k.starts_with("keystone_") && get(k).is_some())
+        {
+            return Err(ConfigError(format!(
+                "keystone {} (from {}) is set but [keystone] auth_url is not",
+                &k["keystone_".len()..],
+                get(k).map(|v| v.1).unwrap_or_default()
+            )));
+        }
+        return Ok(None);
+    };
+    let src = get("keystone_auth_url").map(|v| v.1).unwrap_or_default();
+    let bad = |why: String| ConfigError(format!("[keystone] (from {src}): {why}"));
+    match url::Url::parse(auth_url.trim()) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+        _ => {
+            return Err(bad(format!(
+                "auth_url '{auth_url}' is not an http:// or https:// URL"
+            )))
+        }
+    }
+    let auth = match (
+        val("keystone_application_credential_id"),
+        val("keystone_username"),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "set either username/password or application_credential_id/secret, not both".into(),
+            ))
+        }
+        (Some(id), None) => KeystoneAuth::ApplicationCredential {
+            id,
+            secret: val("keystone_application_credential_secret")
+                .ok_or_else(|| bad("application_credential_secret is missing".into()))?,
+        },
+        (None, Some(username)) => KeystoneAuth::Password {
+            username,
+            password: val("keystone_password").ok_or_else(|| bad("password is missing".into()))?,
+            user_domain_name: val("keystone_user_domain_name").unwrap_or_else(|| "Default".into()),
+            project_name: val("keystone_project_name").ok_or_else(|| {
+                bad("project_name is missing (the service user's project, e.g. service)".into())
+            })?,
+            project_domain_name: val("keystone_project_domain_name")
+                .unwrap_or_else(|| "Default".into()),
+        },
+        (None, None) => {
+            return Err(bad(
+                "vimport's own credentials are missing: set username, password and \
+                 project_name (a user with the service role), or application_credential_id \
+                 and application_credential_secret"
+                    .into(),
+            ))
+        }
+    };
+    let number = |k: &str, default: u64, min: u64| -> Result<u64, ConfigError> {
+        match val(k) {
+            None => Ok(default),
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n >= min => Ok(n),
+                _ => Err(bad(format!(
+                    "{} '{v}' is not a number of at least {min}",
+                    &k["keystone_".len()..]
+                ))),
+            },
+        }
+    };
+    Ok(Some(KeystoneConfig {
+        auth_url: auth_url.trim().to_string(),
+        auth,
+        cache_seconds: number("keystone_cache_seconds", 300, 0)?,
+        cache_size: usize::try_from(number("keystone_cache_size", 10_000, 1)?)
+            .unwrap_or(usize::MAX),
+        timeout: number("keystone_timeout", 10, 1)?,
+    }))
 }
 
 /// The default `host_id`: the machine's host name and the workspace directory, which
@@ -667,6 +858,101 @@ mod tests {
         ] {
             let e = Config::load(None, &env(&[(k, v)])).unwrap_err();
             assert!(e.0.contains(says) && e.0.contains(k), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn keystone_table_and_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vimport.toml");
+        std::fs::write(
+            &file,
+            "[keystone]\nauth_url = \"http://127.0.0.1:5000/v3\"\nusername = \"glance\"\n\
+             password = \"pw\"\nproject_name = \"service\"\ncache_seconds = 5\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), &env(&[])).unwrap();
+        let k = c.keystone.expect("[keystone]");
+        assert_eq!(k.auth_url, "http://127.0.0.1:5000/v3");
+        assert_eq!(
+            k.auth,
+            KeystoneAuth::Password {
+                username: "glance".into(),
+                password: "pw".into(),
+                user_domain_name: "Default".into(),
+                project_name: "service".into(),
+                project_domain_name: "Default".into(),
+            }
+        );
+        assert_eq!((k.cache_seconds, k.cache_size, k.timeout), (5, 10_000, 10));
+        assert!(
+            !format!("{k:?}").contains("pw"),
+            "secrets stay out of Debug"
+        );
+        let c = Config::load(
+            None,
+            &env(&[
+                ("VIMPORT_KEYSTONE_AUTH_URL", "https://ks.example:5000"),
+                ("VIMPORT_KEYSTONE_APPLICATION_CREDENTIAL_ID", "ac"),
+                ("VIMPORT_KEYSTONE_APPLICATION_CREDENTIAL_SECRET", "s"),
+                ("VIMPORT_KEYSTONE_CACHE_SIZE", "7"),
+            ]),
+        )
+        .unwrap();
+        let k = c.keystone.unwrap();
+        assert_eq!(
+            k.auth,
+            KeystoneAuth::ApplicationCredential {
+                id: "ac".into(),
+                secret: "s".into()
+            }
+        );
+        assert_eq!(k.cache_size, 7);
+        assert_eq!(Config::load(None, &env(&[])).unwrap().keystone, None);
+        let url = ("VIMPORT_KEYSTONE_AUTH_URL", "http://k:5000");
+        for (pairs, says) in [
+            (vec![("VIMPORT_KEYSTONE_USERNAME", "g")], "auth_url is not"),
+            (vec![url], "credentials are missing"),
+            (
+                vec![url, ("VIMPORT_KEYSTONE_USERNAME", "g")],
+                "password is missing",
+            ),
+            (
+                vec![
+                    url,
+                    ("VIMPORT_KEYSTONE_USERNAME", "g"),
+                    ("VIMPORT_KEYSTONE_PASSWORD", "p"),
+                ],
+                "project_name is missing",
+            ),
+            (
+                vec![
+                    ("VIMPORT_KEYSTONE_AUTH_URL", "k:5000"),
+                    ("VIMPORT_KEYSTONE_USERNAME", "g"),
+                ],
+                "not an http",
+            ),
+            (
+                vec![
+                    url,
+                    ("VIMPORT_KEYSTONE_APPLICATION_CREDENTIAL_ID", "a"),
+                    ("VIMPORT_KEYSTONE_APPLICATION_CREDENTIAL_SECRET", "s"),
+                    ("VIMPORT_KEYSTONE_CACHE_SIZE", "0"),
+                ],
+                "cache_size '0'",
+            ),
+            (
+                vec![
+                    url,
+                    ("VIMPORT_KEYSTONE_APPLICATION_CREDENTIAL_ID", "a"),
+                    ("VIMPORT_KEYSTONE_APPLICATION_CREDENTIAL_SECRET", "s"),
+                    ("VIMPORT_TOKENS", "t:p"),
+                ],
+                "remove token/tokens or [keystone]",
+            ),
+        ] {
+            let e = Config::load(None, &env(&pairs)).unwrap_err();
+            assert!(e.0.contains(says), "{pairs:?}: {e}");
         }
     }
 }

@@ -10,7 +10,8 @@
 //! [`store::Store`]; [`digest`] hashes as the conversion writes), [`web_download`],
 //! [`db`] (SQLite or PostgreSQL, `migrations/`), `rbd_store` (Ceph RBD, cargo feature
 //! `rbd`), [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
-//! [`error`].
+//! [`error`], [`keystone`] (token validation with Keystone), [`policy`] (Glance's
+//! default policy).
 
 #![warn(missing_docs)]
 
@@ -20,6 +21,8 @@ pub mod digest;
 pub mod error;
 pub mod failpoint;
 pub mod http;
+pub mod keystone;
+pub mod policy;
 #[cfg(feature = "rbd")]
 pub mod rbd_store;
 pub mod service;

@@ -29,6 +29,8 @@ use crate::config::{
 };
 use crate::db::{now, rfc3339, Backend, Db, Image, Location, Stored, Task};
 use crate::error::{Error, Result};
+use crate::keystone::{Keystone, Validation};
+use crate::policy::{self, Rule, Target};
 use crate::store::{FsStore, Store, StoredData};
 use crate::workspace::Workspace;
 use crate::{failpoint, web_download, workflow};
@@ -36,17 +38,27 @@ use crate::{failpoint, web_download, workflow};
 mod members;
 pub use members::{MEMBER_QUOTA, MEMBER_STATUSES};
 
-/// Who is calling: the project and rights of the token, and the request's id.
+/// Who is calling: the project and roles of the token, and the request's id.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     /// The token's project (owner of what it creates).
     pub project_id: String,
-    /// The user recorded on tasks (the project: tokens name no user).
+    /// The user recorded on tasks (Keystone's user id; a static token's project).
     pub user_id: String,
-    /// Sees and edits everything.
+    /// Has the `admin` role: sees and edits everything (Glance's `context_is_admin`).
     pub admin: bool,
+    /// Role names (Keystone's, implied roles included; a static token has `admin`,
+    /// `member`, `reader` or `member`, `reader`), judged by [`crate::policy`].
+    pub roles: Vec<String>,
     /// `req-<uuid>` of this request.
     pub request_id: String,
+}
+
+impl Caller {
+    /// Whether the caller has role `name`.
+    pub fn has_role(&self, name: &str) -> bool {
+        self.roles.iter().any(|r| r == name)
+    }
 }
 
 /// Attributes clients may not set (Glance's `_readonly_properties` and
@@ -198,8 +210,10 @@ type Waiter = mpsc::Sender<std::result::Result<(), String>>;
 pub struct Service {
     /// Its configuration.
     pub config: Config,
-    /// Every token and what it stands for.
+    /// Every static token and what it stands for (none with Keystone).
     tokens: Vec<TokenEntry>,
+    /// Validates tokens when `[keystone]` is set.
+    keystone: Option<Keystone>,
     db: Db,
     workspace: Workspace,
     store: Arc<dyn Store>,
@@ -240,7 +254,8 @@ impl Service {
                 admin: true,
             });
         }
-        if tokens.is_empty() {
+        let keystone = config.keystone.clone().map(Keystone::new);
+        if tokens.is_empty() && keystone.is_none() {
             tokens.push(TokenEntry {
                 token: Self::generated_token(&config.data_dir)?,
                 project_id: ADMIN_PROJECT.into(),
@@ -259,6 +274,7 @@ impl Service {
         let store = open_store(&config)?;
         let service = Arc::new(Service {
             tokens,
+            keystone,
             db,
             workspace,
             store,
@@ -526,18 +542,52 @@ impl Service {
         }
     }
 
-    /// The caller a token stands for, compared in constant time with every token.
-    pub fn authenticate(&self, token: &str, request_id: &str) -> Option<Caller> {
+    /// Whether tokens are validated by Keystone (a call that may block).
+    pub fn uses_keystone(&self) -> bool {
+        self.keystone.is_some()
+    }
+
+    /// The caller a token stands for: with `[keystone]`, Keystone's answer (blocks;
+    /// 401 when invalid, 503 when Keystone cannot answer); otherwise the static token
+    /// it equals, compared in constant time with every token.
+    pub fn authenticate(&self, token: &str, request_id: &str) -> Result<Caller> {
+        if let Some(k) = &self.keystone {
+            let info = match k.validate(token)? {
+                Validation::Valid(info) => info,
+                Validation::Invalid => return Err(Error::Unauthorized),
+            };
+            let project_id = info.project_id.ok_or_else(|| {
+                Error::Forbidden(
+                    "The token is not scoped to a project: ask Keystone for a project-scoped \
+                     token (OS_PROJECT_NAME and OS_PROJECT_DOMAIN_NAME)"
+                        .into(),
+                )
+            })?;
+            return Ok(Caller {
+                admin: info.roles.iter().any(|r| r == policy::ADMIN),
+                project_id,
+                user_id: info.user_id,
+                roles: info.roles,
+                request_id: request_id.to_string(),
+            });
+        }
         let mut found: Option<&TokenEntry> = None;
         for t in &self.tokens {
             if bool::from(t.token.as_bytes().ct_eq(token.as_bytes())) && found.is_none() {
                 found = Some(t);
             }
         }
-        found.map(|t| Caller {
+        let t = found.ok_or(Error::Unauthorized)?;
+        let roles: &[&str] = if t.admin {
+            &[policy::ADMIN, policy::MEMBER, policy::READER]
+        } else {
+            &[policy::MEMBER, policy::READER]
+        };
+        Ok(Caller {
             project_id: t.project_id.clone(),
             user_id: t.project_id.clone(),
             admin: t.admin,
+            roles: roles.iter().map(|r| r.to_string()).collect(),
             request_id: request_id.to_string(),
         })
     }
@@ -577,38 +627,57 @@ impl Service {
         } else {
             None
         };
-        if Self::visible(caller, &img, member.as_deref()) {
+        // Glance answers 404 when get_image fails: the image is not disclosed. (The
+        // membership matters to get_image only for a private image, which only its
+        // owner and admins see anyway.)
+        if Self::visible(caller, &img, member.as_deref())
+            && policy::allows(
+                caller,
+                Rule::GetImage,
+                &Self::target(&img, member.is_some()),
+            )
+        {
             Ok(img)
         } else {
             Err(not_found())
         }
     }
 
-    /// The image `id` if `caller` may change it (404 when invisible, 403 when only
-    /// visible).
-    fn image_to_modify(&self, caller: &Caller, id: &str) -> Result<Image> {
-        let img = self.image_for(caller, id)?;
-        if caller.admin || img.owner.as_deref() == Some(caller.project_id.as_str()) {
-            Ok(img)
-        } else {
-            Err(Error::Forbidden(format!(
-                "You are not permitted to modify image {id}: it belongs to another project"
-            )))
+    /// The policy target of `img`.
+    fn target(img: &Image, caller_is_member: bool) -> Target<'_> {
+        Target {
+            owner: img.owner.as_deref(),
+            visibility: &img.visibility,
+            caller_is_member,
         }
     }
 
-    fn check_visibility(caller: &Caller, v: &str) -> Result<()> {
+    /// The image `id` if `caller` passes `rule` on it (404 when invisible, 403 when
+    /// only visible). Every such rule asks for the owner's project (or admin).
+    fn image_to_modify(&self, caller: &Caller, id: &str, rule: Rule) -> Result<Image> {
+        let img = self.image_for(caller, id)?;
+        policy::enforce(caller, rule, &Self::target(&img, false))?;
+        Ok(img)
+    }
+
+    /// A valid visibility that `caller` may give an image of `owner`
+    /// (`publicize_image`, `communitize_image`).
+    fn check_visibility(caller: &Caller, v: &str, owner: Option<&str>) -> Result<()> {
         if !["private", "public", "shared", "community"].contains(&v) {
             return Err(Error::BadRequest(format!(
                 "Invalid visibility value: {v}; one of private, public, shared, community"
             )));
         }
-        if v == "public" && !caller.admin {
-            return Err(Error::Forbidden(
-                "You are not authorized to complete publicize_image action: only an admin may make an image public".into(),
-            ));
+        let target = Target {
+            owner,
+            visibility: v,
+            caller_is_member: false,
+        };
+        match v {
+            "public" => policy::enforce(caller, Rule::PublicizeImage, &target),
+            "community" => policy::enforce(caller, Rule::CommunitizeImage, &target),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn check_owner(caller: &Caller, owner: Option<&str>) -> Result<()> {
@@ -693,8 +762,19 @@ impl Service {
             }
         }
         let visibility = n.visibility.clone().unwrap_or_else(|| "private".into());
-        Self::check_visibility(caller, &visibility)?;
+        let owner = n.owner.as_deref().unwrap_or(caller.project_id.as_str());
+        let target = Target {
+            owner: Some(owner),
+            visibility: &visibility,
+            caller_is_member: false,
+        };
+        if !policy::allows(caller, Rule::AddImage, &target) {
+            // Glance's sentence when the owner is the reason.
+            Self::check_owner(caller, n.owner.as_deref())?;
+            return Err(policy::forbidden(Rule::AddImage));
+        }
         Self::check_owner(caller, n.owner.as_deref())?;
+        Self::check_visibility(caller, &visibility, Some(owner))?;
         Self::check_disk_format(n.disk_format.as_deref())?;
         Self::check_container_format(n.container_format.as_deref())?;
         Self::check_tags(&n.tags)?;
@@ -746,6 +826,15 @@ impl Service {
 
     /// `GET /v2/images`: filters, sort and paging as Glance takes them in `params`.
     pub fn list_images(&self, caller: &Caller, params: &[(String, String)]) -> Result<Page<Image>> {
+        policy::enforce(
+            caller,
+            Rule::GetImages,
+            &Target {
+                owner: Some(&caller.project_id),
+                visibility: "private",
+                caller_is_member: false,
+            },
+        )?;
         let mut sort_keys: Vec<String> = Vec::new();
         let mut sort_dirs: Vec<String> = Vec::new();
         let mut sort: Option<Vec<(String, bool)>> = None;
@@ -904,7 +993,7 @@ impl Service {
 
     /// `PATCH /v2/images/{id}` with a JSON patch.
     pub fn patch_image(&self, caller: &Caller, id: &str, ops: &[PatchOp]) -> Result<Image> {
-        let mut img = self.image_to_modify(caller, id)?;
+        let mut img = self.image_to_modify(caller, id, Rule::ModifyImage)?;
         let before_disk = img.disk_format.clone();
         let before_container = img.container_format.clone();
         for op in ops {
@@ -926,7 +1015,7 @@ impl Service {
 
     /// `PUT /v2/images/{id}/tags/{tag}`.
     pub fn add_tag(&self, caller: &Caller, id: &str, tag: &str) -> Result<()> {
-        self.image_to_modify(caller, id)?;
+        self.image_to_modify(caller, id, Rule::ModifyImage)?;
         Self::check_tags(&[tag.to_string()])?;
         self.db.add_tag(id, tag).map_err(Error::Internal)?;
         Ok(())
@@ -934,7 +1023,7 @@ impl Service {
 
     /// `DELETE /v2/images/{id}/tags/{tag}`.
     pub fn remove_tag(&self, caller: &Caller, id: &str, tag: &str) -> Result<()> {
-        self.image_to_modify(caller, id)?;
+        self.image_to_modify(caller, id, Rule::ModifyImage)?;
         if !self.db.remove_tag(id, tag).map_err(Error::Internal)? {
             return Err(Error::NotFound(format!(
                 "Tag {tag} not found on image {id}"
@@ -945,7 +1034,7 @@ impl Service {
 
     /// `DELETE /v2/images/{id}`: cancels its import, removes its files.
     pub fn delete_image(&self, caller: &Caller, id: &str) -> Result<()> {
-        let img = self.image_to_modify(caller, id)?;
+        let img = self.image_to_modify(caller, id, Rule::DeleteImage)?;
         if img.protected {
             return Err(Error::Forbidden(format!(
                 "Image {id} is protected and cannot be deleted."
@@ -991,6 +1080,14 @@ impl Service {
     /// `Ok(None)`: the image has no data (204).
     pub fn image_data(&self, caller: &Caller, id: &str) -> Result<Option<ImageData>> {
         let img = self.image_for(caller, id)?;
+        let member = !caller.admin
+            && img.owner.as_deref() != Some(caller.project_id.as_str())
+            && self
+                .db
+                .member(id, &caller.project_id)
+                .map_err(Error::Internal)?
+                .is_some();
+        policy::enforce(caller, Rule::DownloadImage, &Self::target(&img, member))?;
         if img.status != "active" {
             return Ok(None);
         }
@@ -1005,7 +1102,7 @@ impl Service {
     /// caller may modify the image, and its declared `disk_format` is one vimport takes.
     fn may_receive_data(&self, caller: &Caller, id: &str) -> Result<()> {
         self.refuse_when_stopping()?;
-        let img = self.image_to_modify(caller, id)?;
+        let img = self.image_to_modify(caller, id, Rule::UploadImage)?;
         let declared = img.disk_format.as_deref().ok_or_else(|| {
             Error::BadRequest(format!(
                 "image {id} has no disk_format: set it (PATCH) before uploading data"
@@ -1137,7 +1234,7 @@ impl Service {
         request: Value,
     ) -> Result<String> {
         self.refuse_when_stopping()?;
-        let img = self.image_to_modify(caller, id)?;
+        let img = self.image_to_modify(caller, id, Rule::ModifyImage)?;
         if img.disk_format.is_none() {
             return Err(Error::BadRequest(format!(
                 "image {id} has no disk_format: set it (PATCH) before importing"
@@ -1934,7 +2031,7 @@ fn apply_op(caller: &Caller, img: &mut Image, op: &PatchOp) -> Result<()> {
             }
             "visibility" => {
                 let v = want_str(root, &value, false)?.unwrap_or_default();
-                Service::check_visibility(caller, &v)?;
+                Service::check_visibility(caller, &v, img.owner.as_deref())?;
                 img.visibility = v;
             }
             "protected" => img.protected = want_bool(root, &value)?,
@@ -2001,6 +2098,11 @@ mod tests {
             project_id: "p1".into(),
             user_id: "p1".into(),
             admin,
+            roles: if admin {
+                vec!["admin".into(), "member".into(), "reader".into()]
+            } else {
+                vec!["member".into(), "reader".into()]
+            },
             request_id: "req-x".into(),
         }
     }

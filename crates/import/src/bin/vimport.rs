@@ -46,6 +46,16 @@ VIMPORT_<KEY> environment variables, which win. Keys and defaults:
   web_download_allowed_ports       80,443  (empty: any port not disallowed)
   web_download_disallowed_ports    (none)
 
+[keystone] (in the file; VIMPORT_KEYSTONE_<KEY> in the environment): validate
+tokens with Keystone v3 instead of token/tokens, under Glance's default policy
+  auth_url            (none: static tokens)  e.g. http://keystone:5000/v3
+  username, password, project_name  vimport's user (needs the service role)
+  user_domain_name, project_domain_name  Default
+  application_credential_id, application_credential_secret  (instead of a user)
+  cache_seconds       300  (a revoked token is refused at the latest after this)
+  cache_size          10000
+  timeout             10   (seconds per call to Keystone)
+
 Logs go to stderr (RUST_LOG filters them, default info): one line per request.
 ";
 
@@ -117,7 +127,8 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     let grace = Duration::from_secs(config.shutdown_grace);
-    let generated = config.token.is_none() && config.tokens.is_empty();
+    let keystone = config.keystone.as_ref().map(|k| k.auth_url.clone());
+    let generated = keystone.is_none() && config.token.is_none() && config.tokens.is_empty();
     let service = match tokio::task::spawn_blocking(move || Service::start(config)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -132,6 +143,9 @@ async fn run(config: Config) -> ExitCode {
     let addr = listener
         .local_addr()
         .map_or(listen.clone(), |a| a.to_string());
+    if let Some(url) = keystone {
+        eprintln!("vimport: tokens are validated by Keystone at {url}");
+    }
     if generated {
         eprintln!(
             "vimport: admin token in {} (send 'X-Auth-Token: <token>')",

@@ -1,10 +1,11 @@
 //! The caller, as an extractor: `X-Auth-Token` (Glance's clients) or
-//! `Authorization: Bearer`, looked up in constant time.
+//! `Authorization: Bearer`. A static token is looked up in constant time; with
+//! `[keystone]` the token is validated by Keystone (cached), off the async runtime.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
-use super::{AppState, RequestId};
+use super::{blocking, AppState, RequestId};
 use crate::error::Error;
 use crate::service::Caller;
 
@@ -28,15 +29,20 @@ impl FromRequestParts<AppState> for Auth {
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .map(str::trim)
             })
+            .filter(|t| !t.is_empty())
             .ok_or(Error::Unauthorized)?;
         let request_id = parts
             .extensions
             .get::<RequestId>()
             .map_or_else(String::new, |r| r.0.clone());
-        state
-            .service
-            .authenticate(token, &request_id)
-            .map(Auth)
-            .ok_or(Error::Unauthorized)
+        let service = state.service.clone();
+        if service.uses_keystone() {
+            let token = token.to_string();
+            blocking(move || service.authenticate(&token, &request_id))
+                .await
+                .map(Auth)
+        } else {
+            service.authenticate(token, &request_id).map(Auth)
+        }
     }
 }

@@ -157,12 +157,31 @@ pub fn router(service: Arc<Service>) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             timeout,
         ));
-    Router::new()
+    // With Keystone, a 401 names it as keystonemiddleware does.
+    let www_authenticate = state
+        .service
+        .config
+        .keystone
+        .as_ref()
+        .and_then(|k| HeaderValue::from_str(&format!("Keystone uri=\"{}\"", k.auth_url)).ok());
+    let router = Router::new()
         .merge(metadata)
         .merge(image_data::router())
         .fallback(not_found)
         .with_state(state)
-        .layer(axum::middleware::from_fn(request_id))
+        .layer(axum::middleware::from_fn(request_id));
+    match www_authenticate {
+        Some(v) => router.layer(axum::middleware::map_response(move |mut res: Response| {
+            let v = v.clone();
+            async move {
+                if res.headers().contains_key(header::WWW_AUTHENTICATE) {
+                    res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                res
+            }
+        })),
+        None => router,
+    }
 }
 
 /// An empty response with `status`.

@@ -8,6 +8,7 @@
 use super::{Caller, Service};
 use crate::db::{now, Image, Member, MemberAdded};
 use crate::error::{Error, Result};
+use crate::policy::{self, Rule};
 
 /// Most members an image may have (Glance's `image_member_quota` default).
 pub const MEMBER_QUOTA: u64 = 128;
@@ -62,6 +63,8 @@ impl Service {
     pub fn list_members(&self, caller: &Caller, id: &str) -> Result<Vec<Member>> {
         let img = self.shared_image(caller, id)?;
         let members = self.db.members(id).map_err(Error::Internal)?;
+        let is_member = members.iter().any(|m| m.member == caller.project_id);
+        policy::enforce(caller, Rule::GetMembers, &Self::target(&img, is_member))?;
         if Self::owns(caller, &img) {
             return Ok(members);
         }
@@ -81,7 +84,13 @@ impl Service {
     /// look (as Glance, so as not to tell who the members are).
     pub fn get_member(&self, caller: &Caller, id: &str, member: &str) -> Result<Member> {
         let img = self.shared_image(caller, id)?;
-        self.lookup_member(caller, &img, member)
+        let is_member = self
+            .db
+            .member(id, &caller.project_id)
+            .map_err(Error::Internal)?
+            .is_some();
+        policy::enforce(caller, Rule::GetMember, &Self::target(&img, is_member))
+            .and_then(|()| self.lookup_member(caller, &img, member))
             .map_err(|e| match e {
                 Error::Forbidden(m) => Error::NotFound(m),
                 other => other,
@@ -92,6 +101,7 @@ impl Service {
     /// project `member`, whose answer starts `pending`.
     pub fn add_member(&self, caller: &Caller, id: &str, member: &str) -> Result<Member> {
         let img = self.shared_image(caller, id)?;
+        policy::enforce(caller, Rule::AddMember, &Self::target(&img, false))?;
         if !Self::owns(caller, &img) {
             return Err(Error::Forbidden(format!(
                 "Not allowed to create members for image {id}: only its owner may share it."
@@ -149,6 +159,7 @@ impl Service {
                 "Not allowed to update members for image {id}: only the member {member} answers for itself."
             )));
         }
+        policy::enforce(caller, Rule::ModifyMember, &Self::target(&img, true))?;
         if !self
             .db
             .set_member_status(id, member, status)
@@ -166,6 +177,7 @@ impl Service {
     pub fn remove_member(&self, caller: &Caller, id: &str, member: &str) -> Result<()> {
         let img = self.shared_image(caller, id)?;
         self.lookup_member(caller, &img, member)?;
+        policy::enforce(caller, Rule::DeleteMember, &Self::target(&img, false))?;
         if !Self::owns(caller, &img) {
             return Err(Error::Forbidden(format!(
                 "Not allowed to delete members for image {id}: only its owner may."
