@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 use vconvert_core::Identity;
-use vconvert_engine::{CancelToken, Policy};
+use vconvert_engine::{CancelToken, Policy, ThreadBudget};
 
 use crate::config::{
     parse_declared_format, Config, TokenEntry, ADMIN_PROJECT, GLANCE_CONTAINER_FORMATS,
@@ -214,6 +214,9 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Waiter>>,
     /// Imports being worked on now.
     running: AtomicUsize,
+    /// The worker threads every running conversion borrows from (`convert_threads`):
+    /// two imports at once share the cores instead of starting a set each.
+    threads: ThreadBudget,
     /// Set on SIGTERM/SIGINT: no new work starts.
     stopping: AtomicBool,
 }
@@ -268,6 +271,7 @@ impl Service {
             held: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
+            threads: ThreadBudget::new(config.convert_threads),
             stopping: AtomicBool::new(false),
             config,
         });
@@ -1571,6 +1575,7 @@ impl Service {
             target: self.config.output_format,
             policy: &policy,
             rate_limit: self.config.convert_rate_limit,
+            threads: &self.threads,
             cancel,
             progress: &progress,
             record: &|stored: &Stored| self.db.record_intent(&task.id, stored),
