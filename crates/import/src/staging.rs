@@ -1,44 +1,47 @@
 //! Receiving an upload into its staging file (`PUT /v2/images/{id}/stage`, and
-//! `PUT /v2/images/{id}/file` before its import): the body's pieces, as the HTTP layer
-//! received them, written in large vectored writes while a writeback thread flushes
-//! what is already written, then synced before the caller records the upload.
+//! `PUT /v2/images/{id}/file` before its import): the body in pieces of
+//! [`WRITE_BATCH`] bytes, one write each, while a writeback thread flushes what is
+//! already written, then synced before the caller records the upload.
 //!
 //! Measured on the bench's loopback stage of its uploads (`cargo xtask bench --only
 //! vimport`), staging ran at 38–65 % of `dd conv=fsync` into the same filesystem when
 //! the body went through a `Read` bridge: each piece of the body (up to hyper's read
 //! buffer, a few hundred KiB) was one hand-off between the runtime and the blocking
-//! thread, copied into a buffer and written on its own, and the whole upload reached
-//! the disk only in the final sync, after the last byte arrived. Here the body's pieces
-//! are queued ahead of the writer ([`Pieces`]), written as they are (no copy: one
-//! `writev` per [`WRITE_BATCH`]) and flushed every [`WRITEBACK_INTERVAL`] while the
-//! rest arrives, so the final sync has only the tail left.
+//! thread, copied and written on its own, and the whole upload reached the disk only
+//! in the final sync, after its last byte. Here the HTTP layer gathers the body into
+//! large recycled buffers on the runtime, queued ahead of the writer ([`Pieces`]), and
+//! the written data is flushed every [`FLUSH_EVERY`] bytes or [`WRITEBACK_INTERVAL`]
+//! while the rest arrives, so the final sync has only the tail left.
 
 use std::fs::File;
-use std::io::{IoSlice, Read, Write};
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
-
-use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::workspace::Workspace;
 
-/// Bytes gathered before one vectored write.
+/// Bytes of a piece (the last may be shorter): one write each.
 pub const WRITE_BATCH: usize = 4 << 20;
-
-/// Most pieces in one vectored write (Linux's `IOV_MAX` is 1024).
-const MAX_SLICES: usize = 512;
 
 /// How often what is written so far is flushed while the upload arrives (as the
 /// engine's outputs are): the disk writes during the upload instead of after it.
 pub const WRITEBACK_INTERVAL: Duration = Duration::from_millis(250);
 
+/// Bytes written between two flushes, at the latest (an upload of a few hundred MiB
+/// arrives in well under [`WRITEBACK_INTERVAL`] on loopback).
+pub const FLUSH_EVERY: u64 = 16 << 20;
+
 /// An upload's bytes, in pieces, in order; blocking.
 pub trait Pieces: Send {
     /// The next piece (never empty); `None` at the end of the upload.
-    fn next_piece(&mut self) -> std::io::Result<Option<Bytes>>;
+    fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>>;
+
+    /// Takes back a piece's buffer once it is written, to fill it again (fresh
+    /// buffers cost a page fault per 4 KiB).
+    fn recycle(&mut self, _buf: Vec<u8>) {}
 }
 
 /// [`Pieces`] of a reader, read into buffers of [`WRITE_BATCH`] bytes.
@@ -46,6 +49,8 @@ pub struct ReadPieces<R> {
     reader: R,
     /// An error met after some bytes of a piece: returned by the next call.
     error: Option<std::io::Error>,
+    /// The last piece's buffer, written.
+    spare: Vec<u8>,
 }
 
 impl<R: Read + Send> ReadPieces<R> {
@@ -54,16 +59,18 @@ impl<R: Read + Send> ReadPieces<R> {
         ReadPieces {
             reader,
             error: None,
+            spare: Vec::new(),
         }
     }
 }
 
 impl<R: Read + Send> Pieces for ReadPieces<R> {
-    fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
+    fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
-        let mut buf = vec![0u8; WRITE_BATCH];
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.resize(WRITE_BATCH, 0);
         let mut n = 0;
         while n < buf.len() {
             match self.reader.read(&mut buf[n..]) {
@@ -78,7 +85,11 @@ impl<R: Read + Send> Pieces for ReadPieces<R> {
             }
         }
         buf.truncate(n);
-        Ok((n > 0).then(|| Bytes::from(buf)))
+        Ok((n > 0).then_some(buf))
+    }
+
+    fn recycle(&mut self, buf: Vec<u8>) {
+        self.spare = buf;
     }
 }
 
@@ -91,23 +102,6 @@ pub fn drain(body: &mut dyn Pieces, max: u64) {
             _ => return,
         }
     }
-}
-
-/// Writes every byte of `pieces` to `f` (vectored, no copy) and empties it.
-fn write_pieces(f: &mut File, pieces: &mut Vec<Bytes>) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        match f.write_vectored(rest) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    drop(slices);
-    pieces.clear();
-    Ok(())
 }
 
 /// Streams `body` into a new file at `path`, synced when it returns `Ok`; holds
@@ -125,14 +119,15 @@ pub fn receive(
     // Flushes what is written so far while the rest arrives; errors are left to the
     // final sync, which reports them.
     let flusher = f.try_clone().ok();
-    let (stop, stopped) = mpsc::channel::<()>();
+    // Asks for a flush; closed when the upload is received.
+    let (flush, asked) = mpsc::sync_channel::<()>(1);
     std::thread::scope(|s| {
         if let Some(flusher) = flusher {
             let spawned = std::thread::Builder::new()
                 .name("vimport-writeback".into())
                 .spawn_scoped(s, move || {
-                    while let Err(mpsc::RecvTimeoutError::Timeout) =
-                        stopped.recv_timeout(WRITEBACK_INTERVAL)
+                    while let Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) =
+                        asked.recv_timeout(WRITEBACK_INTERVAL)
                     {
                         let _ = flusher.sync_data();
                     }
@@ -140,9 +135,7 @@ pub fn receive(
             // Without the thread the final sync still writes everything.
             drop(spawned);
         }
-        let r = receive_into(workspace, &mut f, body, content_length, key, cap);
-        drop(stop);
-        r
+        receive_into(workspace, &mut f, body, content_length, key, cap, flush)
     })?;
     f.sync_all().map_err(Error::internal)
 }
@@ -154,10 +147,10 @@ fn receive_into(
     content_length: Option<u64>,
     key: &str,
     cap: u64,
+    flush: mpsc::SyncSender<()>,
 ) -> Result<()> {
     let mut total = 0u64;
-    let mut pending: Vec<Bytes> = Vec::new();
-    let mut pending_bytes = 0usize;
+    let mut unflushed = 0u64;
     loop {
         let piece = body
             .next_piece()
@@ -181,17 +174,15 @@ fn receive_into(
                 "workspace full while receiving the upload; try again later".into(),
             ));
         }
-        pending_bytes += piece.len();
-        pending.push(piece);
-        if pending_bytes >= WRITE_BATCH || pending.len() >= MAX_SLICES {
-            write_pieces(f, &mut pending).map_err(Error::internal)?;
-            pending_bytes = 0;
-            failpoint::hit("stage.receiving");
-        }
-    }
-    if !pending.is_empty() {
-        write_pieces(f, &mut pending).map_err(Error::internal)?;
+        f.write_all(&piece).map_err(Error::internal)?;
+        body.recycle(piece);
         failpoint::hit("stage.receiving");
+        unflushed += n;
+        if unflushed >= FLUSH_EVERY {
+            // A flush already asked for covers this too.
+            let _ = flush.try_send(());
+            unflushed = 0;
+        }
     }
     if let Some(len) = content_length {
         if total != len {
@@ -207,11 +198,11 @@ fn receive_into(
 mod tests {
     use super::*;
 
-    /// Pieces of odd sizes, as a chunked upload sends them.
-    struct Given(Vec<Bytes>);
+    /// Pieces of odd sizes.
+    struct Given(Vec<Vec<u8>>);
 
     impl Pieces for Given {
-        fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
+        fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>> {
             Ok((!self.0.is_empty()).then(|| self.0.remove(0)))
         }
     }
@@ -225,7 +216,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspace::new(dir.path(), 1 << 30).unwrap();
         let all = data(9 << 20);
-        // Many tiny pieces (more than one vectored write holds), then large ones.
+        // Many tiny pieces, then large ones.
         let mut pieces = Vec::new();
         let mut at = 0;
         for (i, len) in std::iter::repeat_n(7usize, 1500)
@@ -237,7 +228,7 @@ mod tests {
             if at == end {
                 break;
             }
-            pieces.push(Bytes::copy_from_slice(&all[at..end]));
+            pieces.push(all[at..end].to_vec());
             at = end;
         }
         assert_eq!(at, all.len());
@@ -269,7 +260,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ws = Workspace::new(dir.path(), 1 << 30).unwrap();
         let path = dir.path().join("staged");
-        let body = || Given(vec![Bytes::from(data(1000)), Bytes::from(data(24))]);
+        let body = || Given(vec![data(1000), data(24)]);
         let e = receive(&ws, &path, &mut body(), Some(1000), "a", 1 << 20).unwrap_err();
         assert!(
             e.to_string().contains("longer than its Content-Length"),

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use super::auth::Auth;
 use super::{blocking, empty, AppState};
 use crate::error::{Error, Result};
-use crate::staging::{drain, Pieces};
+use crate::staging::{drain, Pieces, WRITE_BATCH};
 use crate::store::StoredData;
 
 /// An empty 204 telling the request log how many bytes were received.
@@ -28,30 +28,36 @@ fn received(n: &AtomicU64) -> Response {
     r
 }
 
-/// Pieces of a request body queued ahead of the blocking thread that writes them:
-/// hyper goes on reading the socket while the writer writes (up to this many pieces,
-/// each at most hyper's read buffer, a few hundred KiB).
-const BODY_QUEUE: usize = 32;
+/// Full pieces ([`WRITE_BATCH`] bytes) of a request body queued ahead of the blocking
+/// thread that writes them, so hyper goes on reading the socket meanwhile.
+const BODY_QUEUE: usize = 3;
 
-/// A request body's pieces for a blocking thread ([`Pieces`]), fed by a task that
-/// reads the body on the runtime; counts the bytes received.
+/// A request body's pieces for a blocking thread ([`Pieces`]), gathered into
+/// [`WRITE_BATCH`]-byte buffers by a task that reads the body on the runtime (copying
+/// each of hyper's pieces at once, so hyper reuses its read buffer); the buffers come
+/// back once written. Counts the bytes received.
 struct BodyPieces {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    spare: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     n: Arc<AtomicU64>,
 }
 
 impl Pieces for BodyPieces {
-    fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
-        loop {
-            return match self.rx.blocking_recv() {
-                None => Ok(None),
-                Some(Ok(b)) if b.is_empty() => continue,
-                Some(Ok(b)) => {
-                    self.n.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    Ok(Some(b))
-                }
-                Some(Err(e)) => Err(e),
-            };
+    fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        match self.rx.blocking_recv() {
+            None => Ok(None),
+            Some(Ok(b)) => {
+                self.n.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Some(b))
+            }
+            Some(Err(e)) => Err(e),
+        }
+    }
+
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        buf.clear();
+        if let Ok(mut spare) = self.spare.lock() {
+            spare.push(buf);
         }
     }
 }
@@ -64,19 +70,53 @@ fn body_pieces(headers: &HeaderMap, body: Body) -> (BodyPieces, Option<u64>, Arc
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let (tx, rx) = tokio::sync::mpsc::channel(BODY_QUEUE);
+    let spare = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let buffers = spare.clone();
+    let fresh = move || {
+        buffers
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_else(|| Vec::with_capacity(WRITE_BATCH))
+    };
     let mut stream = body.into_data_stream();
     // Ends with the body, or when the blocking side stops taking pieces.
     tokio::spawn(async move {
+        let mut buf = fresh();
         while let Some(piece) = stream.next().await {
-            let piece = piece.map_err(|e| std::io::Error::other(e.to_string()));
-            let failed = piece.is_err();
-            if tx.send(piece).await.is_err() || failed {
-                break;
+            let mut piece: &[u8] = match &piece {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            while !piece.is_empty() {
+                let take = piece.len().min(WRITE_BATCH - buf.len());
+                buf.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if buf.len() == WRITE_BATCH {
+                    let full = std::mem::replace(&mut buf, fresh());
+                    if tx.send(Ok(full)).await.is_err() {
+                        return;
+                    }
+                }
             }
+        }
+        if !buf.is_empty() {
+            let _ = tx.send(Ok(buf)).await;
         }
     });
     let n = Arc::new(AtomicU64::new(0));
-    (BodyPieces { rx, n: n.clone() }, len, n)
+    (
+        BodyPieces {
+            rx,
+            spare,
+            n: n.clone(),
+        },
+        len,
+        n,
+    )
 }
 
 /// Bytes of a refused upload read and discarded before answering, so the client
