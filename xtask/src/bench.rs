@@ -615,6 +615,17 @@ pub fn bench(
     } else {
         "not run (`--only` left them out)\n".into()
     };
+    let concurrent = if selected(only, "vimport-concurrent") {
+        match crate::bench_import::bench_concurrent(root, &corpus.dir, &out_dir, rounds) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("vimport concurrency case: {e}");
+                format!("not run: {e}\n")
+            }
+        }
+    } else {
+        "not run (`--only` left it out)\n".into()
+    };
     let rbd = match ceph_conf {
         Some(conf) if selected(only, "rbd") => {
             match crate::bench_import::bench_rbd(root, &corpus.dir, &out_dir, conf, rounds) {
@@ -643,7 +654,7 @@ Load = the 1-minute load average before and after the case: **this machine is sh
 Conversions whose output is uncompressed are compared **at equal durability**, both ways: \
 *flushed*, vconvert's default (data written with O_DIRECT, synced before the rename into place) against `qemu-img convert -t none -W -m 16` (O_DIRECT, flushed at the end); \
 *unflushed*, `vconvert -t unsafe` against qemu-img's default cache mode (`unsafe`: never flushes) with `-W -m 16`. \
-Compressed writes (`-c`, streamOptimized) are compared with qemu-img's fastest flags and its defaults, default cache mode.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms made by qemu-img.\n\n## Conversions with uncompressed output, at equal durability\n\n{flushed}\n## Compressed writes\n\n{compressed}\n## Scaling of compressed work\n\n{scaling}\n## vimport: upload and import end to end\n\n{imports}\n## vimport into Ceph RBD\n\n{rbd}",
+Compressed writes (`-c`, streamOptimized) are compared with qemu-img's fastest flags and its defaults, default cache mode.\n\n## Machine\n\n{}\n## Corpus\n\n{kind}; qcow2, compressed qcow2, streamOptimized VMDK, VHD, VDI and VHDX forms made by qemu-img.\n\n## Conversions with uncompressed output, at equal durability\n\n{flushed}\n## Compressed writes\n\n{compressed}\n## Scaling of compressed work\n\n{scaling}\n## vimport: upload and import end to end\n\n{imports}\n## vimport: two imports at once\n\n{concurrent}\n## vimport into Ceph RBD\n\n{rbd}",
         if quick { " --quick" } else { "" },
         machine()
     );

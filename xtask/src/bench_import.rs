@@ -111,6 +111,13 @@ fn field(json: &str, key: &str) -> Option<String> {
     None
 }
 
+/// The vimport binary measured: `BENCH_VIMPORT_BIN` (another build, e.g. an older
+/// one, to compare), else this workspace's release build.
+fn vimport_bin(root: &Path) -> PathBuf {
+    std::env::var_os("BENCH_VIMPORT_BIN")
+        .map_or_else(|| root.join("target/release/vimport"), PathBuf::from)
+}
+
 /// vimport, started on loopback; killed on drop.
 struct Service {
     child: Child,
@@ -347,7 +354,7 @@ pub fn bench_imports(
     out_dir: &Path,
     rounds: usize,
 ) -> Result<String, String> {
-    let bin = root.join("target/release/vimport");
+    let bin = vimport_bin(root);
     let data: PathBuf = out_dir.join("vimport");
     std::fs::create_dir_all(out_dir).map_err(|e| e.to_string())?;
     if !run_ok(Command::new("python3").args(["-c", "import hashlib"])) {
@@ -421,6 +428,131 @@ vimport's conversion is durable (O_DIRECT, synced before it is stored). \
 The Glance path is what Glance's import does after staging: its conversion plugin's `qemu-img convert -f FMT -O raw` (default cache mode, never flushed), then glance_store's filesystem copy of the result with MD5 and SHA-512 (Python hashlib) in 64 KiB chunks (not flushed either). \
 \"vimport / Glance\" = import → active over that path (goal ≤ 0.5×; the worst round is the largest ratio); \"MD5 equal\": vimport's `checksum` is the MD5 Glance's path computed. \
 The disk column is `dd conv=fsync` of the upload into the same filesystem (staging writes and syncs the upload too; loopback is faster than the disk).\n\n{table}"
+    ))
+}
+
+/// The uploads of the concurrency case: corpus file, Glance `disk_format`.
+const CONCURRENT_UPLOADS: [(&str, &str); 2] = [("disk.qcow2", "qcow2"), ("disk-c.qcow2", "qcow2")];
+
+/// Stages `file` as a new image; its id.
+fn staged(svc: &Service, file: &Path, disk_format: &str) -> Result<String, String> {
+    let a = svc.addr.as_str();
+    let body =
+        format!(r#"{{"name":"bench","disk_format":"{disk_format}","container_format":"bare"}}"#);
+    let (s, b) = http(a, "POST", "/v2/images", Body::Json(&body))?;
+    let id = field(&b, "id")
+        .filter(|_| s == 201)
+        .ok_or(format!("create: {s} {b}"))?;
+    let (s, b) = http(
+        a,
+        "PUT",
+        &format!("/v2/images/{id}/stage"),
+        Body::File(file),
+    )?;
+    if !(200..300).contains(&s) {
+        return Err(format!("stage: {s} {b}"));
+    }
+    Ok(id)
+}
+
+/// Imports the staged images `ids` at once (`glance-direct`); seconds from the first
+/// request until every one is `active`. The images are deleted afterwards.
+fn import_all(svc: &Service, ids: &[String]) -> Result<f64, String> {
+    let a = svc.addr.as_str();
+    let _ = Command::new("sync").status();
+    let t = Instant::now();
+    for id in ids {
+        let (s, b) = http(
+            a,
+            "POST",
+            &format!("/v2/images/{id}/import"),
+            Body::Json(r#"{"method":{"name":"glance-direct"}}"#),
+        )?;
+        if s != 202 {
+            return Err(format!("import: {s} {b}"));
+        }
+    }
+    let mut left: Vec<&String> = ids.iter().collect();
+    while !left.is_empty() {
+        let mut still = Vec::new();
+        for id in left {
+            let (_, b) = http(a, "GET", &format!("/v2/images/{id}"), Body::None)?;
+            match field(&b, "status").as_deref() {
+                Some("active") => {}
+                Some("importing" | "uploading") => still.push(id),
+                other => return Err(format!("image {id} ended {other:?}: {b}")),
+            }
+        }
+        left = still;
+        if t.elapsed() > Duration::from_secs(600) {
+            return Err("imports not done in 10 minutes".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let total = t.elapsed().as_secs_f64();
+    for id in ids {
+        let _ = http(a, "DELETE", &format!("/v2/images/{id}"), Body::None);
+    }
+    Ok(total)
+}
+
+/// Two imports at once against one: vimport's running conversions borrow their
+/// threads from one budget (`convert_threads`, default every core). Each round runs
+/// one import alone and two at once, in alternating order; returns the Markdown
+/// section.
+pub fn bench_concurrent(
+    root: &Path,
+    corpus: &Path,
+    out_dir: &Path,
+    rounds: usize,
+) -> Result<String, String> {
+    let bin = vimport_bin(root);
+    let data: PathBuf = out_dir.join("vimport-concurrent");
+    std::fs::create_dir_all(out_dir).map_err(|e| e.to_string())?;
+    let svc = Service::start(&bin, &data, &[])?;
+    let mut table = String::from(
+        "| upload | MiB | one import s | two at once s | two / one median | worst round | load (1 min) |\n|---|---|---|---|---|---|---|\n",
+    );
+    for (name, disk_format) in CONCURRENT_UPLOADS {
+        let file = corpus.join(name);
+        if !file.exists() {
+            continue;
+        }
+        let mib = std::fs::metadata(&file).map_or(0, |m| m.len()) as f64 / (1 << 20) as f64;
+        let load_before = loadavg();
+        let (mut one, mut two) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            crate::bench::warm_and_sync(&file);
+            let single = vec![staged(&svc, &file, disk_format)?];
+            let pair = vec![
+                staged(&svc, &file, disk_format)?,
+                staged(&svc, &file, disk_format)?,
+            ];
+            if round % 2 == 0 {
+                one.push(import_all(&svc, &single)?);
+                two.push(import_all(&svc, &pair)?);
+            } else {
+                two.push(import_all(&svc, &pair)?);
+                one.push(import_all(&svc, &single)?);
+            }
+        }
+        let ratio = median(&mut two.clone()) / median(&mut one.clone());
+        let worst = one.iter().zip(&two).map(|(o, t)| t / o).fold(0.0, f64::max);
+        let row = format!(
+            "| {name} ({disk_format}) | {mib:.0} | {} | {} | {ratio:.2}× | {worst:.2}× | {load_before}–{} |\n",
+            spread(&one),
+            spread(&two),
+            loadavg(),
+        );
+        eprint!("{row}");
+        table.push_str(&row);
+    }
+    drop(svc);
+    let _ = std::fs::remove_dir_all(&data);
+    Ok(format!(
+        "Each upload, {rounds} rounds: vimport (default configuration: `max_workers` 2, `convert_threads` every core, shared by the running conversions) imports one staged copy to raw alone, and two staged copies at once (in alternating order from round to round); \
+seconds from the first import request until every image is `active` (staging not timed). \
+\"two / one\" = the two imports' time over the one's (2.00×: no gain from running them together; the worst round is the largest ratio).\n\n{table}"
     ))
 }
 

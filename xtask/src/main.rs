@@ -32,8 +32,10 @@ Tasks:
                                (built once in benches/corpus/), and vimport's upload and
                                import end to end; writes benches/RESULTS.md (--quick: a
                                small corpus, benches/RESULTS-quick.md; --only: the cases
-                               whose name holds a WORD (scaling, vimport, rbd), written
-                               to benches/RESULTS-only-WORDS.md);
+                               whose name holds a WORD: scaling, vimport (both vimport
+                               cases), vimport-concurrent (two imports at once), rbd;
+                               written to benches/RESULTS-only-WORDS.md;
+                               BENCH_VIMPORT_BIN=PATH measures another vimport build);
                                --ceph-conf: also vimport into RBD on that cluster
                                (e.g. scripts/ceph-dev.sh's) against qemu-img + rbd import
 ";

@@ -10,7 +10,8 @@
 //! - [`Output`]: the temporary files a conversion writes and renames into place, each a
 //!   [`TargetFile`] that sends page-aligned writes around the page cache when asked;
 //! - [`IoBuffer`]: page-aligned buffers for bulk reads and writes;
-//! - [`Workers`]: the parallel steps of a conversion, on threads that block when idle;
+//! - [`Workers`]: the parallel steps of a conversion, on threads that block when idle,
+//!   optionally borrowed from a [`ThreadBudget`] shared by conversions running at once;
 //! - [`Error`]: the one error type, naming file, structure and offset;
 //! - [`Options`]: `-o key=value` creation options and qemu-style sizes;
 //! - [`LayerStatus`]: qemu's block status of one image layer, for `map`.
@@ -42,7 +43,7 @@ pub use image::{
 };
 pub use options::{parse_size, Options};
 pub use output::{raise_open_file_limit, write_all_at, Output, TargetFile, DIRECT_ALIGN};
-pub use parallel::Workers;
+pub use parallel::{ThreadBudget, Workers};
 pub use resolve::{overlay_block_map, read_backing, relative_to, NoReferences, Resolver};
 pub use status::{status_of_map, LayerStatus};
 pub use storage::{FileStorage, ImageFile, MemStorage, Storage};

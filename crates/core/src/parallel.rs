@@ -15,13 +15,102 @@
 //! Results come back in item order whatever thread computed them, and the error
 //! returned is the first one in item order, so the output does not depend on the
 //! thread count.
+//!
+//! Conversions that run at once (vimport's imports) share a [`ThreadBudget`]: each
+//! step borrows its extra threads from it for as long as the step runs, and runs on
+//! fewer (down to the caller's alone) when the others hold them, so together they never
+//! start more than the budget, instead of one set of threads per core each.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Extra worker threads shared by every conversion given it (see
+/// [`Workers::shared`]): at any moment their steps run at most this many threads
+/// beyond the callers' own. Cloning it shares the same budget.
+#[derive(Clone, Debug)]
+pub struct ThreadBudget(Arc<Budget>);
+
+#[derive(Debug)]
+struct Budget {
+    size: usize,
+    lent: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// Threads borrowed from a budget, given back on drop.
+struct Lease<'a> {
+    budget: Option<&'a Budget>,
+    threads: usize,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.budget {
+            b.lent.fetch_sub(self.threads, Ordering::AcqRel);
+        }
+    }
+}
+
+impl ThreadBudget {
+    /// A budget of `threads` extra threads (0 is allowed: every step then runs on its
+    /// caller's thread alone).
+    pub fn new(threads: usize) -> Self {
+        ThreadBudget(Arc::new(Budget {
+            size: threads,
+            lent: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Its size.
+    pub fn threads(&self) -> usize {
+        self.0.size
+    }
+
+    /// Threads lent now.
+    pub fn lent(&self) -> usize {
+        self.0.lent.load(Ordering::Acquire)
+    }
+
+    /// The most threads lent at once so far.
+    pub fn peak(&self) -> usize {
+        self.0.peak.load(Ordering::Acquire)
+    }
+
+    /// Up to `want` threads, as many as are free now (never waits).
+    fn borrow(&self, want: usize) -> Lease<'_> {
+        let b = &*self.0;
+        let mut lent = b.lent.load(Ordering::Acquire);
+        loop {
+            let n = want.min(b.size.saturating_sub(lent));
+            if n == 0 {
+                return Lease {
+                    budget: None,
+                    threads: 0,
+                };
+            }
+            match b
+                .lent
+                .compare_exchange_weak(lent, lent + n, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    b.peak.fetch_max(lent + n, Ordering::AcqRel);
+                    return Lease {
+                        budget: Some(b),
+                        threads: n,
+                    };
+                }
+                Err(now) => lent = now,
+            }
+        }
+    }
+}
 
 /// How many threads the parallel steps of one conversion use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Workers {
     threads: usize,
+    budget: Option<ThreadBudget>,
 }
 
 impl Workers {
@@ -29,12 +118,34 @@ impl Workers {
     pub fn new(threads: usize) -> Self {
         Self {
             threads: threads.max(1),
+            budget: None,
         }
     }
 
-    /// The thread count.
+    /// Steps on at most `threads` threads: the caller's, and extra ones borrowed from
+    /// `budget` for the step's duration when it has them free (a step starts with
+    /// fewer, never waits for them).
+    pub fn shared(threads: usize, budget: &ThreadBudget) -> Self {
+        Self {
+            threads: threads.max(1),
+            budget: Some(budget.clone()),
+        }
+    }
+
+    /// The most threads a step uses.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// `want` extra threads, or fewer as the budget allows.
+    fn extra(&self, want: usize) -> Lease<'_> {
+        match &self.budget {
+            Some(b) => b.borrow(want),
+            None => Lease {
+                budget: None,
+                threads: want,
+            },
+        }
     }
 
     /// `f` of every item, in item order. The caller's thread takes part.
@@ -53,7 +164,8 @@ impl Workers {
         items: &[T],
         f: impl Fn(&T) -> Result<R, E> + Sync,
     ) -> Result<Vec<R>, E> {
-        let n = self.threads.min(items.len());
+        let lease = self.extra(self.threads.min(items.len()).saturating_sub(1));
+        let n = 1 + lease.threads;
         if n <= 1 {
             return items.iter().map(f).collect();
         }
@@ -91,6 +203,7 @@ impl Workers {
             }
             all
         });
+        drop(lease);
         all.sort_unstable_by_key(|(i, _)| *i);
         let mut out = Vec::with_capacity(all.len());
         for (_, r) in all {
@@ -115,7 +228,8 @@ impl Workers {
         a: impl FnOnce() -> RA + Send,
         b: impl FnOnce() -> RB,
     ) -> (RA, RB) {
-        if self.threads <= 1 {
+        let lease = self.extra(usize::from(self.threads > 1));
+        if lease.threads == 0 {
             let ra = a();
             return (ra, b());
         }
@@ -132,6 +246,7 @@ impl Workers {
                 Ok(Err(panic)) => std::panic::resume_unwind(panic),
                 Err(_) => None,
             };
+            drop(lease);
             match ra.or_else(|| take().map(|a| a())) {
                 Some(ra) => (ra, rb),
                 // The thread took `a` and returned its result, or `a` is still here.
@@ -143,8 +258,62 @@ impl Workers {
 
 #[cfg(test)]
 mod tests {
-    use super::Workers;
+    use super::{ThreadBudget, Workers};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Runs `f` while counting how many run at once; keeps the highest count.
+    fn counted<R>(now: &AtomicUsize, most: &AtomicUsize, f: impl FnOnce() -> R) -> R {
+        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+        most.fetch_max(n, Ordering::SeqCst);
+        // Long enough for the threads of a step to overlap.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let r = f();
+        now.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    #[test]
+    fn conversions_sharing_a_budget_run_at_most_its_threads_beyond_their_own() {
+        let items: Vec<u64> = (0..64).collect();
+        let expected: Vec<u64> = items.iter().map(|x| x * 3).collect();
+        for size in [0, 1, 3] {
+            let budget = ThreadBudget::new(size);
+            let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            // Four "conversions" at once, each asking for 8 threads per step, with
+            // nested steps as a conversion has (encoding joined with placement).
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        let w = Workers::shared(8, &budget);
+                        for _ in 0..3 {
+                            let (a, b) = w.join(
+                                || w.map(&items, |x| counted(&now, &most, || x * 3)),
+                                || w.map(&items, |x| counted(&now, &most, || x * 3)),
+                            );
+                            assert_eq!(a, expected);
+                            assert_eq!(b, expected);
+                        }
+                    });
+                }
+            });
+            // The 4 callers, plus at most `size` borrowed threads.
+            let most = most.load(Ordering::SeqCst);
+            assert!(most <= 4 + size, "budget {size}: {most} ran at once");
+            assert_eq!(budget.lent(), 0, "every thread was given back");
+            assert!(budget.peak() <= size);
+            if size > 0 {
+                assert_eq!(budget.peak(), size, "the budget was used");
+            }
+        }
+        // Without a budget the same conversions run many more threads at once.
+        let (now, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| Workers::new(8).map(&items, |x| counted(&now, &most, || x * 3)));
+            }
+        });
+        assert!(most.load(Ordering::SeqCst) > 4 + 3);
+    }
 
     #[test]
     fn results_come_back_in_item_order_at_any_thread_count() {

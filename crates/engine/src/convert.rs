@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use vconvert_core::{
     zero_runs, BlockMap, Chunk, ChunkEncoder, CreateParams, Encoded, Error, ExtentKind, Format,
-    ImageReader, ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind, Workers,
+    ImageReader, ImageWriter, IoBuffer, Options, Output, Result, Run, RunKind, ThreadBudget,
+    Workers,
 };
 
 use crate::registry::{with_writer, WriterJob};
@@ -78,9 +79,17 @@ pub type RawObserver<'a> = &'a (dyn Fn(RawBytes<'_>) + Sync);
 /// How to convert.
 #[derive(Clone)]
 pub struct ConvertOptions<'a> {
-    /// Worker threads (`-m`) that encode and write; 0 means every core. Reading (and
-    /// decompressing) the source runs on as many threads again.
+    /// Worker threads (`-m`) that encode and write; 0 means every core (with
+    /// `shared_threads`, the caller's and the whole budget). Reading (and decompressing) the source
+    /// runs on as many threads again.
     pub threads: usize,
+    /// Extra threads shared with the other conversions given the same budget (a
+    /// service's running imports): each parallel step borrows up to `threads - 1`
+    /// from it while it runs and makes do with what is free, so together the
+    /// conversions never start more than the budget beyond their own reading and
+    /// placing threads. `None`: this conversion starts its own. The output is the
+    /// same either way.
+    pub shared_threads: Option<ThreadBudget>,
     /// Zero detection granularity in bytes (`-S`, default 4 KiB); 0 disables detection
     /// and makes the output fully allocated, as qemu-img does.
     pub sparse_size: u64,
@@ -127,6 +136,7 @@ impl Default for ConvertOptions<'_> {
     fn default() -> Self {
         ConvertOptions {
             threads: 0,
+            shared_threads: None,
             sparse_size: 4096,
             mem_per_thread: 64 << 20,
             no_sync: false,
@@ -216,14 +226,18 @@ pub fn copy_image<W: ImageWriter>(
     params: &CreateParams,
     opts: &ConvertOptions<'_>,
 ) -> Result<()> {
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        opts.threads
+    let threads = match (opts.threads, &opts.shared_threads) {
+        // The caller's thread and the whole budget: a conversion alone uses it all.
+        (0, Some(budget)) => budget.threads() + 1,
+        (0, None) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        (n, _) => n,
     };
     // Threads that block when idle (see `Workers`): encoding and placement use
-    // `threads` of them, reading as many more.
-    let workers = Workers::new(threads);
+    // `threads` of them, reading as many more (all borrowed from a shared budget).
+    let workers = match &opts.shared_threads {
+        Some(budget) => Workers::shared(threads, budget),
+        None => Workers::new(threads),
+    };
 
     let size = src.virtual_size();
     let chunk_size = writer.chunk_size().max(512);

@@ -40,5 +40,5 @@ pub use registry::{create, open, open_file, probe, repair_leaks, OpenOptions, MA
 pub use resize::{new_size, resize, ResizeOptions};
 pub use snapshot::{snapshot, SnapshotOp};
 pub use vconvert_core::{
-    raise_open_file_limit, Error, Format, ImageInfo, ImageReader, Options, Result,
+    raise_open_file_limit, Error, Format, ImageInfo, ImageReader, Options, Result, ThreadBudget,
 };

@@ -83,6 +83,67 @@ fn output_is_identical_at_any_thread_count() {
     assert!(outs.iter().all(|o| *o == outs[0]));
 }
 
+/// Conversions sharing a thread budget (as vimport's imports do) write the same bytes
+/// as one with threads of its own, whatever the budget's size, and give every thread
+/// back.
+#[test]
+fn output_is_identical_with_a_shared_thread_budget_of_any_size() {
+    let parts: Vec<_> = (0..40u64)
+        .map(|i| {
+            let kind = [ModelKind::Data, ModelKind::Unallocated, ModelKind::Zero][(i % 3) as usize];
+            ((i * 7919 % 300 + 1) * 4096, kind, i + 1)
+        })
+        .collect();
+    let model = ModelImage::from_parts(&parts);
+    let dir = tempdir();
+    for format in [Format::Raw, Format::Qcow2] {
+        let own = dir.path().join(format!("own.{format}"));
+        let opts = ConvertOptions {
+            mem_per_thread: 256 << 10,
+            identity_seed: Some(7),
+            ..raw_opts(2)
+        };
+        convert(&model, &own, format, Options::new(), &opts).unwrap();
+        let own = std::fs::read(&own).unwrap();
+        if format == Format::Raw {
+            assert_eq!(own, model.bytes);
+        }
+        for size in [0, 1, 4] {
+            let budget = vconvert_core::ThreadBudget::new(size);
+            let opts = ConvertOptions {
+                threads: 0,
+                shared_threads: Some(budget.clone()),
+                ..opts.clone()
+            };
+            // Two conversions at once over one budget.
+            let outs: Vec<Vec<u8>> = std::thread::scope(|s| {
+                let runs: Vec<_> = (0..2)
+                    .map(|i| {
+                        let (model, opts) = (&model, &opts);
+                        let out = dir.path().join(format!("b{size}-{i}.{format}"));
+                        s.spawn(move || {
+                            convert(model, &out, format, Options::new(), opts).unwrap();
+                            std::fs::read(&out).unwrap()
+                        })
+                    })
+                    .collect();
+                runs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for out in outs {
+                assert!(out == own, "{format}, budget {size}: different bytes");
+            }
+            assert_eq!(budget.lent(), 0);
+            assert!(budget.peak() <= size);
+            if size > 0 {
+                assert!(
+                    budget.peak() > 0,
+                    "the conversions borrowed from the budget"
+                );
+            }
+        }
+    }
+}
+
 /// A reader that fails once a read reaches `fail_at`.
 struct FailingReader {
     inner: ModelImage,

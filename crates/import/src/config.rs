@@ -15,6 +15,7 @@ pub const KEYS: &[&str] = &[
     "vmdk_allowed_types",
     "image_size_cap",
     "max_workers",
+    "convert_threads",
     "workspace_dir",
     "workspace_bytes",
     "store_dir",
@@ -51,6 +52,10 @@ pub const KEYS: &[&str] = &[
     "keystone_cache_size",
     "keystone_timeout",
 ];
+
+/// Most `convert_threads` accepted (a typo such as `40000` would start that many
+/// threads per step).
+pub const MAX_CONVERT_THREADS: usize = 1024;
 
 /// A token clients may send, and who it stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,6 +177,10 @@ pub struct Config {
     pub image_size_cap: u64,
     /// Conversions that may run at once.
     pub max_workers: usize,
+    /// Worker threads the running conversions share (beyond each one's reading and
+    /// placing threads): one import alone uses them all, two share them (default:
+    /// every core).
+    pub convert_threads: usize,
     /// Staging and conversion space.
     pub workspace_dir: PathBuf,
     /// Bytes the workspace may hold (staged uploads plus reserved conversion outputs).
@@ -346,6 +355,19 @@ impl Config {
                 }
             },
         };
+        let convert_threads = match get("convert_threads") {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some((v, src)) => match v.parse::<usize>() {
+                Ok(n) if n <= MAX_CONVERT_THREADS => n,
+                _ => {
+                    return Err(bad(
+                        "convert_threads",
+                        &src,
+                        format!("'{v}' is not a number of threads from 0 to {MAX_CONVERT_THREADS}"),
+                    ))
+                }
+            },
+        };
         let workspace_bytes = size("workspace_bytes", 64 << 30)?;
         if workspace_bytes == 0 {
             return Err(ConfigError("workspace_bytes must be more than 0".into()));
@@ -498,6 +520,7 @@ impl Config {
             ),
             image_size_cap: size("image_size_cap", 1 << 40)?,
             max_workers,
+            convert_threads,
             workspace_dir: path_or("workspace_dir", data_dir.join("workspace")),
             workspace_bytes,
             store_dir: path_or("store_dir", data_dir.join("store")),
@@ -731,6 +754,10 @@ mod tests {
         let c = Config::load(None, &env(&[("VIMPORT_DATA_DIR", "/d")])).unwrap();
         assert_eq!(c.output_format, Format::Raw);
         assert_eq!(c.max_workers, 2);
+        assert_eq!(
+            c.convert_threads,
+            std::thread::available_parallelism().unwrap().get()
+        );
         assert_eq!(c.image_size_cap, 1 << 40);
         assert_eq!(c.workspace_dir, PathBuf::from("/d/workspace"));
         assert_eq!(c.listen, "127.0.0.1:9292");
@@ -743,11 +770,16 @@ mod tests {
         std::fs::write(&file, "output_format = \"qcow2\"\nmax_workers = 4\nworkspace_bytes = \"10G\"\nvmdk_allowed_types = [\"streamOptimized\"]\n").unwrap();
         let c = Config::load(
             Some(&file),
-            &env(&[("VIMPORT_MAX_WORKERS", "3"), ("PATH", "/bin")]),
+            &env(&[
+                ("VIMPORT_MAX_WORKERS", "3"),
+                ("VIMPORT_CONVERT_THREADS", "1"),
+                ("PATH", "/bin"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.output_format, Format::Qcow2);
         assert_eq!(c.max_workers, 3, "the environment wins over the file");
+        assert_eq!(c.convert_threads, 1);
         assert_eq!(c.workspace_bytes, 10 << 30);
         assert_eq!(c.vmdk_allowed_types, vec!["streamOptimized"]);
 
@@ -815,6 +847,13 @@ mod tests {
             e.0.contains("max_workers") && e.0.contains("VIMPORT_MAX_WORKERS"),
             "{e}"
         );
+        for bad in ["-1", "many", "40000"] {
+            let e = Config::load(None, &env(&[("VIMPORT_CONVERT_THREADS", bad)])).unwrap_err();
+            assert!(
+                e.0.contains("convert_threads") && e.0.contains(bad) && e.0.contains("1024"),
+                "{e}"
+            );
+        }
         let e = Config::load(None, &env(&[("VIMPORT_OUTPUT_FORMAT", "ploop")])).unwrap_err();
         assert!(e.0.contains("ploop") && e.0.contains("raw, qcow2"), "{e}");
         let e = Config::load(None, &env(&[("VIMPORT_TOKENS", "a:p:root")])).unwrap_err();

@@ -21,7 +21,7 @@ pub const ENV: &str = "VIMPORT_FAILPOINTS";
 
 /// Every fail point, in the order an import (then a delete) reaches them.
 pub const STEPS: &[&str] = &[
-    // Staging: after the first chunk of the upload is written, then after the upload is
+    // Staging: after the first batch of the upload is written (not yet synced), then after the upload is
     // complete and synced but before the catalogue records it staged.
     "stage.receiving",
     "stage.received",

@@ -6,7 +6,8 @@
 //! upload them in one call), and an import task inspects the data under the untrusted
 //! policy, converts it to the operator's format, hashes it and stores it. Modules:
 //! [`http`] (axum routers, one per resource), [`service`] (images, tasks, tenancy,
-//! workers, shutdown), [`workflow`] (inspect → convert → hash → store, behind
+//! workers, shutdown), [`staging`] (an upload received and synced into the workspace),
+//! [`workflow`] (inspect → convert → hash → store, behind
 //! [`store::Store`]; [`digest`] hashes as the conversion writes), [`web_download`],
 //! [`db`] (SQLite or PostgreSQL, `migrations/`), `rbd_store` (Ceph RBD, cargo feature
 //! `rbd`), [`workspace`] (the staging quota), [`config`] (`vimport.toml` and `VIMPORT_*`),
@@ -26,6 +27,7 @@ pub mod policy;
 #[cfg(feature = "rbd")]
 pub mod rbd_store;
 pub mod service;
+pub mod staging;
 pub mod store;
 pub mod web_download;
 pub mod workflow;

@@ -13,7 +13,7 @@
 //! ([`Db::reap`]); see README, "Several hosts".
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 use vconvert_core::Identity;
-use vconvert_engine::{CancelToken, Policy};
+use vconvert_engine::{CancelToken, Policy, ThreadBudget};
 
 use crate::config::{
     parse_declared_format, Config, TokenEntry, ADMIN_PROJECT, GLANCE_CONTAINER_FORMATS,
@@ -31,6 +31,7 @@ use crate::db::{now, rfc3339, Backend, Db, Image, Location, Stored, Task};
 use crate::error::{Error, Result};
 use crate::keystone::{Keystone, Validation};
 use crate::policy::{self, Rule, Target};
+use crate::staging::{self, Pieces};
 use crate::store::{FsStore, Store, StoredData};
 use crate::workspace::Workspace;
 use crate::{failpoint, web_download, workflow};
@@ -228,6 +229,9 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Waiter>>,
     /// Imports being worked on now.
     running: AtomicUsize,
+    /// The worker threads every running conversion borrows from (`convert_threads`):
+    /// two imports at once share the cores instead of starting a set each.
+    threads: ThreadBudget,
     /// Set on SIGTERM/SIGINT: no new work starts.
     stopping: AtomicBool,
 }
@@ -284,6 +288,7 @@ impl Service {
             held: Mutex::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
+            threads: ThreadBudget::new(config.convert_threads),
             stopping: AtomicBool::new(false),
             config,
         });
@@ -1117,7 +1122,7 @@ impl Service {
         &self,
         caller: &Caller,
         id: &str,
-        body: &mut dyn Read,
+        body: &mut dyn Pieces,
         content_length: Option<u64>,
     ) -> Result<()> {
         self.may_receive_data(caller, id)?;
@@ -1130,7 +1135,7 @@ impl Service {
         &self,
         id: &str,
         status: &str,
-        body: &mut dyn Read,
+        body: &mut dyn Pieces,
         content_length: Option<u64>,
     ) -> Result<()> {
         let cap = self.config.image_size_cap;
@@ -1164,7 +1169,7 @@ impl Service {
             }
         }
         let path = self.workspace.staging_path(id);
-        match receive(&self.workspace, &path, body, content_length, &key, cap) {
+        match staging::receive(&self.workspace, &path, body, content_length, &key, cap) {
             Ok(()) => {
                 failpoint::hit("stage.received");
                 if status == "uploading"
@@ -1284,7 +1289,7 @@ impl Service {
         &self,
         caller: &Caller,
         id: &str,
-        body: &mut dyn Read,
+        body: &mut dyn Pieces,
         content_length: Option<u64>,
     ) -> Result<()> {
         self.may_receive_data(caller, id)?;
@@ -1668,6 +1673,7 @@ impl Service {
             target: self.config.output_format,
             policy: &policy,
             rate_limit: self.config.convert_rate_limit,
+            threads: &self.threads,
             cancel,
             progress: &progress,
             record: &|stored: &Stored| self.db.record_intent(&task.id, stored),
@@ -1738,56 +1744,6 @@ impl Service {
 /// The message of a successful import task.
 fn success_message(s: &Stored) -> String {
     format!("imported: stored as {} ({} bytes)", s.disk_format, s.size)
-}
-
-/// Streams `body` into `path`, holding workspace space under `key` as it grows when
-/// the length is unknown; refuses more than `cap` bytes.
-fn receive(
-    workspace: &Workspace,
-    path: &Path,
-    body: &mut dyn Read,
-    content_length: Option<u64>,
-    key: &str,
-    cap: u64,
-) -> Result<()> {
-    let mut f = std::fs::File::create(path).map_err(Error::internal)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = body
-            .read(&mut buf)
-            .map_err(|e| Error::BadRequest(format!("upload interrupted: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-        if total > cap {
-            return Err(Error::TooLarge(format!(
-                "the upload exceeds image_size_cap ({cap} bytes)"
-            )));
-        }
-        if let Some(len) = content_length {
-            if total > len {
-                return Err(Error::BadRequest(format!(
-                    "upload longer than its Content-Length ({len} bytes)"
-                )));
-            }
-        } else if !workspace.try_hold(key, n as u64) {
-            return Err(Error::TooLarge(
-                "workspace full while receiving the upload; try again later".into(),
-            ));
-        }
-        f.write_all(&buf[..n]).map_err(Error::internal)?;
-        failpoint::hit("stage.receiving");
-    }
-    if let Some(len) = content_length {
-        if total != len {
-            return Err(Error::BadRequest(format!(
-                "upload ended after {total} of {len} bytes"
-            )));
-        }
-    }
-    f.sync_all().map_err(Error::internal)
 }
 
 /// Glance's `_available_sort_keys`, and `min_disk`, `min_ram` (which Glance refuses).

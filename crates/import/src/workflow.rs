@@ -1,6 +1,6 @@
 //! The import workflow of one upload: inspect → convert → inspect again → hash →
-//! store. Blocking; it runs on a worker thread, and the conversion on the engine's own
-//! threads. It knows the store only through [`Store`] and records nothing in the
+//! store. Blocking; it runs on a worker thread, and the conversion on threads borrowed
+//! from the service's one budget ([`Job::threads`]). It knows the store only through [`Store`] and records nothing in the
 //! database: the caller turns its result into task and image state.
 
 use std::io::Read;
@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vconvert_core::{Format, Options};
-use vconvert_engine::{CancelToken, ConvertOptions, OpenOptions, Policy, RawBytes, RawObserver};
+use vconvert_engine::{
+    CancelToken, ConvertOptions, OpenOptions, Policy, RawBytes, RawObserver, ThreadBudget,
+};
 
 use crate::config::{disk_format_name, DiskFormat};
 use crate::db::Stored;
@@ -35,6 +37,9 @@ pub struct Job<'a> {
     pub policy: &'a Policy,
     /// Bytes per second the conversion may process.
     pub rate_limit: Option<u64>,
+    /// The worker threads shared by every running conversion (the service's one
+    /// budget): the conversion borrows from it instead of starting threads per core.
+    pub threads: &'a ThreadBudget,
     /// Cancels the import.
     pub cancel: &'a CancelToken,
     /// Told what the import is doing (the task's message).
@@ -270,6 +275,7 @@ fn with_convert_options(
         cancel: job.cancel.clone(),
         progress: Some(&progress),
         rate_limit: job.rate_limit,
+        shared_threads: Some(job.threads.clone()),
         observe_raw,
         ..ConvertOptions::default()
     };

@@ -184,6 +184,74 @@ fn never_more_conversions_than_max_workers() {
     }
 }
 
+/// Threads of process `pid` that run the engine's parallel steps (`vconvert-1`, …,
+/// `vconvert-join`; not the outputs' `vconvert-writeback`).
+fn step_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| {
+                c.strip_prefix("vconvert-").is_some_and(|rest| {
+                    rest.starts_with("join") || rest.starts_with(|c: char| c.is_ascii_digit())
+                })
+            })
+        })
+        .count()
+}
+
+/// Two imports at once borrow their worker threads from the service's one budget
+/// (`convert_threads`) instead of starting a set per core each: the engine's step
+/// threads never outnumber it, and the images are the same as
+/// with threads to spare.
+#[test]
+fn concurrent_imports_share_the_convert_threads() {
+    let Some(q) = qemu() else { return };
+    let dir = tempdir();
+    let v = Vimport::start(
+        &dir.path().join("data"),
+        &[
+            ("VIMPORT_MAX_WORKERS", "2"),
+            ("VIMPORT_CONVERT_THREADS", "1"),
+        ],
+    );
+    let pid = v.child.id();
+    let mut ids = Vec::new();
+    let mut sources = Vec::new();
+    for i in 0..2 {
+        // Compressed random data: reading it is parallel work for every batch.
+        let bytes = full_image(&q, dir.path(), "qcow2", 24 << 20, 70 + i);
+        let src = dir.path().join(format!("share-{i}.qcow2"));
+        std::fs::write(&src, &bytes).unwrap();
+        let id = v.create(&format!("share{i}"), "qcow2");
+        assert_eq!(v.stage(&id, &bytes), 204);
+        ids.push(id);
+        sources.push(src);
+    }
+    for id in &ids {
+        assert_eq!(v.import(id).0, 202);
+    }
+    let start = Instant::now();
+    let mut most = 0;
+    while ids.iter().any(|id| v.image(id)["status"] == "importing") {
+        for _ in 0..50 {
+            most = most.max(step_threads(pid));
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "imports hang");
+    }
+    assert!(
+        most <= 1,
+        "{most} engine threads ran at once with convert_threads = 1"
+    );
+    for (id, src) in ids.iter().zip(&sources) {
+        assert_eq!(v.image(id)["status"], "active");
+        let stored = dir.path().join(format!("{id}.raw"));
+        download(&v, id, &stored);
+        q.assert_same("qcow2", src, "raw", &stored);
+    }
+}
+
 #[test]
 fn workspace_quota_makes_imports_wait_and_refuses_what_never_fits() {
     let Some(q) = qemu() else { return };

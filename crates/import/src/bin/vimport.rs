@@ -18,6 +18,8 @@ VIMPORT_<KEY> environment variables, which win. Keys and defaults:
   vmdk_allowed_types  streamOptimized,monolithicSparse
   image_size_cap      1T
   max_workers         2
+  convert_threads     <cores>        (worker threads shared by all running
+                                      conversions; one import alone uses all)
   workspace_dir       <data_dir>/workspace
   workspace_bytes     64G
   store               fs             (fs: files in store_dir; rbd: a Ceph pool,

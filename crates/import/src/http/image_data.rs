@@ -2,7 +2,7 @@
 //! `PUT /v2/images/{id}/stage`, `PUT /v2/images/{id}/file` (upload through the import
 //! workflow) and `GET /v2/images/{id}/file` (with `Content-MD5` and `Range`).
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -12,27 +12,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::Router;
-use futures_util::TryStreamExt;
-use tokio_util::io::{StreamReader, SyncIoBridge};
+use futures_util::StreamExt;
 
 use super::auth::Auth;
 use super::{blocking, empty, AppState};
 use crate::error::{Error, Result};
+use crate::staging::{drain, Pieces, WRITE_BATCH};
 use crate::store::StoredData;
-
-/// Counts the bytes read through it (for the request log of chunked uploads).
-struct Counting<R> {
-    inner: R,
-    n: Arc<AtomicU64>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.n.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
 
 /// An empty 204 telling the request log how many bytes were received.
 fn received(n: &AtomicU64) -> Response {
@@ -42,36 +28,101 @@ fn received(n: &AtomicU64) -> Response {
     r
 }
 
-/// The request body as a blocking reader (for a blocking thread), its declared
-/// length, and the count of bytes read.
-fn body_reader(
-    headers: &HeaderMap,
-    body: Body,
-) -> (Box<dyn Read + Send>, Option<u64>, Arc<AtomicU64>) {
+/// Full pieces ([`WRITE_BATCH`] bytes) of a request body queued ahead of the blocking
+/// thread that writes them, so hyper goes on reading the socket meanwhile.
+const BODY_QUEUE: usize = 3;
+
+/// A request body's pieces for a blocking thread ([`Pieces`]), gathered into
+/// [`WRITE_BATCH`]-byte buffers by a task that reads the body on the runtime (copying
+/// each of hyper's pieces at once, so hyper reuses its read buffer); the buffers come
+/// back once written. Counts the bytes received.
+struct BodyPieces {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    spare: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    n: Arc<AtomicU64>,
+}
+
+impl Pieces for BodyPieces {
+    fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        match self.rx.blocking_recv() {
+            None => Ok(None),
+            Some(Ok(b)) => {
+                self.n.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Some(b))
+            }
+            Some(Err(e)) => Err(e),
+        }
+    }
+
+    fn recycle(&mut self, mut buf: Vec<u8>) {
+        buf.clear();
+        if let Ok(mut spare) = self.spare.lock() {
+            spare.push(buf);
+        }
+    }
+}
+
+/// The request body as pieces for a blocking thread, its declared length, and the
+/// count of bytes received.
+fn body_pieces(headers: &HeaderMap, body: Body) -> (BodyPieces, Option<u64>, Arc<AtomicU64>) {
     let len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let stream = body
-        .into_data_stream()
-        .map_err(|e| std::io::Error::other(e.to_string()));
-    let n = Arc::new(AtomicU64::new(0));
-    let reader = Counting {
-        inner: SyncIoBridge::new(StreamReader::new(stream)),
-        n: n.clone(),
+    let (tx, rx) = tokio::sync::mpsc::channel(BODY_QUEUE);
+    let spare = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let buffers = spare.clone();
+    let fresh = move || {
+        buffers
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_else(|| Vec::with_capacity(WRITE_BATCH))
     };
-    (Box::new(reader), len, n)
+    let mut stream = body.into_data_stream();
+    // Ends with the body, or when the blocking side stops taking pieces.
+    tokio::spawn(async move {
+        let mut buf = fresh();
+        while let Some(piece) = stream.next().await {
+            let mut piece: &[u8] = match &piece {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                    return;
+                }
+            };
+            while !piece.is_empty() {
+                let take = piece.len().min(WRITE_BATCH - buf.len());
+                buf.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if buf.len() == WRITE_BATCH {
+                    let full = std::mem::replace(&mut buf, fresh());
+                    if tx.send(Ok(full)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if !buf.is_empty() {
+            let _ = tx.send(Ok(buf)).await;
+        }
+    });
+    let n = Arc::new(AtomicU64::new(0));
+    (
+        BodyPieces {
+            rx,
+            spare,
+            n: n.clone(),
+        },
+        len,
+        n,
+    )
 }
 
 /// Bytes of a refused upload read and discarded before answering, so the client
 /// (which sends before it reads) sees the answer rather than a broken pipe; past
 /// this the connection is closed.
 const DRAIN_MAX: u64 = 64 << 20;
-
-/// Discards what is left of a refused upload, up to [`DRAIN_MAX`].
-fn drain(reader: &mut dyn Read) {
-    let _ = std::io::copy(&mut reader.take(DRAIN_MAX), &mut std::io::sink());
-}
 
 /// Refuses at once an upload whose announced size (`x-openstack-image-size`, which
 /// glanceclient sends with its chunked uploads) exceeds `image_size_cap`.
@@ -96,13 +147,13 @@ async fn stage(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let (mut reader, len, count) = body_reader(&headers, body);
+    let (mut body, len, count) = body_pieces(&headers, body);
     let svc = s.service.clone();
     let announced = check_announced_size(&s, &headers);
     blocking(move || {
-        let r = announced.and_then(|_| svc.stage(&caller, &id, &mut reader, len));
+        let r = announced.and_then(|_| svc.stage(&caller, &id, &mut body, len));
         if r.is_err() {
-            drain(&mut reader);
+            drain(&mut body, DRAIN_MAX);
         }
         r
     })
@@ -117,13 +168,13 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let (mut reader, len, count) = body_reader(&headers, body);
+    let (mut body, len, count) = body_pieces(&headers, body);
     let svc = s.service.clone();
     let announced = check_announced_size(&s, &headers);
     blocking(move || {
-        let r = announced.and_then(|_| svc.upload(&caller, &id, &mut reader, len));
+        let r = announced.and_then(|_| svc.upload(&caller, &id, &mut body, len));
         if r.is_err() {
-            drain(&mut reader);
+            drain(&mut body, DRAIN_MAX);
         }
         r
     })
