@@ -50,8 +50,13 @@ const FUZZ_TARGETS: [&str; 7] = [
     "probe_inspect",
 ];
 
+/// The workspace `cargo xtask` runs in: `cargo run` sets `CARGO_MANIFEST_DIR` for the
+/// process (the checkout it was started in, even when several checkouts share one
+/// `CARGO_TARGET_DIR` and so one built xtask); the compile-time value otherwise.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
