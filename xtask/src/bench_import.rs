@@ -223,27 +223,28 @@ fn create_stage_import(
     Ok((id, stage, t))
 }
 
-fn import_once(svc: &Service, file: &Path, disk_format: &str) -> Result<Import, String> {
-    let a = svc.addr.as_str();
-    let (id, stage, t) = create_stage_import(a, file, disk_format, true)?;
-    let (mut converting, mut hashing) = (None, None);
+/// Polls image `id`'s import task every 10 ms until it succeeds (seconds since `t`,
+/// and the image's JSON, checked `active`), fails, or runs past `limit` seconds;
+/// `each` sees every poll's time and task message.
+fn wait_active(
+    a: &str,
+    id: &str,
+    t: Instant,
+    limit: f64,
+    mut each: impl FnMut(f64, &str),
+) -> Result<(f64, String), String> {
     let total = loop {
         let (_, b) = http(a, "GET", &format!("/v2/images/{id}/tasks"), Body::None)?;
         let now = t.elapsed().as_secs_f64();
         let message = field(&b, "message").unwrap_or_default();
-        if converting.is_none() && message.starts_with("converting") {
-            converting = Some(now);
-        }
-        if hashing.is_none() && message.starts_with("computing checksums") {
-            hashing = Some(now);
-        }
+        each(now, &message);
         match field(&b, "status").as_deref() {
             Some("success") => break now,
             Some("failure") => return Err(format!("import failed: {message}")),
             _ => {}
         }
-        if now > 600.0 {
-            return Err("import not done in 10 minutes".into());
+        if now > limit {
+            return Err(format!("import not done in {limit:.0} s"));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -251,6 +252,21 @@ fn import_once(svc: &Service, file: &Path, disk_format: &str) -> Result<Import, 
     if field(&img, "status").as_deref() != Some("active") {
         return Err(format!("image not active after its task succeeded: {img}"));
     }
+    Ok((total, img))
+}
+
+fn import_once(svc: &Service, file: &Path, disk_format: &str) -> Result<Import, String> {
+    let a = svc.addr.as_str();
+    let (id, stage, t) = create_stage_import(a, file, disk_format, true)?;
+    let (mut converting, mut hashing) = (None, None);
+    let (total, img) = wait_active(a, &id, t, 600.0, |now, message| {
+        if converting.is_none() && message.starts_with("converting") {
+            converting = Some(now);
+        }
+        if hashing.is_none() && message.starts_with("computing checksums") {
+            hashing = Some(now);
+        }
+    })?;
     let checksum = field(&img, "checksum").unwrap_or_default();
     let _ = http(a, "DELETE", &format!("/v2/images/{id}"), Body::None);
     let converting = converting.unwrap_or(0.0);
@@ -620,29 +636,9 @@ fn rbd_import_once(
     let a = svc.addr.as_str();
     let (id, _, t) = create_stage_import(a, file, "qcow2", false)?;
     let mut peak = allocated(workspace);
-    let total = loop {
+    let (total, img) = wait_active(a, &id, t, 1200.0, |_, _| {
         peak = peak.max(allocated(workspace));
-        let (_, b) = http(a, "GET", &format!("/v2/images/{id}/tasks"), Body::None)?;
-        let now = t.elapsed().as_secs_f64();
-        match field(&b, "status").as_deref() {
-            Some("success") => break now,
-            Some("failure") => {
-                return Err(format!(
-                    "import failed: {}",
-                    field(&b, "message").unwrap_or_default()
-                ))
-            }
-            _ => {}
-        }
-        if now > 1200.0 {
-            return Err("import not done in 20 minutes".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let (_, img) = http(a, "GET", &format!("/v2/images/{id}"), Body::None)?;
-    if field(&img, "status").as_deref() != Some("active") {
-        return Err(format!("image not active after its task succeeded: {img}"));
-    }
+    })?;
     let used = rbd_used(conf, &format!("{pool}/{id}"))?;
     let checksum = field(&img, "checksum").unwrap_or_default();
     let _ = http(a, "DELETE", &format!("/v2/images/{id}"), Body::None);
