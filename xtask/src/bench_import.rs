@@ -180,15 +180,14 @@ struct Import {
     checksum: String,
 }
 
-/// Creates an image, stages `file` into it (timed, `warm`: the file read into the page
-/// cache first) and starts its `glance-direct` import. Returns the image id, the
-/// staging seconds and the instant the import was requested.
-fn create_stage_import(
+/// Creates an image and stages `file` into it (`warm`: the file read into the page
+/// cache first, not timed). Returns the image id and the staging seconds.
+fn create_staged(
     a: &str,
     file: &Path,
     disk_format: &str,
     warm: bool,
-) -> Result<(String, f64, Instant), String> {
+) -> Result<(String, f64), String> {
     let body =
         format!(r#"{{"name":"bench","disk_format":"{disk_format}","container_format":"bare"}}"#);
     let (s, b) = http(a, "POST", "/v2/images", Body::Json(&body))?;
@@ -209,8 +208,11 @@ fn create_stage_import(
     if !(200..300).contains(&s) {
         return Err(format!("stage: {s} {b}"));
     }
-    let _ = Command::new("sync").status();
-    let t = Instant::now();
+    Ok((id, stage))
+}
+
+/// Requests the `glance-direct` import of staged image `id`.
+fn start_import(a: &str, id: &str) -> Result<(), String> {
     let (s, b) = http(
         a,
         "POST",
@@ -220,6 +222,21 @@ fn create_stage_import(
     if s != 202 {
         return Err(format!("import: {s} {b}"));
     }
+    Ok(())
+}
+
+/// [`create_staged`], then the import started once the upload is synced. Returns the
+/// image id, the staging seconds and the instant the import was requested.
+fn create_stage_import(
+    a: &str,
+    file: &Path,
+    disk_format: &str,
+    warm: bool,
+) -> Result<(String, f64, Instant), String> {
+    let (id, stage) = create_staged(a, file, disk_format, warm)?;
+    let _ = Command::new("sync").status();
+    let t = Instant::now();
+    start_import(a, &id)?;
     Ok((id, stage, t))
 }
 
@@ -452,23 +469,7 @@ const CONCURRENT_UPLOADS: [(&str, &str); 2] = [("disk.qcow2", "qcow2"), ("disk-c
 
 /// Stages `file` as a new image; its id.
 fn staged(svc: &Service, file: &Path, disk_format: &str) -> Result<String, String> {
-    let a = svc.addr.as_str();
-    let body =
-        format!(r#"{{"name":"bench","disk_format":"{disk_format}","container_format":"bare"}}"#);
-    let (s, b) = http(a, "POST", "/v2/images", Body::Json(&body))?;
-    let id = field(&b, "id")
-        .filter(|_| s == 201)
-        .ok_or(format!("create: {s} {b}"))?;
-    let (s, b) = http(
-        a,
-        "PUT",
-        &format!("/v2/images/{id}/stage"),
-        Body::File(file),
-    )?;
-    if !(200..300).contains(&s) {
-        return Err(format!("stage: {s} {b}"));
-    }
-    Ok(id)
+    create_staged(svc.addr.as_str(), file, disk_format, false).map(|(id, _)| id)
 }
 
 /// Imports the staged images `ids` at once (`glance-direct`); seconds from the first
@@ -478,15 +479,7 @@ fn import_all(svc: &Service, ids: &[String]) -> Result<f64, String> {
     let _ = Command::new("sync").status();
     let t = Instant::now();
     for id in ids {
-        let (s, b) = http(
-            a,
-            "POST",
-            &format!("/v2/images/{id}/import"),
-            Body::Json(r#"{"method":{"name":"glance-direct"}}"#),
-        )?;
-        if s != 202 {
-            return Err(format!("import: {s} {b}"));
-        }
+        start_import(a, id)?;
     }
     let mut left: Vec<&String> = ids.iter().collect();
     while !left.is_empty() {
