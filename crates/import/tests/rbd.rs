@@ -185,6 +185,25 @@ fn start(data: &Path, pool: &TestPool, extra: &[(&str, &str)]) -> Vimport {
     Vimport::start(data, &all)
 }
 
+/// A compressed qcow2 `name` in `dir` (qemu-img convert -c) of `size` bytes of
+/// compressible raw data made from `seed`.
+fn compressed_qcow2(q: &Qemu, dir: &Path, name: &str, size: u64, seed: u64) -> PathBuf {
+    let raw = dir.join(format!("{name}.raw"));
+    vconvert_testkit::write_compressible_raw(&raw, size, seed);
+    let qcow = dir.join(name);
+    q.img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]);
+    qcow
+}
+
 /// A qemu-made image of `format` (qemu-img's name) with `options` from `layout`.
 fn qemu_image(
     q: &Qemu,
@@ -469,19 +488,7 @@ fn failed_cancelled_or_killed_imports_leave_no_rbd_image() {
 
     // 1. A compressed qcow2 whose last compressed cluster is corrupt: inspection
     // passes, the conversion fails after the RBD image was made and partly written.
-    let raw = dir.path().join("compressible.raw");
-    vconvert_testkit::write_compressible_raw(&raw, 32 << 20, 5);
-    let qcow = dir.path().join("corrupt.qcow2");
-    q.img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    let qcow = compressed_qcow2(&q, dir.path(), "corrupt.qcow2", 32 << 20, 5);
     let at = *compressed_clusters(&qcow)
         .last()
         .expect("a compressed cluster");
@@ -598,19 +605,7 @@ fn a_raw_import_into_rbd_reserves_only_the_staged_upload() {
     let pool = TestPool::new(&conf, "workspace");
     let dir = tempdir();
     // A compressed qcow2 whose raw data is about three times its size.
-    let raw = dir.path().join("compressible.raw");
-    vconvert_testkit::write_compressible_raw(&raw, 48 << 20, 8);
-    let qcow = dir.path().join("src.qcow2");
-    q.img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    let qcow = compressed_qcow2(&q, dir.path(), "src.qcow2", 48 << 20, 8);
     let staged = std::fs::metadata(&qcow).unwrap().len();
     let data = vconvert_engine::measure(
         Some(
