@@ -193,7 +193,10 @@ impl Keystone {
         u.strip_suffix("/v3").unwrap_or(u)
     }
 
+    /// The 503 for Keystone failing `what`, also logged: the client sees only the answer,
+    /// the operator needs the cause in the log.
     fn unavailable(&self, what: &str) -> Error {
+        tracing::warn!("Keystone at {} {what}", self.config.auth_url);
         Error::Unavailable(format!(
             "cannot validate the token: Keystone at {} {what}; try again later (operator: \
              check that Keystone is up and [keystone] auth_url is right)",

@@ -143,7 +143,10 @@ impl Gunicorn {
             )
             .arg("sh")
             .arg(venv.join("bin/gunicorn"))
-            .args(["--no-control-socket", "--workers", "1", "--threads", "8"])
+            // One thread: Keystone on SQLite (the tests' database) fails a request
+            // with "database is locked" when another writes at the same moment, and
+            // every login writes (the user's `last_active_at`).
+            .args(["--no-control-socket", "--workers", "1", "--threads", "1"])
             .args(["--graceful-timeout", "2", "--timeout", "120"])
             .arg("--bind")
             .arg(format!("127.0.0.1:{port}"))
@@ -224,6 +227,38 @@ fn must(what: &str, cmd: &mut Command) {
     );
 }
 
+/// Writes `dir/keystone.conf` (a Keystone whose database and log are in `dir` and whose
+/// token and credential keys are in `keys`) and the WSGI entry point gunicorn serves;
+/// returns the configuration's path.
+fn write_conf(dir: &Path, keys: &Path) -> PathBuf {
+    let conf = dir.join("keystone.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[DEFAULT]\nlog_file = {log}\n\
+             [database]\nconnection = sqlite:///{db}\n\
+             [identity]\npassword_hash_rounds = 4\n\
+             [token]\nprovider = fernet\nexpiration = 3600\n\
+             [fernet_tokens]\nkey_repository = {fernet}\n\
+             [credential]\nkey_repository = {cred}\n",
+            log = dir.join("keystone.log").display(),
+            db = dir.join("keystone.db").display(),
+            fernet = keys.join("fernet-keys").display(),
+            cred = keys.join("credential-keys").display(),
+        ),
+    )
+    .unwrap();
+    // Keystone's WSGI app parses sys.argv as its own options: hide gunicorn's.
+    std::fs::write(
+        dir.join("ks_wsgi.py"),
+        "import sys\nsys.argv = sys.argv[:1]\n\
+         from keystone.server import wsgi\n\
+         application = wsgi.initialize_public_application()\n",
+    )
+    .unwrap();
+    conf
+}
+
 impl Keystone {
     fn get() -> Option<&'static Keystone> {
         static KS: OnceLock<Option<Keystone>> = OnceLock::new();
@@ -234,30 +269,7 @@ impl Keystone {
         let started = Instant::now();
         // Removed by the gunicorn shell when the test process ends.
         let dir = vconvert_testkit::tempdir().keep();
-        let conf = dir.join("keystone.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "[DEFAULT]\nlog_file = {log}\n\
-                 [database]\nconnection = sqlite:///{db}\n\
-                 [token]\nprovider = fernet\nexpiration = 3600\n\
-                 [fernet_tokens]\nkey_repository = {fernet}\n\
-                 [credential]\nkey_repository = {cred}\n",
-                log = dir.join("keystone.log").display(),
-                db = dir.join("keystone.db").display(),
-                fernet = dir.join("fernet-keys").display(),
-                cred = dir.join("credential-keys").display(),
-            ),
-        )
-        .unwrap();
-        // Keystone's WSGI app parses sys.argv as its own options: hide gunicorn's.
-        std::fs::write(
-            dir.join("ks_wsgi.py"),
-            "import sys\nsys.argv = sys.argv[:1]\n\
-             from keystone.server import wsgi\n\
-             application = wsgi.initialize_public_application()\n",
-        )
-        .unwrap();
+        let conf = write_conf(&dir, &dir);
         let manage = |args: &[&str]| {
             let mut c = Command::new(venv.join("bin/keystone-manage"));
             c.arg("--config-file").arg(&conf).args(args);
@@ -348,6 +360,23 @@ impl Keystone {
             &[("X-Auth-Token", &self.admin)],
             body,
         )
+    }
+
+    /// A second Keystone's directory: a snapshot of this one's database (SQLite's backup,
+    /// consistent while this one writes) and the same keys, so that it validates this
+    /// one's tokens for everything created so far without writing to its database.
+    fn replica(&self) -> PathBuf {
+        let dir = vconvert_testkit::tempdir().keep();
+        write_conf(&dir, &self.dir);
+        must(
+            "snapshot Keystone's database",
+            Command::new(self.venv.join("bin/python3"))
+                .arg("-c")
+                .arg("import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))")
+                .arg(self.dir.join("keystone.db"))
+                .arg(dir.join("keystone.db")),
+        );
+        dir
     }
 
     /// A new project in the default domain; its id.
@@ -491,7 +520,7 @@ impl Vimport {
             format!(
                 "data_dir = \"{}\"\nlisten = \"127.0.0.1:0\"\n\n[keystone]\n\
                  auth_url = \"{keystone}/v3\"\n{login}\n\
-                 cache_seconds = {cache_seconds}\ncache_size = 1000\ntimeout = 5\n",
+                 cache_seconds = {cache_seconds}\ncache_size = 1000\ntimeout = 30\n",
                 data.display()
             ),
         )
@@ -601,6 +630,8 @@ impl std::fmt::Display for Run {
 struct Cloud<'a> {
     ks: &'a Keystone,
     tenants: &'a Tenants,
+    /// The vimport the clients talk to (its log goes into a failure's message).
+    vimport: &'a Vimport,
     region: String,
     home: PathBuf,
 }
@@ -641,7 +672,12 @@ impl Cloud<'_> {
 
     fn glance_ok(&self, who: &str, args: &[&str]) -> String {
         let r = self.glance(who, args);
-        assert!(r.ok, "glance {} as {who}:\n{r}", args.join(" "));
+        assert!(
+            r.ok,
+            "glance {} as {who}:\n{r}\nvimport's log:\n{}",
+            args.join(" "),
+            self.vimport.log()
+        );
         r.stdout
     }
 
@@ -653,8 +689,12 @@ impl Cloud<'_> {
             &self.ks.venv.join("bin/python3"),
             &[&script.display().to_string(), op, &args.to_string()],
         );
-        let v: Value = serde_json::from_str(r.stdout.trim())
-            .unwrap_or_else(|_| panic!("openstacksdk {op} as {who}:\n{r}"));
+        let v: Value = serde_json::from_str(r.stdout.trim()).unwrap_or_else(|_| {
+            panic!(
+                "openstacksdk {op} as {who}:\n{r}\nvimport's log:\n{}",
+                self.vimport.log()
+            )
+        });
         match v.get("ok") {
             Some(ok) => Ok(ok.clone()),
             None => Err(v["error"].clone()),
@@ -714,6 +754,7 @@ fn cloud_users_import_share_and_are_held_to_glances_policy() {
     let cloud = Cloud {
         ks,
         tenants: &tenants,
+        vimport: &v,
         region: "region-share".into(),
         home: dir.path().join("home"),
     };
@@ -1024,13 +1065,15 @@ fn revoked_and_invalid_tokens_are_refused() {
     assert_eq!(s, 200, "{body}");
 }
 
-/// Keystone stopped: 503 naming Keystone, never a pass. (A second gunicorn serves the
-/// same Keystone on another port; stopping it leaves the other tests' Keystone up.)
+/// Keystone stopped: 503 naming Keystone, never a pass. (A second Keystone, a replica
+/// of the first on another port, is the one stopped: the other tests' stays up.)
 #[test]
 fn keystone_stopped_answers_503() {
     let Some(ks) = Keystone::get() else { return };
     let dir = vconvert_testkit::tempdir();
-    let mut second = Gunicorn::start(&ks.venv, &ks.dir, false);
+    let tenants = Tenants::new(ks, "down");
+    let token = tenants.token(&ks.server.url, "a-member");
+    let mut second = Gunicorn::start(&ks.venv, &ks.replica(), true);
     // No caching: every request asks Keystone.
     let v = Vimport::start(
         dir.path(),
@@ -1038,8 +1081,6 @@ fn keystone_stopped_answers_503() {
         0,
         &password_login(SERVICE_USER, "service"),
     );
-    let tenants = Tenants::new(ks, "down");
-    let token = tenants.token(&ks.server.url, "a-member");
     let (s, _, body) = v.call("GET", "/v2/images", &token);
     assert_eq!(s, 200, "{body}\n{}", v.log());
     second.stop();
