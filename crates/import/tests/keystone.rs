@@ -227,10 +227,10 @@ fn must(what: &str, cmd: &mut Command) {
     );
 }
 
-/// Writes `dir/keystone.conf` (a Keystone whose database and log are in `dir` and whose
-/// token and credential keys are in `keys`) and the WSGI entry point gunicorn serves;
-/// returns the configuration's path.
-fn write_conf(dir: &Path, keys: &Path) -> PathBuf {
+/// Writes `dir/keystone.conf` (a Keystone whose database and log are in `dir`, whose
+/// token and credential keys are in `keys` and whose tokens live `token_seconds`) and
+/// the WSGI entry point gunicorn serves; returns the configuration's path.
+fn write_conf(dir: &Path, keys: &Path, token_seconds: u32) -> PathBuf {
     let conf = dir.join("keystone.conf");
     std::fs::write(
         &conf,
@@ -238,7 +238,7 @@ fn write_conf(dir: &Path, keys: &Path) -> PathBuf {
             "[DEFAULT]\nlog_file = {log}\n\
              [database]\nconnection = sqlite:///{db}\n\
              [identity]\npassword_hash_rounds = 4\n\
-             [token]\nprovider = fernet\nexpiration = 3600\n\
+             [token]\nprovider = fernet\nexpiration = {token_seconds}\n\
              [fernet_tokens]\nkey_repository = {fernet}\n\
              [credential]\nkey_repository = {cred}\n",
             log = dir.join("keystone.log").display(),
@@ -269,7 +269,7 @@ impl Keystone {
         let started = Instant::now();
         // Removed by the gunicorn shell when the test process ends.
         let dir = vconvert_testkit::tempdir().keep();
-        let conf = write_conf(&dir, &dir);
+        let conf = write_conf(&dir, &dir, 3600);
         let manage = |args: &[&str]| {
             let mut c = Command::new(venv.join("bin/keystone-manage"));
             c.arg("--config-file").arg(&conf).args(args);
@@ -364,10 +364,11 @@ impl Keystone {
 
     /// A second Keystone's directory: a snapshot of this one's database (SQLite's backup,
     /// consistent while this one writes) and the same keys, so that it validates this
-    /// one's tokens for everything created so far without writing to its database.
-    fn replica(&self) -> PathBuf {
+    /// one's tokens for everything created so far without writing to its database. The
+    /// tokens it issues live `token_seconds`.
+    fn replica(&self, token_seconds: u32) -> PathBuf {
         let dir = vconvert_testkit::tempdir().keep();
-        write_conf(&dir, &self.dir);
+        write_conf(&dir, &self.dir, token_seconds);
         must(
             "snapshot Keystone's database",
             Command::new(self.venv.join("bin/python3"))
@@ -1073,7 +1074,7 @@ fn keystone_stopped_answers_503() {
     let dir = vconvert_testkit::tempdir();
     let tenants = Tenants::new(ks, "down");
     let token = tenants.token(&ks.server.url, "a-member");
-    let mut second = Gunicorn::start(&ks.venv, &ks.replica(), true);
+    let mut second = Gunicorn::start(&ks.venv, &ks.replica(3600), true);
     // No caching: every request asks Keystone.
     let v = Vimport::start(
         dir.path(),
@@ -1093,6 +1094,35 @@ fn keystone_stopped_answers_503() {
             "{msg}"
         );
     }
+}
+
+/// An expired token is refused when it expires, even with its answer cached for
+/// longer. (Its Keystone, a replica, issues tokens that live 20 s.)
+#[test]
+fn expired_tokens_are_refused_though_cached() {
+    let Some(ks) = Keystone::get() else { return };
+    let dir = vconvert_testkit::tempdir();
+    let tenants = Tenants::new(ks, "expiry");
+    let short = Gunicorn::start(&ks.venv, &ks.replica(20), true);
+    let v = Vimport::start(
+        dir.path(),
+        &short.url,
+        3600,
+        &password_login(SERVICE_USER, "service"),
+    );
+    let token = tenants.token(&short.url, "a-member");
+    let issued = Instant::now();
+    let (s, _, body) = v.call("GET", "/v2/images", &token);
+    assert_eq!(s, 200, "{body}\n{}", v.log());
+    assert!(
+        issued.elapsed() < Duration::from_secs(19),
+        "the first call took {:?}: too slow to see the token valid",
+        issued.elapsed()
+    );
+    // Keystone's `expires_at` has a one-second grain.
+    std::thread::sleep(Duration::from_secs(21).saturating_sub(issued.elapsed()));
+    let (s, _, body) = v.call("GET", "/v2/images", &token);
+    assert_eq!(s, 401, "an expired token passed: {body}\n{}", v.log());
 }
 
 /// Keystone refuses vimport's own token (revoked: its user was disabled and enabled
