@@ -362,11 +362,11 @@ impl Keystone {
         )
     }
 
-    /// A second Keystone's directory: a snapshot of this one's database (SQLite's backup,
-    /// consistent while this one writes) and the same keys, so that it validates this
-    /// one's tokens for everything created so far without writing to its database. The
-    /// tokens it issues live `token_seconds`.
-    fn replica(&self, token_seconds: u32) -> PathBuf {
+    /// A second Keystone, served on a port of its own: a snapshot of this one's database
+    /// (SQLite's backup, consistent while this one writes) and the same keys, so that it
+    /// validates this one's tokens for everything created so far without writing to its
+    /// database. The tokens it issues live `token_seconds`; its directory goes with it.
+    fn replica(&self, token_seconds: u32) -> Gunicorn {
         let dir = vconvert_testkit::tempdir().keep();
         write_conf(&dir, &self.dir, token_seconds);
         must(
@@ -377,7 +377,7 @@ impl Keystone {
                 .arg(self.dir.join("keystone.db"))
                 .arg(dir.join("keystone.db")),
         );
-        dir
+        Gunicorn::start(&self.venv, &dir, true)
     }
 
     /// A new project in the default domain; its id.
@@ -1074,7 +1074,7 @@ fn keystone_stopped_answers_503() {
     let dir = vconvert_testkit::tempdir();
     let tenants = Tenants::new(ks, "down");
     let token = tenants.token(&ks.server.url, "a-member");
-    let mut second = Gunicorn::start(&ks.venv, &ks.replica(3600), true);
+    let mut second = ks.replica(3600);
     // No caching: every request asks Keystone.
     let v = Vimport::start(
         dir.path(),
@@ -1103,7 +1103,7 @@ fn expired_tokens_are_refused_though_cached() {
     let Some(ks) = Keystone::get() else { return };
     let dir = vconvert_testkit::tempdir();
     let tenants = Tenants::new(ks, "expiry");
-    let short = Gunicorn::start(&ks.venv, &ks.replica(20), true);
+    let short = ks.replica(20);
     let v = Vimport::start(
         dir.path(),
         &short.url,
