@@ -127,6 +127,43 @@ impl TargetFile {
     }
 }
 
+impl TargetFile {
+    /// Allocates the blocks of `offset..offset + len`, which direct writes are about to
+    /// fill entirely, so that those writes can run at once. Linux filesystems (ext4,
+    /// XFS) hold a file's exclusive lock through a direct write that allocates blocks,
+    /// which makes every allocating write wait for the one before it, while direct
+    /// writes into allocated blocks (even ones that still read as zeros) share the
+    /// lock. Measured on ext4: raw -> qcow2, 720 MiB of data written directly by two
+    /// threads, 0.37-0.40 s of writing without this, 0.31-0.35 s with it. Nothing
+    /// is allocated that the writes would not allocate; does nothing when writes go
+    /// through the page cache (which allocates when it writes back) or when the
+    /// filesystem cannot allocate ahead (the writes then allocate as before).
+    pub fn reserve(&self, offset: u64, len: u64) {
+        if len > 0 && self.is_direct() {
+            // Only a hint: a refusal (EOPNOTSUPP, or ENOSPC that the write will report
+            // with its own context) changes nothing.
+            let _ =
+                rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), offset, len);
+        }
+    }
+}
+
+impl TargetFile {
+    /// The threads that write a step's data to this file: the step's own when writes
+    /// go directly (several writes in flight keep the disk busy), one when they go
+    /// through the page cache. A buffered write holds the file's lock while it copies
+    /// into the cache, and a second writer waits by spinning on it: on 2 cores,
+    /// raw -> qcow2 `-t unsafe` spent 9-19 % of its time in `rwsem_spin_on_owner`
+    /// with two writing threads.
+    pub fn writers(&self, workers: &crate::Workers) -> crate::Workers {
+        if self.is_direct() {
+            workers.clone()
+        } else {
+            crate::Workers::new(1)
+        }
+    }
+}
+
 impl Deref for TargetFile {
     type Target = File;
 
@@ -507,6 +544,48 @@ mod tests {
                 expect,
                 "existing {existing}"
             );
+        }
+    }
+
+    /// A reservation allocates exactly its range, and only for a file written
+    /// directly; writes into it read back as written; a file written through the page
+    /// cache gets one writing thread, a direct one the step's.
+    #[test]
+    fn reservations_allocate_only_their_range_and_only_for_direct_writes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let workers = crate::Workers::new(3);
+        let page = DIRECT_ALIGN as u64;
+        for direct in [true, false] {
+            let target = dir.path().join(format!("out-{direct}.img"));
+            let mut out = Output::new(&target, false);
+            out.write_direct(direct);
+            let f = out.create_file(&target).unwrap();
+            assert_eq!(
+                f.writers(&workers).threads(),
+                if f.is_direct() { 3 } else { 1 }
+            );
+            f.set_len(64 * page).unwrap();
+            f.reserve(16 * page, 8 * page);
+            let blocks = f.metadata().unwrap().blocks() * 512;
+            if f.is_direct() {
+                // The filesystem may allocate in larger units, never less.
+                assert!(blocks >= 8 * page, "{blocks} bytes allocated");
+                assert!(blocks <= 16 * page, "{blocks} bytes allocated");
+            } else {
+                assert_eq!(blocks, 0, "a buffered file reserved {blocks} bytes");
+            }
+            let mut data = crate::IoBuffer::zeroed(8 * page as usize);
+            data.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i % 249) as u8 + 1);
+            f.write_all_at(&data, 16 * page).unwrap();
+            out.commit().unwrap();
+            let back = std::fs::read(&target).unwrap();
+            assert_eq!(back.len() as u64, 64 * page);
+            assert_eq!(&back[16 * page as usize..24 * page as usize], &data[..]);
+            assert!(back[..16 * page as usize].iter().all(|&b| b == 0));
+            assert!(back[24 * page as usize..].iter().all(|&b| b == 0));
         }
     }
 

@@ -458,7 +458,8 @@ impl Reader<'_> {
             } else {
                 base_window
             };
-            for group in ranges.chunks(self.batch) {
+            let groups = ranges.len().div_ceil(self.batch);
+            for (g, group) in ranges.chunks(self.batch).enumerate() {
                 self.cancel.check()?;
                 let chunks = self.workers.try_map(group, |r| {
                     read_chunk(
@@ -470,18 +471,25 @@ impl Reader<'_> {
                         self.buffers,
                     )
                 })?;
-                let done = group.last().map_or(pos, |r| r.end);
+                // The window's last batch also reports the zeros after its data.
+                let done = if g + 1 == groups {
+                    end
+                } else {
+                    group.last().map_or(pos, |r| r.end)
+                };
                 if tx.send(Ok(Batch { chunks, done })).is_err() {
                     return Ok(());
                 }
             }
             pos = end;
-            if tx
-                .send(Ok(Batch {
-                    chunks: Vec::new(),
-                    done: pos,
-                }))
-                .is_err()
+            // A window without data still reports progress.
+            if ranges.is_empty()
+                && tx
+                    .send(Ok(Batch {
+                        chunks: Vec::new(),
+                        done: pos,
+                    }))
+                    .is_err()
             {
                 return Ok(());
             }

@@ -725,11 +725,23 @@ impl ImageWriter for Qcow2Writer {
             self.assign(chunk, p, &mut runs)?;
             jobs.extend(runs.iter().map(|&r| (i, r)));
         }
+        // The batch's data clusters are consecutive (allocated in guest order): one
+        // reservation lets its direct writes run at once (see `TargetFile::reserve`).
+        let first = jobs.iter().map(|&(_, (host, _, _))| host).min();
+        let end = jobs
+            .iter()
+            .map(|&(_, (host, _, len))| host + len as u64)
+            .max();
+        if let (Some(first), Some(end)) = (first, end) {
+            self.file.reserve(first, end - first);
+        }
         let this = &*self;
-        workers.try_for_each(&jobs, |&(i, run)| match chunks.get(i) {
-            Some(chunk) => this.write_run(chunk, Some(run)),
-            None => Err(Error::invalid("write job for a chunk outside the batch")),
-        })
+        this.file
+            .writers(workers)
+            .try_for_each(&jobs, |&(i, run)| match chunks.get(i) {
+                Some(chunk) => this.write_run(chunk, Some(run)),
+                None => Err(Error::invalid("write job for a chunk outside the batch")),
+            })
     }
 
     fn finish(mut self) -> Result<()> {

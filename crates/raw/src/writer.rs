@@ -154,8 +154,30 @@ impl ImageWriter for RawWriter {
         _encoded: Vec<()>,
         workers: &Workers,
     ) -> Result<()> {
+        // Its data runs, joined where they touch, are allocated first so that their
+        // direct writes run at once (see `TargetFile::reserve`).
+        let mut pending: Option<std::ops::Range<u64>> = None;
+        let data = chunks
+            .iter()
+            .flat_map(|c| c.runs.iter())
+            .filter(|r| r.kind == RunKind::Data);
+        for r in data {
+            match pending.as_mut() {
+                Some(p) if p.end == r.start => p.end += r.len,
+                _ => {
+                    if let Some(p) = pending.replace(r.start..r.start + r.len) {
+                        self.file.reserve(p.start, p.end - p.start);
+                    }
+                }
+            }
+        }
+        if let Some(p) = pending {
+            self.file.reserve(p.start, p.end - p.start);
+        }
         let this = &*self;
-        workers.try_for_each(chunks, |c| this.write_chunk(c))
+        this.file
+            .writers(workers)
+            .try_for_each(chunks, |c| this.write_chunk(c))
     }
 
     fn finish(self) -> Result<()> {
