@@ -43,6 +43,12 @@ impl IoBuffer {
         self.len = len;
     }
 
+    /// Shortens the buffer to `len` bytes (no-op when it is not longer), keeping its
+    /// first `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Bytes allocated (what a pool of buffers keeps).
     pub fn capacity(&self) -> usize {
         self.storage.len()
@@ -116,6 +122,13 @@ mod tests {
         let cap = b.capacity();
         b.resize(10);
         assert_eq!(b.capacity(), cap);
+        // Truncating keeps the bytes before the cut.
+        b.resize(8);
+        b.copy_from_slice(b"01234567");
+        b.truncate(3);
+        assert_eq!(&b[..], b"012");
+        b.truncate(5);
+        assert_eq!(&b[..], b"012");
         let z = IoBuffer::zeroed(1000);
         assert!(z.iter().all(|&x| x == 0));
         assert_eq!(z.as_ptr() as usize % IO_ALIGN, 0);

@@ -88,7 +88,7 @@ impl TargetFile {
 
     /// `file` (open at `path`), with a direct descriptor when the filesystem allows one
     /// (tmpfs and some network filesystems refuse `O_DIRECT`: then buffered only).
-    fn open_direct(file: File, path: &Path) -> Self {
+    pub fn with_direct(file: File, path: &Path) -> Self {
         #[cfg(target_os = "linux")]
         let direct = OpenOptions::new()
             .write(true)
@@ -357,7 +357,7 @@ impl Output {
 
     fn target_file(&self, file: File, path: &Path) -> TargetFile {
         if self.direct && self.files.len() < MAX_DIRECT_FILES {
-            TargetFile::open_direct(file, path)
+            TargetFile::with_direct(file, path)
         } else {
             TargetFile::buffered(file)
         }

@@ -19,6 +19,7 @@ use super::{blocking, empty, AppState};
 use crate::error::{Error, Result};
 use crate::staging::{drain, Pieces, WRITE_BATCH};
 use crate::store::StoredData;
+use vconvert_core::IoBuffer;
 
 /// An empty 204 telling the request log how many bytes were received.
 fn received(n: &AtomicU64) -> Response {
@@ -37,13 +38,13 @@ const BODY_QUEUE: usize = 3;
 /// each of hyper's pieces at once, so hyper reuses its read buffer); the buffers come
 /// back once written. Counts the bytes received.
 struct BodyPieces {
-    rx: tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
-    spare: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<IoBuffer>>,
+    spare: Arc<std::sync::Mutex<Vec<IoBuffer>>>,
     n: Arc<AtomicU64>,
 }
 
 impl Pieces for BodyPieces {
-    fn next_piece(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+    fn next_piece(&mut self) -> std::io::Result<Option<IoBuffer>> {
         match self.rx.blocking_recv() {
             None => Ok(None),
             Some(Ok(b)) => {
@@ -54,8 +55,7 @@ impl Pieces for BodyPieces {
         }
     }
 
-    fn recycle(&mut self, mut buf: Vec<u8>) {
-        buf.clear();
+    fn recycle(&mut self, buf: IoBuffer) {
         if let Ok(mut spare) = self.spare.lock() {
             spare.push(buf);
         }
@@ -70,19 +70,24 @@ fn body_pieces(headers: &HeaderMap, body: Body) -> (BodyPieces, Option<u64>, Arc
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let (tx, rx) = tokio::sync::mpsc::channel(BODY_QUEUE);
-    let spare = Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let spare = Arc::new(std::sync::Mutex::new(Vec::<IoBuffer>::new()));
     let buffers = spare.clone();
+    // Page-aligned buffers: written directly, or copied into the page cache five times
+    // faster than from a `Vec` (see `IoBuffer`).
     let fresh = move || {
-        buffers
+        let mut b = buffers
             .lock()
             .ok()
             .and_then(|mut s| s.pop())
-            .unwrap_or_else(|| Vec::with_capacity(WRITE_BATCH))
+            .unwrap_or_default();
+        b.resize(WRITE_BATCH);
+        b
     };
     let mut stream = body.into_data_stream();
     // Ends with the body, or when the blocking side stops taking pieces.
     tokio::spawn(async move {
         let mut buf = fresh();
+        let mut filled = 0;
         while let Some(piece) = stream.next().await {
             let mut piece: &[u8] = match &piece {
                 Ok(p) => p,
@@ -92,18 +97,21 @@ fn body_pieces(headers: &HeaderMap, body: Body) -> (BodyPieces, Option<u64>, Arc
                 }
             };
             while !piece.is_empty() {
-                let take = piece.len().min(WRITE_BATCH - buf.len());
-                buf.extend_from_slice(&piece[..take]);
+                let take = piece.len().min(WRITE_BATCH - filled);
+                buf[filled..filled + take].copy_from_slice(&piece[..take]);
+                filled += take;
                 piece = &piece[take..];
-                if buf.len() == WRITE_BATCH {
+                if filled == WRITE_BATCH {
                     let full = std::mem::replace(&mut buf, fresh());
+                    filled = 0;
                     if tx.send(Ok(full)).await.is_err() {
                         return;
                     }
                 }
             }
         }
-        if !buf.is_empty() {
+        if filled > 0 {
+            buf.truncate(filled);
             let _ = tx.send(Ok(buf)).await;
         }
     });
