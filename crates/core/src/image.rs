@@ -325,6 +325,12 @@ pub trait ChunkEncoder: Send + Sync {
 
     /// Prepares one chunk; runs in parallel with other chunks and with placement.
     fn encode(&self, chunk: &Chunk) -> Result<Self::Encoded>;
+
+    /// Whether [`ChunkEncoder::encode`] does no work: the conversion then calls it on
+    /// the placing thread rather than start threads to run it beside placement.
+    fn is_trivial(&self) -> bool {
+        false
+    }
 }
 
 /// The encoder of writers whose chunks need no preparation.
@@ -336,6 +342,10 @@ impl ChunkEncoder for PlainChunks {
 
     fn encode(&self, _chunk: &Chunk) -> Result<()> {
         Ok(())
+    }
+
+    fn is_trivial(&self) -> bool {
+        true
     }
 }
 

@@ -312,10 +312,19 @@ pub fn copy_image<W: ImageWriter>(
             let batch = msg?;
             opts.cancel.check()?;
             let previous = encoded_batch.take();
-            let (encoded, placed) = workers.join(
-                || workers.map(&batch.chunks, |chunk| encoder.encode(chunk)),
-                || place_encoded(&mut *writer, previous, &workers),
-            );
+            let (encoded, placed) = if encoder.is_trivial() {
+                // Nothing to overlap: two thread starts a batch saved.
+                let placed = place_encoded(&mut *writer, previous, &workers);
+                (
+                    batch.chunks.iter().map(|c| encoder.encode(c)).collect(),
+                    placed,
+                )
+            } else {
+                workers.join(
+                    || workers.map(&batch.chunks, |chunk| encoder.encode(chunk)),
+                    || place_encoded(&mut *writer, previous, &workers),
+                )
+            };
             // Errors in guest order: the earlier batch's placement first, then the first
             // chunk that failed to encode.
             placed_batch(placed?);
