@@ -125,9 +125,7 @@ impl TargetFile {
         }
         self.file.write_all_at(buf, offset)
     }
-}
 
-impl TargetFile {
     /// Allocates the blocks of `offset..offset + len`, which direct writes are about to
     /// fill entirely, so that those writes can run at once. Linux filesystems (ext4,
     /// XFS) hold a file's exclusive lock through a direct write that allocates blocks,
@@ -146,9 +144,7 @@ impl TargetFile {
                 rustix::fs::fallocate(&self.file, rustix::fs::FallocateFlags::empty(), offset, len);
         }
     }
-}
 
-impl TargetFile {
     /// The threads that write a step's data to this file: the step's own when writes
     /// go directly (several writes in flight keep the disk busy), one when they go
     /// through the page cache. A buffered write holds the file's lock while it copies
