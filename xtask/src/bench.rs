@@ -440,11 +440,12 @@ pub fn bench(
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); tools.len()];
         let mut rss: Vec<Option<u64>> = vec![None; tools.len()];
         let mut failed = vec![false; tools.len()];
-        // Round 0 (uncompressed output only) is a warm-up, not counted: each tool's first timed run then replaces
-        // an output of its own, as every later one does. Without it the first round of
-        // a case wrote into memory the VM had given back to its host (free page
-        // reporting) and paid the host's page faults: raw -> qcow2 `-t unsafe` took
-        // 1.8-1.9 s when its page cache came from there, 0.19 s from freshly freed pages.
+        // Round 0 (uncompressed output only) is a warm-up, not counted: each tool's
+        // first timed run then replaces an output of its own, as every later one does.
+        // Without it the first round of a case wrote into memory the VM had given back
+        // to its host (free page reporting) and paid the host's page faults: raw ->
+        // qcow2 `-t unsafe` took 1.8-1.9 s when its page cache came from there, 0.19 s
+        // from freshly freed pages.
         let first = usize::from(compressed_write);
         for round in first..=rounds {
             for (i, (tool, extra)) in tools.iter().enumerate() {
