@@ -62,9 +62,9 @@ pub const DIRECT_ALIGN: usize = 4096;
 /// A file being written: an ordinary descriptor, plus, when the output writes directly,
 /// a second descriptor of the same file opened with `O_DIRECT`.
 ///
-/// [`TargetFile::write_all_at`] sends page-aligned writes (memory, offset and length all
-/// multiples of [`DIRECT_ALIGN`]) through the direct descriptor and everything else
-/// through the page cache. Linux keeps the two coherent: a direct write first writes
+/// [`TargetFile::write_all_at`] sends the whole pages of page-aligned writes (memory
+/// and offset multiples of [`DIRECT_ALIGN`]) through the direct descriptor and
+/// everything else, a shorter tail included, through the page cache. Linux keeps the two coherent: a direct write first writes
 /// back and drops any cached page it covers. Other uses (length, `fallocate`, reads)
 /// go to the ordinary descriptor, which the type dereferences to.
 #[derive(Debug)]
@@ -108,22 +108,31 @@ impl TargetFile {
         self.direct.is_some() && !self.direct_refused.load(Ordering::Relaxed)
     }
 
-    /// Writes all of `buf` at `offset`: directly when both are page-aligned and the
-    /// file has a direct descriptor, through the page cache otherwise.
+    /// Writes all of `buf` at `offset`: its whole pages directly when memory and offset
+    /// are page-aligned and the file has a direct descriptor, the rest (a tail shorter
+    /// than a page, or all of an unaligned write) through the page cache.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let aligned = (buf.as_ptr() as usize | buf.len()) % DIRECT_ALIGN == 0
-            && offset % DIRECT_ALIGN as u64 == 0;
-        if let Some(direct) = self.direct.as_ref().filter(|_| aligned && self.is_direct()) {
-            match direct.write_all_at(buf, offset) {
-                // The device needs a larger alignment, or the filesystem does not do
-                // direct writes after all: the page cache takes every write from now on.
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                    self.direct_refused.store(true, Ordering::Relaxed);
-                }
-                done => return done,
+        let aligned =
+            buf.as_ptr() as usize % DIRECT_ALIGN == 0 && offset % DIRECT_ALIGN as u64 == 0;
+        let pages = buf.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| aligned && pages > 0 && self.is_direct());
+        let Some(direct) = direct else {
+            return self.file.write_all_at(buf, offset);
+        };
+        let (head, tail) = buf.split_at(pages);
+        match direct.write_all_at(head, offset) {
+            // The device needs a larger alignment, or the filesystem does not do direct
+            // writes after all: the page cache takes every write from now on.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.direct_refused.store(true, Ordering::Relaxed);
+                self.file.write_all_at(buf, offset)
             }
+            Err(e) => Err(e),
+            Ok(()) => self.file.write_all_at(tail, offset + pages as u64),
         }
-        self.file.write_all_at(buf, offset)
     }
 
     /// Allocates the blocks of `offset..offset + len`, which direct writes are about to

@@ -189,12 +189,7 @@ fn receive_into(
         }
         // Whole pages go directly (when the file allows it); a last piece's tail that
         // is not a whole page goes through the page cache, flushed by the final sync.
-        let pages = piece.len() / vconvert_core::DIRECT_ALIGN * vconvert_core::DIRECT_ALIGN;
-        let aligned = at % vconvert_core::DIRECT_ALIGN as u64 == 0;
-        let (head, tail) = piece.split_at(if aligned { pages } else { 0 });
-        f.write_all_at(head, at).map_err(Error::internal)?;
-        f.write_all_at(tail, at + head.len() as u64)
-            .map_err(Error::internal)?;
+        f.write_all_at(&piece, at).map_err(Error::internal)?;
         body.recycle(piece);
         failpoint::hit("stage.receiving");
         unflushed += n;
