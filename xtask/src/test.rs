@@ -1,7 +1,9 @@
 //! `cargo xtask test`: the project's one test command, from a fresh machine.
 //!
 //! 1. `qemu-img` (the test oracle) is installed with `apt-get install qemu-utils` when
-//!    missing (as root; otherwise the command says what to install).
+//!    missing, and OpenSSL's headers (vimport hashes with libcrypto) with
+//!    `apt-get install libssl-dev pkg-config` (as root; otherwise the command says what
+//!    to install).
 //! 2. A Python venv under `target/test-venv` gets the real OpenStack clients
 //!    (`python-glanceclient`, `openstacksdk`) and a real Keystone (`keystone`, served
 //!    by `gunicorn`; `crates/import/tests/keystone.rs` sets it up and stops it) from
@@ -127,6 +129,23 @@ fn ensure_qemu(apt: &mut Apt) -> Result<(), String> {
     }
 }
 
+/// Makes sure vimport's build finds OpenSSL (`openssl-sys` asks `pkg-config`).
+fn ensure_openssl(apt: &mut Apt) -> Result<(), String> {
+    let found = || quiet_ok(Command::new("pkg-config").args(["--exists", "openssl"]));
+    if found() {
+        return Ok(());
+    }
+    apt.install(
+        &["libssl-dev", "pkg-config"],
+        "OpenSSL's headers (vimport's hashing builds on libcrypto) are missing",
+    )?;
+    if found() {
+        Ok(())
+    } else {
+        Err("libssl-dev is installed but pkg-config still does not find openssl".into())
+    }
+}
+
 /// The venv's Python.
 fn venv_python(venv: &Path) -> PathBuf {
     venv.join("bin/python3")
@@ -203,7 +222,9 @@ fn in_ci() -> bool {
 /// (e.g. `--test clients` or `-- --nocapture`).
 pub fn test(root: &Path, args: &[String]) -> bool {
     let mut apt = Apt { updated: false };
-    let setup = ensure_qemu(&mut apt).and_then(|()| ensure_venv(root, &mut apt));
+    let setup = ensure_qemu(&mut apt)
+        .and_then(|()| ensure_openssl(&mut apt))
+        .and_then(|()| ensure_venv(root, &mut apt));
     let venv = match setup {
         Ok(v) => v,
         Err(e) => {
