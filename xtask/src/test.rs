@@ -113,37 +113,47 @@ impl Apt {
                 .args(packages),
         )
     }
+
+    /// Installs `packages` unless `found` already holds, and checks it does after
+    /// (`still_missing` when not).
+    fn ensure(
+        &mut self,
+        found: impl Fn() -> bool,
+        packages: &[&str],
+        why: &str,
+        still_missing: &str,
+    ) -> Result<(), String> {
+        if found() {
+            return Ok(());
+        }
+        self.install(packages, why)?;
+        if found() {
+            Ok(())
+        } else {
+            Err(still_missing.into())
+        }
+    }
 }
 
 /// Makes sure `qemu-img` and `qemu-io` run.
 fn ensure_qemu(apt: &mut Apt) -> Result<(), String> {
     let have = |p: &str| quiet_ok(Command::new(p).arg("--version"));
-    if have("qemu-img") && have("qemu-io") {
-        return Ok(());
-    }
-    apt.install(&["qemu-utils"], "qemu-img (the test oracle) is missing")?;
-    if have("qemu-img") && have("qemu-io") {
-        Ok(())
-    } else {
-        Err("qemu-utils is installed but qemu-img or qemu-io still does not run".into())
-    }
+    apt.ensure(
+        || have("qemu-img") && have("qemu-io"),
+        &["qemu-utils"],
+        "qemu-img (the test oracle) is missing",
+        "qemu-utils is installed but qemu-img or qemu-io still does not run",
+    )
 }
 
 /// Makes sure vimport's build finds OpenSSL (`openssl-sys` asks `pkg-config`).
 fn ensure_openssl(apt: &mut Apt) -> Result<(), String> {
-    let found = || quiet_ok(Command::new("pkg-config").args(["--exists", "openssl"]));
-    if found() {
-        return Ok(());
-    }
-    apt.install(
+    apt.ensure(
+        || quiet_ok(Command::new("pkg-config").args(["--exists", "openssl"])),
         &["libssl-dev", "pkg-config"],
         "OpenSSL's headers (vimport's hashing builds on libcrypto) are missing",
-    )?;
-    if found() {
-        Ok(())
-    } else {
-        Err("libssl-dev is installed but pkg-config still does not find openssl".into())
-    }
+        "libssl-dev is installed but pkg-config still does not find openssl",
+    )
 }
 
 /// The venv's Python.

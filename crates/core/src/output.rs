@@ -64,9 +64,10 @@ pub const DIRECT_ALIGN: usize = 4096;
 ///
 /// [`TargetFile::write_all_at`] sends the whole pages of page-aligned writes (memory
 /// and offset multiples of [`DIRECT_ALIGN`]) through the direct descriptor and
-/// everything else, a shorter tail included, through the page cache. Linux keeps the two coherent: a direct write first writes
-/// back and drops any cached page it covers. Other uses (length, `fallocate`, reads)
-/// go to the ordinary descriptor, which the type dereferences to.
+/// everything else, a shorter tail included, through the page cache. Linux keeps the
+/// two coherent: a direct write first writes back and drops any cached page it covers.
+/// Other uses (length, `fallocate`, reads) go to the ordinary descriptor, which the
+/// type dereferences to.
 #[derive(Debug)]
 pub struct TargetFile {
     file: File,

@@ -160,9 +160,9 @@ fn run_inner(
         checksum,
         sha512,
     };
+    (job.progress)("storing the image");
     // The intent first: a crash after the put finds in the task what the stored object
     // must be, and recovery records it instead of leaving it orphaned (or removes it).
-    (job.progress)("storing the image");
     (job.record)(&stored)?;
     failpoint::hit("store.intent");
     store
