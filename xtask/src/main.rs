@@ -190,6 +190,47 @@ fn fuzz(args: &[String]) -> bool {
     true
 }
 
+/// `cargo xtask bench`'s options. Every argument must be one of them: a misspelt
+/// option stops before the half-hour run starts instead of running with defaults.
+#[derive(Debug, PartialEq)]
+struct BenchArgs {
+    quick: bool,
+    rounds: usize,
+    only: Vec<String>,
+    ceph_conf: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// `Ok(None)` when help was asked for.
+    fn parse(args: &[String]) -> Result<Option<Self>, String> {
+        let mut b = BenchArgs {
+            quick: false,
+            rounds: 3,
+            only: Vec::new(),
+            ceph_conf: None,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+            match a.as_str() {
+                "--help" | "-h" => return Ok(None),
+                "--quick" => b.quick = true,
+                "--rounds" => {
+                    let v = value()?;
+                    b.rounds =
+                        v.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                            format!("--rounds needs a positive number, not '{v}'")
+                        })?;
+                }
+                "--only" => b.only = value()?.split(',').map(str::to_string).collect(),
+                "--ceph-conf" => b.ceph_conf = Some(PathBuf::from(value()?)),
+                other => return Err(format!("unknown option '{other}'")),
+            }
+        }
+        Ok(Some(b))
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let task = args.first().cloned().unwrap_or_default();
@@ -208,26 +249,19 @@ fn main() {
         "test" => test::test(&root(), &args[1..]),
         "soak" => cargo(&["test", "--workspace", "--release", "--", "--ignored"]),
         "fuzz" => fuzz(&args[1..]),
-        "bench" => {
-            let quick = args.iter().any(|a| a == "--quick");
-            let rounds = args
-                .iter()
-                .position(|a| a == "--rounds")
-                .and_then(|i| args.get(i + 1)?.parse().ok())
-                .unwrap_or(3);
-            let only: Vec<String> = args
-                .iter()
-                .position(|a| a == "--only")
-                .and_then(|i| args.get(i + 1))
-                .map(|o| o.split(',').map(str::to_string).collect())
-                .unwrap_or_default();
-            let ceph_conf = args
-                .iter()
-                .position(|a| a == "--ceph-conf")
-                .and_then(|i| args.get(i + 1))
-                .map(std::path::PathBuf::from);
-            bench::bench(&root(), quick, rounds, &only, ceph_conf.as_deref())
-        }
+        "bench" => match BenchArgs::parse(&args[1..]) {
+            Ok(Some(b)) => {
+                bench::bench(&root(), b.quick, b.rounds, &b.only, b.ceph_conf.as_deref())
+            }
+            Ok(None) => {
+                print!("{HELP}");
+                true
+            }
+            Err(e) => {
+                eprintln!("bench: {e}\n\n{HELP}");
+                false
+            }
+        },
         "" | "help" | "--help" | "-h" => {
             print!("{HELP}");
             true
@@ -238,4 +272,41 @@ fn main() {
         }
     };
     exit(if ok { 0 } else { 1 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<BenchArgs>, String> {
+        BenchArgs::parse(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn bench_options_are_read() {
+        let b = parse(&[
+            "--rounds",
+            "5",
+            "--only",
+            "vimport,rbd",
+            "--ceph-conf",
+            "/c",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(b.rounds, 5);
+        assert_eq!(b.only, ["vimport", "rbd"]);
+        assert_eq!(b.ceph_conf.as_deref(), Some(Path::new("/c")));
+        assert!(!b.quick);
+        assert!(parse(&["--quick"]).unwrap().unwrap().quick);
+    }
+
+    #[test]
+    fn bench_help_and_unknown_options_do_not_run_the_bench() {
+        assert_eq!(parse(&["--rounds", "5", "--help"]), Ok(None));
+        assert!(parse(&["--round", "5"]).unwrap_err().contains("'--round'"));
+        assert!(parse(&["--rounds"]).unwrap_err().contains("needs a value"));
+        assert!(parse(&["--rounds", "0"]).is_err());
+        assert!(parse(&["--rounds", "five"]).is_err());
+    }
 }
