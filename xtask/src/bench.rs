@@ -448,7 +448,15 @@ pub fn bench(
         // from freshly freed pages.
         let first = usize::from(compressed_write);
         for round in first..=rounds {
-            for (i, (tool, extra)) in tools.iter().enumerate() {
+            // Every other round runs the tools in the opposite order, so no tool
+            // always runs in the slot after the same other run (which left the page
+            // cache and the disk in the same state each time).
+            let mut order: Vec<usize> = (0..tools.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let (tool, extra) = &tools[i];
                 let out = out_dir.join(format!("{tool}.{}", case.out_fmt));
                 let _ = std::fs::remove_file(&out);
                 let prog = if tool.starts_with("vconvert") {
@@ -654,7 +662,7 @@ pub fn bench(
         format!(" --only {}", only.join(","))
     };
     let results = format!(
-        "# Benchmark results\n\nWritten by `cargo xtask bench{}{only_note} --rounds {rounds}` ({rounds} rounds; in each round every tool runs once, one after the other; \
+        "# Benchmark results\n\nWritten by `cargo xtask bench{}{only_note} --rounds {rounds}` ({rounds} rounds; in each round every tool runs once, one after the other, in the opposite order every other round; \
 times are median (min–max); before every timed run the source is read into the page cache and `sync` flushes the previous run's writes, neither timed; \
 for uncompressed output an uncounted warm-up round comes first, since this VM gives freed memory back to its host (free page reporting) and a run whose page cache comes from there pays the host's page faults: \
 raw → qcow2 `-t unsafe` took 1.8–1.9 s that way, 0.19 s writing into pages freed just before, as a tool's later rounds do when they replace its previous output). \
